@@ -1,0 +1,101 @@
+"""``embedq bench``: the model, sentence-transformers, a per-message worker and embedq
+side by side on one corpus."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embedq.cli.options import build_settings, model, run_guarded, setting
+
+
+@click.command()
+@click.option(
+    "--corpus",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL file of {id, text} rows (the first -n are used).",
+)
+@click.option(
+    "-n", "n", default=2000, show_default=True, type=click.IntRange(1), help="Texts per variant."
+)
+@click.option(
+    "--n-classic",
+    default=300,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Texts for the slow per-message worker (c); its texts/s still compare.",
+)
+@click.option(
+    "--runs",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Repeat the comparison this often; medians are reported.",
+)
+@click.option(
+    "--variants",
+    default=",".join(("raw", "st", "classic", "embedq")),
+    show_default=True,
+    help="Which of raw, st, classic, embedq to run.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the results into this markdown file (e.g. docs/benchmarks.md).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@model
+@setting("read_count", help="Entries per read window, for (a) and (d).")
+@setting("max_batch_tokens", help="Padded tokens per batch, for (a) and (d) (0: auto).")
+@setting("max_batch_rows", help="Rows per batch, for (a) and (d) (0: auto).")
+@setting("block_ms", help="XREADGROUP BLOCK for (c) and (d).", show_default="100")
+@click.option("--log-level", envvar="EMBEDQ_LOG_LEVEL", default=None)
+def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: Any) -> None:
+    """Side by side: raw model, sentence-transformers, a per-message worker, and embedq."""
+    from embedq import bench as harness
+    from embedq.batching import resolve_batch_settings
+    from embedq.encoder import resolve_device
+
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(harness.VARIANTS))
+    if unknown or not chosen:
+        raise click.UsageError(f"--variants: unknown {', '.join(unknown) or '(none)'}")
+    if options.get("block_ms") is None:
+        # A drained worker waits one BLOCK before it notices the stream is empty; keep
+        # that wait out of the measurement.
+        options["block_ms"] = 100
+    n_classic: int = options.pop("n_classic")
+    runs: int = options.pop("runs")
+    as_json: bool = options.pop("as_json")
+    settings = build_settings(options)
+
+    def body() -> int:
+        device = resolve_device(settings.device)
+        dtype = settings.dtype
+        if dtype == "auto":  # named in the report, as the encoder will resolve it
+            dtype = "fp16" if device.startswith("cuda") else "fp32"
+        resolved = resolve_batch_settings(settings.replace(device=device, dtype=dtype))
+        report = harness.run_bench(
+            corpus,
+            resolved,
+            n=n,
+            n_classic=n_classic,
+            runs=runs,
+            variants=chosen,
+            command="embedq " + " ".join(sys.argv[1:]),
+            progress=lambda line: click.echo(line, err=True),
+        )
+        if output is not None:
+            harness.update_markdown(output, report)
+        if as_json:
+            click.echo(json.dumps(report.as_dict(), default=str))
+        else:
+            click.echo(harness.markdown(report))
+        return 0
+
+    run_guarded(body)

@@ -1,0 +1,137 @@
+"""``embedq dlq``: list, show, retry and purge dead-letter entries."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from embedq.cli.options import build_settings, common, log, run_guarded
+
+
+@click.group()
+def dlq() -> None:
+    """Inspect and repair the dead-letter stream (<stream>:dlq)."""
+
+
+def _open_dlq(options: dict[str, Any]) -> Any:
+    from embedq.stream import open_stream
+
+    return open_stream(build_settings(options))
+
+
+@dlq.command("list")
+@common
+@click.option("--reason", default=None, help="Only entries with this reason.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1), help="At most.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dlq_list(reason: str | None, limit: int, as_json: bool, **options: Any) -> None:
+    """Dead-letter entries, oldest first: id, reason, deliveries, age."""
+    from itertools import islice
+
+    from embedq.dlq import iter_dead_letters
+
+    stream = _open_dlq(options)
+
+    def body() -> int:
+        letters = list(islice(iter_dead_letters(stream, reason), limit))
+        if as_json:
+            for letter in letters:
+                click.echo(json.dumps(letter.summary(), ensure_ascii=False))
+            return 0
+        click.echo(f"{'dlq id':<20} {'reason':<16} {'deliv':>5} {'age':>9}  id")
+        for letter in letters:
+            click.echo(
+                f"{letter.dlq_id:<20} {letter.reason:<16} {letter.deliveries:>5} "
+                f"{letter.age_s():>8.0f}s  {letter.doc_id[:60]}"
+            )
+        total = stream.dlq_length()
+        click.echo(f"{len(letters)} shown, {total} in {stream.keys.dlq}")
+        return 0
+
+    run_guarded(body)
+
+
+@dlq.command("show")
+@common
+@click.argument("dlq_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def dlq_show(dlq_id: str, as_json: bool, **options: Any) -> None:
+    """Every field of one dead-letter entry, with the reason and the last error."""
+    from embedq.dlq import show
+
+    stream = _open_dlq(options)
+
+    def body() -> int:
+        letter = show(stream, dlq_id)
+        if letter is None:
+            click.echo(f"embedq: no entry {dlq_id} in {stream.keys.dlq}", err=True)
+            return 1
+        data = letter.as_dict()
+        if as_json:
+            click.echo(json.dumps(data, ensure_ascii=False))
+            return 0
+        for key, value in data.items():
+            if key != "fields":
+                click.echo(f"{key:<12} {value}")
+        for key, value in data["fields"].items():
+            click.echo(f"field {key:<6} {value[:2000]}")
+        return 0
+
+    run_guarded(body)
+
+
+@dlq.command("retry")
+@common
+@click.argument("dlq_ids", nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Every entry (with --reason: those).")
+@click.option("--reason", default=None, help="With --all: only entries with this reason.")
+def dlq_retry(
+    dlq_ids: tuple[str, ...], retry_all: bool, reason: str | None, **options: Any
+) -> None:
+    """Re-enqueue dead-letter entries (their original fields) and remove them from the DLQ."""
+    from embedq.dlq import iter_dead_letters, retry
+
+    if bool(dlq_ids) == retry_all:
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    stream = _open_dlq(options)
+
+    def body() -> int:
+        ids = list(dlq_ids) or [d.dlq_id for d in iter_dead_letters(stream, reason)]
+        sent = retry(stream, ids)
+        log.info("dlq_retried", sent=len(sent), asked=len(ids))
+        for old, new in sent.items():
+            click.echo(f"{old} -> {stream.keys.stream} {new}")
+        skipped = [i for i in ids if i not in sent]
+        if skipped:
+            click.echo(
+                f"embedq: {len(skipped)} not sent back (not found, or no original fields): "
+                + " ".join(skipped[:20]),
+                err=True,
+            )
+        click.echo(f"retried {len(sent)} of {len(ids)}")
+        return 1 if dlq_ids and skipped else 0
+
+    run_guarded(body)
+
+
+@dlq.command("purge")
+@common
+@click.argument("dlq_ids", nargs=-1)
+@click.option("--all", "purge_all", is_flag=True, help="Delete the whole dead-letter stream.")
+def dlq_purge(dlq_ids: tuple[str, ...], purge_all: bool, **options: Any) -> None:
+    """Delete dead-letter entries for good."""
+    from embedq.dlq import purge
+
+    if bool(dlq_ids) == purge_all:
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    stream = _open_dlq(options)
+
+    def body() -> int:
+        removed = purge(stream, None if purge_all else list(dlq_ids))
+        log.info("dlq_purged", removed=removed)
+        click.echo(f"purged {removed} from {stream.keys.dlq}")
+        return 0
+
+    run_guarded(body)

@@ -1,0 +1,185 @@
+"""Operating a fleet: ``lag`` and ``top`` show the backlog, ``exporter`` serves it to
+Prometheus, ``search`` queries what was stored."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import click
+
+from embedq.cli.options import build_settings, common, log, milvus, model, run_guarded, setting
+from embedq.errors import ConfigError
+
+
+@click.command()
+@common
+@setting("partitions", help="Partition streams of --stream to sum (and show each).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (documented in the README).")
+def lag(as_json: bool, **options: Any) -> None:
+    """Show stream length, group lag, pending entries, consumers and dead letters."""
+    from embedq.keys import partition_streams
+    from embedq.stream import Stream, combined_lag, connect
+
+    settings = build_settings(options)
+
+    def body() -> int:
+        client = connect(settings.redis_url)
+        parts = [
+            Stream(client, s, settings.group, "-").lag()
+            for s in partition_streams(settings.stream, settings.partitions)
+        ]
+        info = combined_lag(settings.stream, settings.group, parts)
+        if as_json:
+            click.echo(json.dumps(info, sort_keys=True))
+            return 0
+        lag_text = "unknown (Redis cannot compute it)" if info["lag"] is None else str(info["lag"])
+        click.echo(f"stream       {info['stream']}  (length {info['length']})")
+        if not info["group_exists"]:
+            click.echo(f"group        {info['group']}  (does not exist yet: no worker has started)")
+        else:
+            click.echo(f"group        {info['group']}")
+            click.echo(f"lag          {lag_text}")
+            click.echo(f"pending      {info['pending']}")
+        click.echo(f"dead-letter  {info['dlq_length']}")
+        if len(parts) > 1:
+            click.echo(f"{'partition':<40} {'length':>9} {'lag':>9} {'pending':>8} {'dlq':>6}")
+            for p in parts:
+                shown = "unknown" if p.lag is None else str(p.lag)
+                click.echo(
+                    f"{p.stream:<40} {p.length:>9} {shown:>9} {p.pending:>8} {p.dlq_length:>6}"
+                )
+        if info["consumers"]:
+            click.echo(f"{'consumer':<32} {'pending':>8} {'idle':>10}")
+            for c in info["consumers"]:
+                click.echo(f"{c['name']:<32} {c['pending']:>8} {c['idle_ms'] / 1000:>9.1f}s")
+        return 0
+
+    run_guarded(body)
+
+
+@click.command()
+@click.argument("query")
+@click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of hits.")
+@milvus
+@model
+@click.option("--log-level", envvar="EMBEDQ_LOG_LEVEL", default=None)
+def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
+    """Embed QUERY with the worker's model and print the nearest stored entries."""
+    from embedq.encoder import Encoder
+    from embedq.sink import open_sink
+
+    settings = build_settings(options)
+
+    def body() -> int:
+        encoder = Encoder(settings.model, settings.device, settings.dtype)
+        sink = open_sink(settings)
+        sink.ensure_collection(encoder.dimension, encoder.name, create=False)
+        hits = sink.search(encoder.encode([query])[0], top_k)
+        if as_json:
+            click.echo(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False))
+            return 0
+        for hit in hits:
+            shown = hit.text if hit.text else json.dumps(hit.meta, ensure_ascii=False)
+            click.echo(f"{hit.score:.4f}  {hit.id}  {shown[:120]}")
+        if not hits:
+            click.echo("no results (is the collection empty?)")
+        return 0
+
+    run_guarded(body)
+
+
+@click.command()
+@common
+@setting("metrics_port", help="Port for /metrics, /healthz and /readyz (required).")
+def exporter(**options: Any) -> None:
+    """Serve the stream's gauges (length, lag, pending, consumers, dead letters) and probes.
+
+    No model is loaded: run one next to a fleet whose workers have no --metrics-port, or
+    for a stream nobody consumes yet. Stops on SIGINT/SIGTERM.
+    """
+    import signal
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from embedq.health import serve_stream_metrics
+    from embedq.stream import open_stream
+
+    settings = build_settings(options)
+    if not settings.metrics_port:
+        raise click.UsageError("embedq exporter needs --metrics-port (or EMBEDQ_METRICS_PORT)")
+
+    def body() -> int:
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        try:
+            server = serve_stream_metrics(
+                CollectorRegistry(),
+                settings.metrics_port,
+                open_stream(settings.replace(block_ms=0)),
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on port {settings.metrics_port}: {exc}") from None
+        log.info("exporter_started", stream=settings.stream, group=settings.group)
+        stop.wait()
+        server.close()
+        log.info("exporter_stopped")
+        return 0
+
+    run_guarded(body)
+
+
+@click.command()
+@common
+@click.option(
+    "--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds."
+)
+@click.option(
+    "--iterations", default=0, type=click.IntRange(min=0), help="Stop after N (0: never)."
+)
+@click.option(
+    "--window",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Rate window (s).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per sample (lag --json + rates)."
+)
+def top(interval: float, iterations: int, window: float, as_json: bool, **options: Any) -> None:
+    """A refreshing view: lag, pending, throughput, ETA to drain, consumers, dead letters."""
+    import time
+
+    from embedq.stream import open_stream
+    from embedq.top import Window, render
+
+    settings = build_settings(options)
+    clear = sys.stdout.isatty() and not as_json
+
+    def body() -> int:
+        stream = open_stream(settings.replace(block_ms=0))
+        samples = Window(window)
+        shown = 0
+        try:
+            while True:
+                info = stream.lag()
+                rates = samples.add(info)
+                if as_json:
+                    click.echo(json.dumps({**info.as_dict(), **rates.as_dict()}, sort_keys=True))
+                else:
+                    # Home and clear on a terminal; frames one after another in a pipe or log.
+                    click.echo(("\x1b[H\x1b[2J" if clear else "") + render(info, rates) + "\n")
+                shown += 1
+                if iterations and shown >= iterations:
+                    return 0
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return 0
+
+    run_guarded(body)

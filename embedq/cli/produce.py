@@ -1,0 +1,225 @@
+"""Producing: ``enqueue`` sends a source as one job; ``jobs``/``job`` follow jobs;
+``trim`` drops acknowledged entries from the stream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from embedq.cli.options import build_settings, common, log, run_guarded, setting
+from embedq.errors import ConfigError, EmbedqError
+
+
+@click.command()
+@click.argument("source", default="-")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "jsonl", "csv", "parquet", "text"]),
+    default="auto",
+    show_default=True,
+    help="Source format; auto goes by the extension (a directory is text).",
+)
+@click.option("--id-field", default="id", show_default=True, help="Field/column holding the id.")
+@click.option(
+    "--text-field", default="text", show_default=True, help="Field/column holding the text."
+)
+@click.option(
+    "--meta-field", default="meta", show_default=True, help="JSONL: a JSON object field as meta."
+)
+@click.option("--meta-fields", default="", help="Comma-separated fields/columns copied into meta.")
+@click.option("--id-prefix", default=None, help="text format: id prefix (default: file name).")
+@click.option("--sql", default=None, help="Enqueue the rows of this PostgreSQL query (--dsn).")
+@setting("dsn", help="PostgreSQL DSN for --sql (postgresql://user@host/db).", show_default=False)
+@click.option(
+    "--job",
+    "job_id",
+    envvar="EMBEDQ_JOB",
+    default=None,
+    help="Job id (default: generated). Re-run with the same id to resume after a stop.",
+)
+@click.option(
+    "--dedup", is_flag=True, help="Skip texts already embedded with --model, or repeated."
+)
+@setting("model", help="The model --dedup checks against (default: the packaged one).")
+@setting("max_lag", help="Pause while the group's backlog exceeds this (0: never).")
+@setting("partitions", help="Spread entries over this many streams by a hash of the id.")
+@setting("enqueue_chunk", "--chunk", help="Entries per atomic XADD batch.")
+@click.option(
+    "--progress-every",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds between progress log lines when stderr is not a terminal.",
+)
+@common
+def enqueue(source: str, **options: Any) -> None:
+    """Send records from SOURCE (a file, a directory, - for stdin, or --sql) as one job."""
+    from embedq.encoder import resolve_model_dir
+    from embedq.producer import Producer, check_job_id, new_job_id
+    from embedq.progress import Progress
+    from embedq.sources import Fields, Rejected, open_source
+    from embedq.stream import connect
+
+    fmt, id_prefix, sql = options.pop("fmt"), options.pop("id_prefix"), options.pop("sql")
+    job_id, dedup, progress_every = (
+        options.pop("job_id"),
+        options.pop("dedup"),
+        options.pop("progress_every"),
+    )
+    fields = Fields(
+        id=options.pop("id_field"),
+        text=options.pop("text_field"),
+        meta=options.pop("meta_field") or None,
+        meta_fields=tuple(f.strip() for f in options.pop("meta_fields").split(",") if f.strip()),
+    )
+    settings = build_settings(options)
+
+    def rejected(item: Rejected) -> None:
+        log.warning("record_rejected", where=item.where, reason=item.reason)
+
+    def body() -> int:
+        where = open_source(
+            source, fmt=fmt, fields=fields, id_prefix=id_prefix, sql=sql, dsn=settings.dsn
+        )
+        dedup_model = resolve_model_dir(settings.model)[1] if dedup else None
+        job = job_id or new_job_id()
+        check_job_id(job)
+        progress = Progress(where.total, every_s=progress_every)
+        producer = Producer(
+            connect(settings.redis_url),
+            settings.stream,
+            chunk=settings.enqueue_chunk,
+            partitions=settings.partitions,
+            group=settings.group,
+        )
+        log.info("enqueue_started", job=job, source=where.name, total=where.total)
+        with producer:
+            try:
+                counts = producer.run(
+                    where,
+                    job=job,
+                    source=where.name,
+                    total=where.total,
+                    dedup_model=dedup_model,
+                    max_lag=settings.max_lag,
+                    on_rejected=rejected,
+                    on_progress=progress,
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot read {where.name}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{where.name} is not UTF-8 text: {exc.reason}") from None
+            except (EmbedqError, KeyboardInterrupt) as exc:
+                # Everything sent so far is recorded with the job: say how to go on.
+                log.warning("enqueue_stopped", job=job, error=str(exc) or "interrupted")
+                click.echo(f"embedq: stopped; resume with --job {job}", err=True)
+                if isinstance(exc, KeyboardInterrupt):
+                    return 130
+                raise
+            finally:
+                progress.close()
+        summary = counts.as_dict()
+        log.info("enqueued", job=job, stream=settings.stream, **summary)
+        click.echo(
+            f"enqueued {counts.sent} records to {settings.stream} ({counts.rejected} rejected)"
+            f"; {counts.skipped} skipped"
+            + (f", {counts.resumed} sent before" if counts.resumed else "")
+            + f"; job {job}, {summary['elapsed_s']} s, {summary['records_per_s']:.0f}/s"
+        )
+        return 0
+
+    run_guarded(body)
+
+
+def _print_jobs(views: list[Any]) -> None:
+    from embedq.progress import format_duration
+
+    header = f"{'job':<28} {'state':<8} {'enqueued':>9} {'embedded':>9} {'dead':>6} {'eta':>8}"
+    click.echo(header + "  source")
+    for v in views:
+        eta = format_duration(v.eta_s) if v.eta_s is not None else "?"
+        click.echo(
+            f"{v.job:<28} {v.state:<8} {v.enqueued:>9} {v.embedded:>9} {v.dead_lettered:>6} "
+            f"{eta:>8}  {v.source}"
+        )
+
+
+@click.command()
+@common
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of jobs.")
+def jobs(as_json: bool, **options: Any) -> None:
+    """List enqueue jobs: enqueued, embedded and dead-lettered counts, ETA."""
+    from embedq.jobs import list_jobs
+    from embedq.stream import open_stream
+
+    settings = build_settings(options)
+
+    def body() -> int:
+        views = list_jobs(open_stream(settings))
+        if as_json:
+            click.echo(json.dumps([v.as_dict() for v in views], sort_keys=True))
+        elif views:
+            _print_jobs(views)
+        else:
+            click.echo(f"no jobs on {settings.stream}")
+        return 0
+
+    run_guarded(body)
+
+
+@click.command()
+@click.argument("job_id")
+@common
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def job(job_id: str, as_json: bool, **options: Any) -> None:
+    """Show one enqueue job (exit 1 when there is no such job)."""
+    from embedq.jobs import get_job
+    from embedq.stream import open_stream
+
+    settings = build_settings(options)
+
+    def body() -> int:
+        view = get_job(open_stream(settings), job_id)
+        if view is None:
+            click.echo(f"embedq: no job {job_id!r} on {settings.stream}", err=True)
+            return 1
+        if as_json:
+            click.echo(json.dumps(view.as_dict(), sort_keys=True))
+        else:
+            for name, value in view.as_dict().items():
+                click.echo(f"{name:<16} {'' if value is None else value}")
+        return 0
+
+    run_guarded(body)
+
+
+@click.command()
+@common
+@setting("partitions", help="Trim each of this many partition streams.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per stream, in an array.")
+def trim(as_json: bool, **options: Any) -> None:
+    """Drop entries every consumer group has acknowledged (XTRIM MINID); never others."""
+    from embedq.keys import partition_streams
+    from embedq.stream import Stream, connect
+
+    settings = build_settings(options)
+
+    def body() -> int:
+        client = connect(settings.redis_url)
+        results = []
+        for name in partition_streams(settings.stream, settings.partitions):
+            trimmed, minid = Stream(client, name, settings.group, "-").trim()
+            log.info("trimmed", stream=name, trimmed=trimmed, minid=minid)
+            results.append({"stream": name, "trimmed": trimmed, "minid": minid})
+        if as_json:
+            click.echo(json.dumps(results, sort_keys=True))
+        else:
+            for r in results:
+                kept = f"kept from {r['minid']}" if r["minid"] else "no consumer group: kept all"
+                click.echo(f"{r['stream']}: trimmed {r['trimmed']} ({kept})")
+        return 0
+
+    run_guarded(body)

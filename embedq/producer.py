@@ -1,0 +1,356 @@
+"""Producers: put records on the tasks stream(s), as resumable jobs.
+
+>>> from embedq.producer import Producer
+>>> with Producer.connect("redis://127.0.0.1:6379/0", stream="embedq:tasks") as p:
+...     p.enqueue([{"id": "doc-1#0", "text": "hello", "meta": {"source": "doc-1"}}])
+1
+
+``Producer.run`` sends a whole source as a job: every entry carries the job id, and each
+chunk of XADDs commits together with the job's source position (``embedq/lua/enqueue.lua``),
+so a job restarted with the same id skips what was sent and sends the rest: each record
+exactly once in total. With ``partitions`` > 1, entries go to ``S:{p<i>}`` by a hash of their
+id, and each partition keeps its own position (its XADDs and position share a cluster slot).
+
+Options: ``dedup_model`` skips texts whose content hash was already embedded with that model
+(or repeated earlier in the source); ``max_lag`` pauses while the consumer group's backlog
+is above it instead of growing Redis without bound. The producer never trims: that is
+``embedq trim``'s job, which keeps everything a group still needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import orjson
+import redis
+import structlog
+
+from embedq.errors import ConfigError
+from embedq.keys import partition_for, partition_streams
+from embedq.records import Record
+from embedq.sources import Rejected
+from embedq.stream import Batch, LagInfo, Stream, connect
+
+log = structlog.get_logger("embedq.producer")
+
+RecordLike = Record | Mapping[str, Any]
+# Job ids go into key names: no braces (a hash tag would move keys off their partition's slot).
+JOB_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+def as_record(item: RecordLike) -> Record:
+    """A ``Record`` from a Record or a mapping with ``id``, ``text`` and optional ``meta``."""
+    if isinstance(item, Record):
+        return item
+    try:
+        doc_id, text = item["id"], item["text"]
+    except KeyError as missing:
+        raise ValueError(f"record has no {missing.args[0]!r} field") from None
+    meta = item.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(
+            f"record {doc_id!r}: meta must be a JSON object, got {type(meta).__name__}"
+        )
+    return Record(id=str(doc_id), text=str(text), meta=meta, job=item.get("job"))
+
+
+def text_hash(text: str) -> str:
+    """The content hash ``--dedup`` compares: BLAKE2b-128 of the UTF-8 text, hex."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def check_job_id(job: str) -> None:
+    if not JOB_ID.fullmatch(job):
+        raise ConfigError(
+            f"job id {job!r}: use 1-128 letters, digits and . _ - : @ (no spaces or braces)"
+        )
+
+
+def new_job_id() -> str:
+    """A sortable, unique job id: UTC start time plus random hex."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class Counts:
+    """What a run did so far; ``position`` is the number of source items read."""
+
+    sent: int = 0
+    skipped: int = 0  # dedup: already embedded, or repeated earlier in the source
+    rejected: int = 0
+    resumed: int = 0  # sent by an earlier run of the same job, not sent again
+    position: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = max(self.elapsed_s, 1e-9)
+        return {
+            "sent": self.sent,
+            "skipped": self.skipped,
+            "rejected": self.rejected,
+            "resumed": self.resumed,
+            "elapsed_s": round(elapsed, 3),
+            "records_per_s": round(self.sent / elapsed, 1),
+        }
+
+
+def backlog(parts: Iterable[LagInfo]) -> tuple[int, str]:
+    """Entries the group has yet to finish, summed over partitions, and how it was measured:
+    the group's lag where Redis knows it, else the stream length (an upper bound on
+    pending + undelivered; exact once ``embedq trim`` runs)."""
+    total, how = 0, "lag"
+    for info in parts:
+        if info.group_exists and info.lag is not None:
+            total += info.lag
+        else:
+            total += info.length
+            how = "length"
+    return total, how
+
+
+class _Sender:
+    """Sends batches from a thread of its own, so that reading and parsing the source
+    overlaps the round trip and Redis's own work (a socket wait releases the GIL). At most
+    ``depth`` chunks wait; an error there stops sending and is raised in the caller."""
+
+    def __init__(self, stream: Stream, job: str, counts: Counts, depth: int = 2) -> None:
+        self._stream = stream
+        self._job = job
+        self._counts = counts
+        self._queue: queue.Queue[list[Batch] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="embedq-sender", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (batches := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking chunks so the producer never blocks on a full queue
+            try:
+                self._counts.sent += self._stream.send_batches(self._job, batches)
+            except BaseException as exc:  # handed to the producer's thread, raised there
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, batches: list[Batch]) -> None:
+        self._raise()
+        if batches:
+            self._queue.put(batches)
+
+    def close(self) -> None:
+        """Wait until every chunk handed over is sent (or failed), then raise any error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+
+class Producer:
+    """Enqueues records on one tasks stream, or on its partitions."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str = "embedq:tasks",
+        *,
+        chunk: int = 1000,
+        partitions: int = 1,
+        group: str = "embedq",
+    ) -> None:
+        # Producers need no consumer name; Stream wants one for reads only.
+        self._stream = Stream(client, stream, group=group, consumer="-")
+        self.streams = partition_streams(stream, partitions)
+        self._lanes = [Stream(client, s, group=group, consumer="-") for s in self.streams]
+        self.client = client
+        self.chunk = chunk
+
+    @classmethod
+    def connect(
+        cls,
+        url: str = "redis://127.0.0.1:6379/0",
+        stream: str = "embedq:tasks",
+        *,
+        chunk: int = 1000,
+        partitions: int = 1,
+        group: str = "embedq",
+    ) -> Producer:
+        return cls(connect(url), stream, chunk=chunk, partitions=partitions, group=group)
+
+    def enqueue(self, records: Iterable[RecordLike], job: str | None = None) -> int:
+        """Send every record (no dedup, no backpressure); returns how many were sent."""
+        return self.run((as_record(r) for r in records), job=job).sent
+
+    def run(
+        self,
+        items: Iterable[Record | Rejected],
+        *,
+        job: str | None = None,
+        source: str = "",
+        total: int | None = None,
+        dedup_model: str | None = None,
+        max_lag: int = 0,
+        poll_s: float = 0.2,
+        on_rejected: Callable[[Rejected], None] | None = None,
+        on_progress: Callable[[Counts], None] | None = None,
+    ) -> Counts:
+        """Send ``items`` as job ``job`` (resuming it if it ran before); see the module doc."""
+        counts = Counts()
+        positions = self._start(job, source, total)
+        seen: set[str] = set()
+        single = self.streams[0] if len(self.streams) == 1 else None
+        sender = _Sender(self._stream, job or "", counts)
+        step: dict[str, Any] = {
+            "counts": counts,
+            "seen": seen,
+            "dedup_model": dedup_model,
+            "max_lag": max_lag,
+            "poll_s": poll_s,
+        }
+        try:
+            chunk: list[tuple[int, Record, str]] = []
+            for ordinal, item in enumerate(items):
+                counts.position = ordinal + 1
+                if on_progress is not None and ordinal % self.chunk == 0:
+                    on_progress(counts)  # it decides how often to report
+                if isinstance(item, Rejected):
+                    counts.rejected += 1
+                    if on_rejected is not None:
+                        on_rejected(item)
+                    continue
+                stream = single or self.streams[partition_for(item.id, len(self.streams))]
+                if ordinal <= positions[stream]:
+                    # Sent by an earlier run of this job. Its text still counts as seen, so
+                    # a repeat after the resume point is skipped as it would have been.
+                    counts.resumed += 1
+                    if dedup_model is not None:
+                        seen.add(text_hash(item.text))
+                    continue
+                chunk.append((ordinal, item, stream))
+                if len(chunk) >= self.chunk:
+                    sender.put(self._batches(chunk, **step))
+                    chunk = []
+            sender.put(self._batches(chunk, **step))
+        finally:
+            sender.close()
+        if job is not None:
+            self._stream.finish_job(job)
+        if on_progress is not None:
+            on_progress(counts)
+        return counts
+
+    def _start(self, job: str | None, source: str, total: int | None) -> dict[str, int]:
+        """Register the job; the last source position it sent to each stream (-1: none)."""
+        if job is None:
+            return dict.fromkeys(self.streams, -1)
+        check_job_id(job)
+        self._stream.start_job(job, source, len(self.streams), total)
+        return self._stream.job_positions(job, self.streams)
+
+    def _batches(
+        self,
+        chunk: list[tuple[int, Record, str]],
+        *,
+        counts: Counts,
+        seen: set[str],
+        dedup_model: str | None,
+        max_lag: int,
+        poll_s: float,
+    ) -> list[Batch]:
+        """One chunk of records as script arguments per partition, after dedup, once the
+        group has room for it."""
+        if not chunk:
+            return []
+        hashes: list[str] = []
+        if dedup_model is not None:
+            chunk, hashes = self._new_texts(chunk, seen, dedup_model, counts)
+        if max_lag:
+            self._wait_for_room(max_lag, poll_s)
+        values: dict[str, list[Any]] = {}
+        last: dict[str, int] = {}
+        for n, (ordinal, record, stream) in enumerate(chunk):
+            meta = b"" if record.meta is None else orjson.dumps(record.meta, option=_ORJSON)
+            values.setdefault(stream, []).extend(
+                (record.id, record.text, meta, hashes[n] if hashes else b"")
+            )
+            last[stream] = ordinal
+        return [Batch(s, last[s], v) for s, v in values.items()]
+
+    def _new_texts(
+        self,
+        chunk: list[tuple[int, Record, str]],
+        seen: set[str],
+        model: str,
+        counts: Counts,
+    ) -> tuple[list[tuple[int, Record, str]], list[str]]:
+        """The part of ``chunk`` whose texts are neither repeats nor embedded already."""
+        fresh, fresh_hashes = [], []
+        for item in chunk:
+            digest = text_hash(item[1].text)
+            if digest in seen:
+                counts.skipped += 1
+                continue
+            seen.add(digest)
+            fresh.append(item)
+            fresh_hashes.append(digest)
+        known = self._stream.known_hashes(model, [h.encode() for h in fresh_hashes])
+        kept = [(item, h) for item, h, k in zip(fresh, fresh_hashes, known, strict=True) if not k]
+        counts.skipped += len(fresh) - len(kept)
+        return [item for item, _ in kept], [h for _, h in kept]
+
+    def _wait_for_room(self, max_lag: int, poll_s: float) -> None:
+        """Block while the group's backlog is above ``max_lag``; one log line per pause."""
+        waiting_since: float | None = None
+        while True:
+            pending, how = backlog(lane.lag() for lane in self._lanes)
+            if pending <= max_lag:
+                if waiting_since is not None:
+                    log.info(
+                        "backpressure_resumed",
+                        backlog=pending,
+                        max_lag=max_lag,
+                        waited_s=round(time.monotonic() - waiting_since, 2),
+                    )
+                return
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.info(
+                    "backpressure_wait",
+                    backlog=pending,
+                    measured_by=how,
+                    max_lag=max_lag,
+                    why="the consumer group is behind; pausing instead of filling Redis",
+                )
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# Meta with integer keys (from a Parquet map, say) is written with string keys, as json does.
+_ORJSON = orjson.OPT_NON_STR_KEYS

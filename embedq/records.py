@@ -1,0 +1,99 @@
+"""The stream contract: what an entry carries and how it is checked.
+
+An entry on the tasks stream has these fields (all values are bytes on the wire):
+
+``id``    required; the producer's document/chunk id, the Milvus primary key (≤ 512 bytes)
+``text``  required; UTF-8, not blank, at most ``max_text_bytes``
+``meta``  optional; a JSON object stored next to the vector (at most ``max_meta_bytes``)
+``job``   optional; the enqueue job that sent it (see ``embedq jobs``)
+``text_hash``  optional; set by ``enqueue --dedup``, recorded as embedded by the worker
+
+The Redis entry id is never the primary key, so a producer that retries an XADD
+overwrites its own row instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from embedq.errors import PoisonInput
+
+MAX_ID_BYTES = 512  # the VARCHAR primary key's max_length in the collection
+
+
+@dataclass(frozen=True)
+class Record:
+    """One text to embed, as a producer hands it to ``Producer.enqueue``."""
+
+    id: str
+    text: str
+    meta: dict[str, Any] | None = None
+    job: str | None = None
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {"id": self.id, "text": self.text}
+        if self.meta is not None:
+            fields["meta"] = json.dumps(self.meta, ensure_ascii=False, separators=(",", ":"))
+        if self.job:
+            fields["job"] = self.job
+        return fields
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_bytes: int = 1_000_000
+    max_meta_bytes: int = 65_536
+
+
+def _utf8(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoisonInput(
+            "invalid_utf8", f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
+def decode(fields: Mapping[bytes, bytes], limits: Limits) -> Record:
+    """Check an entry's fields against the contract; raise ``PoisonInput`` with a reason."""
+    if not fields:
+        raise PoisonInput("payload_deleted", "entry has no fields (trimmed or deleted)")
+    raw_id = fields.get(b"id")
+    if raw_id is None or raw_id == b"":
+        raise PoisonInput("missing_id", "entry has no 'id' field")
+    if len(raw_id) > MAX_ID_BYTES:
+        raise PoisonInput("id_too_long", f"id is {len(raw_id)} bytes, the limit is {MAX_ID_BYTES}")
+    doc_id = _utf8(raw_id, "id")
+    raw_text = fields.get(b"text")
+    if raw_text is None:
+        raise PoisonInput("missing_text", "entry has no 'text' field")
+    if len(raw_text) > limits.max_text_bytes:
+        raise PoisonInput(
+            "text_too_large", f"text is {len(raw_text)} bytes, the limit is {limits.max_text_bytes}"
+        )
+    text = _utf8(raw_text, "text")
+    if not text.strip():
+        raise PoisonInput("empty_text", "text is empty or whitespace only")
+    meta: dict[str, Any] | None = None
+    raw_meta = fields.get(b"meta")
+    if raw_meta is not None:
+        if len(raw_meta) > limits.max_meta_bytes:
+            raise PoisonInput(
+                "meta_too_large",
+                f"meta is {len(raw_meta)} bytes, the limit is {limits.max_meta_bytes}",
+            )
+        try:
+            parsed = json.loads(_utf8(raw_meta, "meta"))
+        except json.JSONDecodeError as exc:
+            raise PoisonInput("meta_not_object", f"meta is not valid JSON: {exc.msg}") from None
+        if not isinstance(parsed, dict):
+            raise PoisonInput(
+                "meta_not_object", f"meta is a JSON {type(parsed).__name__}, not an object"
+            )
+        meta = parsed
+    raw_job = fields.get(b"job")
+    job = raw_job.decode("utf-8", "replace") if raw_job else None
+    return Record(id=doc_id, text=text, meta=meta, job=job)

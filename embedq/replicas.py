@@ -1,0 +1,232 @@
+"""Using a whole node: K model replicas per device, one worker process per device.
+
+``ReplicaPool`` runs K encoders on one device, each driven by its own thread (and, on CUDA,
+its own stream), so a small model keeps a big GPU busy: while one replica's batch is in
+its kernels, another's is being copied or padded (ArcticInference runs up to 32 replicas of
+a small embedder per H200). Replicas share the weights, which inference only reads.
+
+``--devices 0,1`` runs one worker process per listed device (``spawn``, since CUDA does not
+survive ``fork``); the parent forwards SIGTERM/SIGINT and, when one child dies, stops the
+others and exits non-zero, so a node never keeps running half its fleet while looking
+healthy.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import signal
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import FrameType
+
+import structlog
+
+from embedq.config import Settings
+from embedq.encoder import EncodedBatch, Encoder
+from embedq.errors import ConfigError
+
+log = structlog.get_logger("embedq.replicas")
+
+
+class ReplicaPool:
+    """K encoders on one device behind ``submit(ids) -> Future[EncodedBatch]``.
+
+    At most K batches run at once (one per replica); the caller bounds how many it keeps
+    in flight (2×K keeps every replica fed without unbounded memory).
+    """
+
+    def __init__(self, encoders: Sequence[Encoder]) -> None:
+        if not encoders:
+            raise ConfigError("a replica pool needs at least one encoder")
+        self.encoders = list(encoders)
+        self._idle: queue.SimpleQueue[Encoder] = queue.SimpleQueue()
+        for encoder in self.encoders:
+            self._idle.put(encoder)
+        self._threads = ThreadPoolExecutor(
+            max_workers=len(self.encoders), thread_name_prefix="embedq-model"
+        )
+
+    @classmethod
+    def load(cls, model: str, device: str, dtype: str, replicas: int) -> ReplicaPool:
+        """Load the model once and make ``replicas`` replicas of it on ``device``."""
+        if replicas < 1:
+            raise ConfigError(f"--replicas must be >= 1, got {replicas}")
+        first = Encoder(model, device, dtype)
+        return cls([first] + [first.replica() for _ in range(replicas - 1)])
+
+    @property
+    def encoder(self) -> Encoder:
+        """The first replica: for tokenizing, dimension, name, device and limits."""
+        return self.encoders[0]
+
+    @property
+    def size(self) -> int:
+        return len(self.encoders)
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> EncodedBatch:
+        """Run one batch on whichever replica is free (blocks the calling thread)."""
+        encoder = self._idle.get()
+        try:
+            return encoder.forward(batch)
+        finally:
+            self._idle.put(encoder)
+
+    def submit(self, batch: Sequence[Sequence[int]]) -> Future[EncodedBatch]:
+        """Queue one batch; the future holds its vectors or the ``EncodeFailed`` it raised."""
+        return self._threads.submit(self.forward, batch)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
+
+
+# -- one worker process per device --------------------------------------------------------
+
+
+def parse_devices(spec: str, cuda_count: int | None = None) -> list[str]:
+    """``"0,1"`` → ``["cuda:0", "cuda:1"]``; ``"all"`` → every visible GPU; ``""`` → none.
+
+    ``cpu`` entries are allowed (several CPU workers on one host, and tests).
+    """
+    spec = spec.strip()
+    if not spec:
+        return []
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "all":
+        if cuda_count == 0:
+            raise ConfigError("--devices all: no CUDA device is visible on this machine")
+        return [f"cuda:{i}" for i in range(cuda_count)]
+    devices = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if item == "cpu":
+            devices.append("cpu")
+            continue
+        index = item.removeprefix("cuda:")
+        if not index.isdigit():
+            raise ConfigError(f"--devices {spec}: {item!r} is not a GPU index, cuda:N or cpu")
+        if int(index) >= cuda_count:
+            raise ConfigError(
+                f"--devices {spec}: cuda:{index} is not visible ({cuda_count} CUDA devices)"
+            )
+        devices.append(f"cuda:{int(index)}")
+    if len({d for d in devices if d != "cpu"}) != len([d for d in devices if d != "cpu"]):
+        raise ConfigError(f"--devices {spec}: a GPU is listed twice (use --replicas instead)")
+    return devices
+
+
+def settings_per_device(settings: Settings, devices: Sequence[str]) -> list[Settings]:
+    """One worker's settings per device; consumer names stay stable across restarts
+    (``<consumer>-cuda0``), so a restarted process re-reads its own pending entries."""
+    return [
+        settings.replace(
+            device=device,
+            devices="",
+            consumer=f"{settings.consumer}-{device.replace(':', '')}"
+            + (str(i) if device == "cpu" else ""),
+        )
+        for i, device in enumerate(devices)
+    ]
+
+
+def run_per_device(
+    per_device: Sequence[Settings],
+    target: Callable[[Settings], int],
+    *,
+    poll_s: float = 0.2,
+    grace_s: float | None = None,
+) -> int:
+    """Run ``target(settings)`` in one spawned process per device and wait for all.
+
+    Returns 0 when every child exited 0, else the exit code of the first one that failed.
+    SIGTERM/SIGINT reaching this process are passed on to every child (each finishes its
+    batch; a second signal ends them at once, as for a single worker). When one child fails
+    the others get SIGTERM, and after ``grace_s`` SIGKILL.
+    """
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_child_main, args=(target, s), name=f"embedq-worker-{s.device}")
+        for s in per_device
+    ]
+    for child in children:
+        child.start()
+        log.info("device_worker_started", worker=child.name, pid=child.pid)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.is_alive() and child.pid is not None:
+                _signal(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    first_failure: int | None = None
+    failed_at = 0.0
+    try:
+        while any(child.is_alive() for child in children):
+            failed = next((c for c in children if c.exitcode not in (None, 0)), None)
+            if failed is not None and first_failure is None:
+                first_failure = int(failed.exitcode or 1)
+                failed_at = time.monotonic()
+                log.error(
+                    "device_worker_failed",
+                    worker=failed.name,
+                    exit_code=failed.exitcode,
+                    then="stopping the other device workers",
+                )
+                forward(signal.SIGTERM, None)
+            if (
+                first_failure is not None
+                and grace_s is not None
+                and time.monotonic() - failed_at > grace_s
+            ):
+                for child in children:
+                    if child.is_alive():
+                        child.kill()
+            time.sleep(poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for child in children:
+        child.join()
+    if first_failure is not None:
+        return first_failure
+    return next((int(c.exitcode) for c in children if c.exitcode), 0)
+
+
+def _signal(pid: int, signum: int) -> None:
+    import contextlib
+    import os
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _child_main(target: Callable[[Settings], int], settings: Settings) -> None:
+    import os
+    import sys
+
+    # Its own process group: a terminal's Ctrl-C reaches the parent only, which passes it on
+    # once (reaching both, a child would count two signals and exit hard).
+    os.setpgid(0, 0)
+    sys.exit(target(settings))
+
+
+def worker_process(settings: Settings) -> int:
+    """What each device's process runs: a whole worker on that device (0 = clean exit)."""
+    from embedq import logs
+    from embedq.batching import resolve_batch_settings
+    from embedq.worker import build_worker
+
+    logs.configure(settings.log_level, settings.log_json, settings.secrets)
+    try:
+        # A second signal or an expired grace period ends the process inside the worker.
+        work = build_worker(resolve_batch_settings(settings))
+        work.install_signal_handlers()
+        work.run()
+    except ConfigError as exc:
+        log.error("config_error", error=str(exc))
+        return 2
+    return 0

@@ -1,0 +1,372 @@
+"""The vector store: Milvus (Lite file, standalone or distributed), written with upsert.
+
+Upsert keyed by the producer's id makes every write idempotent: a redelivered entry
+overwrites its own row instead of adding a second one (a plain insert would not). Every
+call carries a timeout shorter than the reclaim threshold, because pymilvus otherwise
+retries for minutes while the entries it holds look abandoned.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from embedq.config import Settings
+from embedq.errors import ConfigError, SinkRejected, SinkUnavailable
+
+log = structlog.get_logger("embedq.sink")
+
+ID_MAX_BYTES = 512
+TEXT_MAX_BYTES = 65_535  # Milvus' VARCHAR limit; stored text is cut there, vectors are not
+REQUEST_BUDGET_BYTES = 16 * 1024 * 1024  # one request may carry 64 MB; stay well under
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    vector: npt.NDArray[np.float32]
+    text: str
+    meta: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    text: str | None
+    meta: dict[str, Any] | None
+
+
+def is_lite(uri: str) -> bool:
+    return "://" not in uri
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+_UNAVAILABLE_MARKERS = (
+    "fail connecting",
+    "unavailable",
+    "deadline",
+    "timeout",
+    "timed out",
+    "connection",
+    "not ready",
+    "closed channel",
+    "rate limit",
+    "server is not",
+    "shutting down",
+)
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """True when a gRPC error under ``exc`` says UNAUTHENTICATED or PERMISSION_DENIED.
+
+    pymilvus reports a wrong token at connect time as "Fail connecting to server ...
+    illegal connection params or server unavailable" (seen with Milvus 2.3.5 and
+    authorization on); only the gRPC status in its cause tells it from an outage.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        code = getattr(cause, "code", None)
+        if callable(code) and type(cause).__module__.startswith("grpc"):
+            name = getattr(code(), "name", "")
+            if name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+@contextmanager
+def translated(action: str) -> Iterator[None]:
+    """pymilvus/grpc errors → SinkUnavailable (retry later) or SinkRejected (bad request)."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        yield
+    except (SinkUnavailable, SinkRejected, ConfigError):
+        raise
+    except MilvusException as exc:
+        message = str(getattr(exc, "message", "") or exc)
+        lowered = message.lower()
+        if "open local milvus failed" in lowered:
+            raise ConfigError(
+                "the Milvus Lite database is already open in another process (Milvus Lite "
+                "allows one process per file); run `milvus-lite server` and point every "
+                "worker at it with --milvus-uri http://HOST:PORT"
+            ) from None
+        if (
+            "auth" in lowered
+            or "token" in lowered
+            or "permission" in lowered
+            or "privilege" in lowered
+            or _refused_credentials(exc)
+        ):
+            raise ConfigError(
+                f"Milvus refused {action}: authentication failed (check --milvus-token)"
+            ) from None
+        if any(marker in lowered for marker in _UNAVAILABLE_MARKERS):
+            raise SinkUnavailable(f"milvus unavailable during {action}: {message[:200]}") from None
+        raise SinkRejected(f"milvus rejected {action}: {message[:300]}") from None
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise SinkUnavailable(f"milvus unavailable during {action}: {type(exc).__name__}") from None
+    except Exception as exc:
+        # grpc raises its own RpcError types for transport failures.
+        if type(exc).__module__.startswith("grpc"):
+            raise SinkUnavailable(
+                f"milvus unavailable during {action}: {type(exc).__name__}"
+            ) from None
+        raise
+
+
+class Sink:
+    """One Milvus collection written by upsert."""
+
+    def __init__(
+        self, uri: str, token: str, collection: str, *, timeout_s: float, store_text: bool = True
+    ) -> None:
+        self.uri = uri
+        self.collection = collection
+        self.timeout_s = timeout_s
+        self.store_text = store_text
+        self._token = token
+        self._client: Any = None
+        self._connect_lock = threading.Lock()
+        self.dimension: int | None = None
+
+    @property
+    def client(self) -> Any:
+        # Locked: a readiness probe pings from another thread, and two clients opened at
+        # once on a Milvus Lite file collide ("already open in another process").
+        with self._connect_lock:
+            if self._client is None:
+                from pymilvus import MilvusClient
+
+                with translated("connect"):
+                    self._client = MilvusClient(
+                        uri=self.uri, token=self._token, timeout=self.timeout_s
+                    )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None
+
+    # -- schema ----------------------------------------------------------------------
+
+    def ensure_collection(self, dimension: int, model_name: str, *, create: bool = True) -> bool:
+        """Create the collection if missing; True when created. Refuses a dimension mismatch.
+
+        With ``create=False`` (readers such as ``embedq search``) a missing collection is a
+        ``ConfigError`` instead."""
+        from pymilvus import DataType
+
+        client = self.client
+        with translated("describe collection"):
+            exists = client.has_collection(self.collection, timeout=self.timeout_s)
+            if exists:
+                info = client.describe_collection(self.collection, timeout=self.timeout_s)
+        if exists:
+            self._check_existing(info, dimension, model_name)
+            self.store_text = self.store_text and any(f["name"] == "text" for f in info["fields"])
+            self.dimension = dimension
+            with translated("load collection"):
+                client.load_collection(self.collection, timeout=self.timeout_s)
+            return False
+        if not create:
+            raise ConfigError(
+                f"collection {self.collection} does not exist at {self.uri} "
+                "(no worker has written to it yet; check --collection)"
+            )
+        schema = client.create_schema(
+            auto_id=False,
+            enable_dynamic_field=False,
+            description=f"embedq model={model_name} dim={dimension}",
+        )
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+        if self.store_text:
+            schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+        schema.add_field("meta", DataType.JSON)
+        index = client.prepare_index_params()
+        if is_lite(self.uri):
+            # Milvus Lite searches exactly; FLAT is what it runs best.
+            index.add_index("vector", index_type="FLAT", metric_type="COSINE")
+        else:
+            index.add_index(
+                "vector",
+                index_type="HNSW",
+                metric_type="COSINE",
+                params={"M": 16, "efConstruction": 200},
+            )
+        try:
+            with translated("create collection"):
+                client.create_collection(
+                    self.collection, schema=schema, index_params=index, timeout=self.timeout_s
+                )
+        except SinkRejected:
+            # Workers started together (a scale-up from zero) race to create it; the loser
+            # checks the winner's collection like any existing one.
+            with translated("describe collection"):
+                if not client.has_collection(self.collection, timeout=self.timeout_s):
+                    raise
+            return self.ensure_collection(dimension, model_name)
+        self.dimension = dimension
+        log.info(
+            "collection_created",
+            collection=self.collection,
+            dimension=dimension,
+            model=model_name,
+            index="FLAT" if is_lite(self.uri) else "HNSW",
+        )
+        return True
+
+    def _check_existing(self, info: dict[str, Any], dimension: int, model_name: str) -> None:
+        vector = next((f for f in info["fields"] if f["name"] == "vector"), None)
+        if vector is None:
+            raise ConfigError(
+                f"collection {self.collection} exists but has no 'vector' field; "
+                "it was not created by embedq (choose another --collection)"
+            )
+        found = int(vector["params"]["dim"])
+        if found != dimension:
+            raise ConfigError(
+                f"collection {self.collection} holds {found}-dimensional vectors but the model "
+                f"makes {dimension}: use another --collection or the model it was built with"
+            )
+        description = str(info.get("description", ""))
+        if f"model={model_name} " not in description + " " and description.startswith("embedq"):
+            log.warning(
+                "collection_model_differs",
+                collection=self.collection,
+                collection_description=description,
+                model=model_name,
+            )
+
+    # -- writes ----------------------------------------------------------------------
+
+    def _payload(self, row: Row) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": row.id,
+            "vector": row.vector.tolist(),
+            "meta": row.meta if row.meta is not None else {},
+        }
+        if self.store_text:
+            payload["text"] = _cut_utf8(row.text, TEXT_MAX_BYTES)
+        return payload
+
+    def upsert(self, rows: Sequence[Row]) -> int:
+        """Write rows; returns how many Milvus confirmed. Raises before confirming anything
+        partial: the caller acks only after this returns."""
+        if not rows:
+            return 0
+        written = 0
+        for chunk in self._chunks([self._payload(r) for r in rows]):
+            with translated("upsert"):
+                result = self.client.upsert(self.collection, chunk, timeout=self.timeout_s)
+            written += int(result.get("upsert_count", len(chunk)))
+        return written
+
+    def _chunks(self, payloads: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        chunk: list[dict[str, Any]] = []
+        size = 0
+        for p in payloads:
+            # float32 on the wire plus strings and JSON; close enough to stay under the cap.
+            cost = (
+                len(p["vector"]) * 4
+                + len(p["id"])
+                + len(p.get("text", "")) * 4
+                + len(json.dumps(p["meta"]))
+                + 64
+            )
+            if chunk and size + cost > REQUEST_BUDGET_BYTES:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(p)
+            size += cost
+        if chunk:
+            yield chunk
+
+    # -- reads -----------------------------------------------------------------------
+
+    def search(self, vector: npt.NDArray[np.float32], k: int) -> list[Hit]:
+        fields = ["meta"] + (["text"] if self.store_text else [])
+        with translated("search"):
+            result = self.client.search(
+                self.collection,
+                [vector.tolist()],
+                limit=k,
+                output_fields=fields,
+                timeout=self.timeout_s,
+            )
+        hits = []
+        for hit in result[0]:
+            entity = hit.get("entity", {})
+            hits.append(
+                Hit(
+                    id=str(hit["id"]),
+                    score=float(hit["distance"]),
+                    text=entity.get("text"),
+                    meta=entity.get("meta"),
+                )
+            )
+        return hits
+
+    def count(self) -> int:
+        with translated("count"):
+            rows = self.client.query(
+                self.collection,
+                filter="",
+                output_fields=["count(*)"],
+                consistency_level="Strong",
+                timeout=self.timeout_s,
+            )
+        return int(rows[0]["count(*)"])
+
+    def get(self, ids: Sequence[str], *, with_vectors: bool = True) -> list[dict[str, Any]]:
+        fields = (
+            ["id", "meta"]
+            + (["vector"] if with_vectors else [])
+            + (["text"] if self.store_text else [])
+        )
+        with translated("get"):
+            return list(
+                self.client.query(
+                    self.collection,
+                    ids=list(ids),
+                    output_fields=fields,
+                    consistency_level="Strong",
+                    timeout=self.timeout_s,
+                )
+            )
+
+    def ping(self) -> None:
+        with translated("ping"):
+            self.client.has_collection(self.collection, timeout=self.timeout_s)
+
+
+def open_sink(settings: Settings) -> Sink:
+    return Sink(
+        settings.milvus_uri,
+        settings.milvus_token,
+        settings.collection,
+        timeout_s=settings.milvus_timeout_s,
+        store_text=settings.store_text,
+    )

@@ -1,0 +1,712 @@
+"""All Redis access: one small class with named methods.
+
+Multi-step state changes are Lua scripts in ``embedq/lua`` registered once here and each
+called from exactly one method. redis-py exceptions are translated into
+``QueueUnavailable`` at this boundary, so callers only see embedq's errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any, TypeVar
+
+import redis
+import structlog
+
+from embedq.config import Settings
+from embedq.errors import ConfigError, QueueUnavailable
+from embedq.keys import Keys, partition_streams
+
+log = structlog.get_logger("embedq.stream")
+
+T = TypeVar("T")
+
+RawEntry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+def connect(url: str, *, block_ms: int = 2000) -> redis.Redis:
+    """A client for ``url`` (redis:// or rediss://) whose socket timeout outlasts a BLOCK."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=block_ms / 1000 + 10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def _load_script(name: str) -> str:
+    return (files("embedq") / "lua" / name).read_text(encoding="utf-8")
+
+
+@contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Turn redis-py's connection failures into ``QueueUnavailable`` (no URL, no secrets)."""
+    try:
+        yield
+    except redis.AuthenticationError:
+        # Before ConnectionError, its base class: a wrong password is not an outage to retry.
+        raise ConfigError(
+            "redis rejected the credentials (check the password or ACL user)"
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise QueueUnavailable(f"redis unavailable during {action}: {type(exc).__name__}") from None
+    except redis.exceptions.NoPermissionError:
+        # redis-py strips the NOPERM prefix from the message; the class is what tells.
+        raise ConfigError(
+            f"redis refused {action}: NOPERM (the ACL user lacks a command or key permission)"
+        ) from None
+    except redis.ResponseError as exc:
+        message = str(exc)
+        if message.startswith("LOADING") or message.startswith("MASTERDOWN"):
+            raise QueueUnavailable(f"redis not ready during {action}: {message[:60]}") from None
+        if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            raise ConfigError(f"redis refused {action}: {message.split(' ', 1)[0]}") from None
+        raise
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stream entry as read: its id and raw fields (empty when the payload was deleted)."""
+
+    entry_id: str
+    fields: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Entries for one partition stream, flattened for ``enqueue.lua``, and the source
+    position of the last of them."""
+
+    stream: str
+    position: int
+    values: list[str]
+
+
+@dataclass(frozen=True)
+class ConsumerInfo:
+    name: str
+    pending: int
+    idle_ms: int
+
+
+@dataclass(frozen=True)
+class LagInfo:
+    """What ``embedq lag`` reports. ``lag`` is None when Redis cannot compute it."""
+
+    stream: str
+    group: str
+    length: int
+    lag: int | None
+    pending: int
+    last_delivered_id: str | None
+    entries_read: int | None
+    consumers: list[ConsumerInfo]
+    dlq_length: int
+    group_exists: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "group": self.group,
+            "group_exists": self.group_exists,
+            "length": self.length,
+            "lag": self.lag,
+            "pending": self.pending,
+            "last_delivered_id": self.last_delivered_id,
+            "entries_read": self.entries_read,
+            "dlq_length": self.dlq_length,
+            "consumers": [
+                {"name": c.name, "pending": c.pending, "idle_ms": c.idle_ms} for c in self.consumers
+            ],
+        }
+
+
+def combined_lag(base: str, group: str, parts: Sequence[LagInfo]) -> dict[str, Any]:
+    """``embedq lag --json`` over partition streams: the same keys as one stream's, summed
+    (``lag`` null when any partition's is unknown), plus each one under ``partitions``."""
+    if len(parts) == 1:
+        return parts[0].as_dict()
+    consumers: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for c in part.consumers:
+            seen = consumers.setdefault(
+                c.name, {"name": c.name, "pending": 0, "idle_ms": c.idle_ms}
+            )
+            seen["pending"] += c.pending
+            seen["idle_ms"] = min(seen["idle_ms"], c.idle_ms)
+    lags = [p.lag for p in parts]
+    reads = [p.entries_read for p in parts]
+    return {
+        "stream": base,
+        "group": group,
+        "group_exists": all(p.group_exists for p in parts),
+        "length": sum(p.length for p in parts),
+        "lag": None if None in lags else sum(lag or 0 for lag in lags),
+        "pending": sum(p.pending for p in parts),
+        "last_delivered_id": None,  # one per partition; see "partitions"
+        "entries_read": None if None in reads else sum(r or 0 for r in reads),
+        "dlq_length": sum(p.dlq_length for p in parts),
+        "consumers": sorted(consumers.values(), key=lambda c: str(c["name"])),
+        "partitions": [p.as_dict() for p in parts],
+    }
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """One XAUTOCLAIM step: entries now ours, ids whose payload is gone, the next cursor."""
+
+    cursor: str
+    entries: list[Entry]
+    deleted_ids: list[str]
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw: Iterable[RawEntry]) -> list[Entry]:
+    return [Entry(entry_id=eid.decode(), fields=dict(fields or {})) for eid, fields in raw]
+
+
+class Stream:
+    """The tasks stream of one consumer group, and its dead-letter stream."""
+
+    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str) -> None:
+        self.client = client
+        self.keys = Keys(stream)
+        self.group = group
+        self.consumer = consumer
+        self._dead_letter = client.register_script(_load_script("dead_letter.lua"))
+        self._heartbeat = client.register_script(_load_script("heartbeat.lua"))
+        self._enqueue = client.register_script(_load_script("enqueue.lua"))
+        self._trim = client.register_script(_load_script("trim.lua"))
+        self._dlq_retry = client.register_script(_load_script("dlq_retry.lua"))
+        self._delete_idle_consumers = client.register_script(
+            _load_script("delete_idle_consumers.lua")
+        )
+
+    # -- group lifecycle -------------------------------------------------------------
+
+    def ensure_group(self) -> bool:
+        """Create the group at ``0`` (MKSTREAM); True when it was created now."""
+        with translated("XGROUP CREATE"):
+            try:
+                self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" in str(exc):
+                    return False
+                raise
+        return True
+
+    def _with_group(self, action: str, call: Callable[[], T], siblings: Sequence[Stream] = ()) -> T:
+        """Run ``call``; if the group vanished (Redis restarted without persistence),
+        recreate it (and the groups of ``siblings``, when ``call`` reads those partition
+        streams too), say so loudly, and run it again."""
+        with translated(action):
+            try:
+                return call()
+            except redis.ResponseError as exc:
+                # UNBLOCKED: the stream key was deleted while we were blocked on it.
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                    raise
+        log.error(
+            "group_recreated",
+            stream=self.keys.stream,
+            group=self.group,
+            why="the consumer group was missing; Redis lost its data or someone deleted it",
+        )
+        for stream in (self, *siblings):
+            stream.ensure_group()
+        with translated(action):
+            return call()
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read_own_pending(self, count: int, after: str = "0") -> list[Entry]:
+        """This consumer's own pending entries after ``after`` (history read, no BLOCK)."""
+        reply: Any = self._with_group(
+            "XREADGROUP 0",
+            lambda: self.client.xreadgroup(
+                self.group, self.consumer, {self.keys.stream: after}, count=count
+            ),
+        )
+        return _entries(reply[0][1]) if reply else []
+
+    def read_new(self, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` never-delivered entries, waiting up to ``block_ms``."""
+        reply: Any = self._with_group(
+            "XREADGROUP >",
+            lambda: self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.keys.stream: ">"},
+                count=count,
+                block=block_ms if block_ms > 0 else None,
+            ),
+        )
+        return _entries(reply[0][1]) if reply else []
+
+    def autoclaim(self, min_idle_ms: int, cursor: str = "0-0", count: int = 100) -> Claimed:
+        """Take over entries idle longer than ``min_idle_ms`` from any consumer.
+
+        Redis 7 replies ``[cursor, claimed, deleted_ids]``; the third element lists pending
+        ids whose payload was trimmed or deleted (Redis drops them from the pending list).
+        """
+
+        def call() -> Any:
+            return self.client.execute_command(  # type: ignore[no-untyped-call]
+                "XAUTOCLAIM",
+                self.keys.stream,
+                self.group,
+                self.consumer,
+                min_idle_ms,
+                cursor,
+                "COUNT",
+                count,
+            )
+
+        reply = self._with_group("XAUTOCLAIM", call)
+        next_cursor = _text(reply[0]) or "0-0"
+        claimed = [
+            Entry(entry_id=eid.decode(), fields=_pairs(fields))
+            for eid, fields in reply[1]
+            if eid is not None
+        ]
+        deleted = [d.decode() for d in reply[2]] if len(reply) > 2 else []
+        return Claimed(cursor=next_cursor, entries=claimed, deleted_ids=deleted)
+
+    def delivery_counts(self, entry_ids: Sequence[str]) -> dict[str, int]:
+        """Times each pending entry was delivered (entries no longer pending are absent)."""
+        if not entry_ids:
+            return {}
+        ids = sorted(entry_ids, key=_id_key)
+        counts: dict[str, int] = {}
+        with translated("XPENDING"):
+            rows: Any = self.client.xpending_range(
+                self.keys.stream, self.group, min=ids[0], max=ids[-1], count=len(ids) * 4 + 100
+            )
+        wanted = set(entry_ids)
+        for row in rows:
+            eid = _text(row["message_id"]) or ""
+            if eid in wanted:
+                counts[eid] = int(row["times_delivered"])
+        return counts
+
+    # -- settling entries ------------------------------------------------------------
+
+    def ack(self, entry_ids: Sequence[str]) -> int:
+        """XACK, and forget any last error recorded for these entries (one MULTI)."""
+        if not entry_ids:
+            return 0
+        with translated("XACK"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xack(self.keys.stream, self.group, *entry_ids)
+            pipe.hdel(self.keys.errors, *entry_ids)
+            acked, _ = pipe.execute()
+        return int(acked)
+
+    def dead_letter(self, entry: Entry, reason: str, error: str = "", deliveries: int = 1) -> bool:
+        """Copy ``entry`` to the dead-letter stream with why, and ack it: one atomic script."""
+        args: list[bytes | str | int] = [self.group, entry.entry_id]
+        for name, value in entry.fields.items():
+            args += [name, value]
+        args += [
+            "_dlq_reason",
+            reason,
+            "_dlq_error",
+            error[:2000],
+            "_dlq_source_id",
+            entry.entry_id,
+            "_dlq_stream",
+            self.keys.stream,
+            "_dlq_deliveries",
+            deliveries,
+            "_dlq_consumer",
+            self.consumer,
+            "_dlq_at_ms",
+            int(time.time() * 1000),
+        ]
+        with translated("dead-letter"):
+            return bool(
+                self._dead_letter(
+                    keys=[self.keys.stream, self.keys.dlq, self.keys.errors], args=args
+                )
+            )
+
+    def heartbeat(self, entry_ids: Sequence[str]) -> list[str]:
+        """Reset idle time of the entries still owned by this consumer; returns those ids."""
+        if not entry_ids:
+            return []
+        with translated("heartbeat"):
+            owned = self._heartbeat(
+                keys=[self.keys.stream], args=[self.group, self.consumer, *entry_ids]
+            )
+        return [_text(o) or "" for o in owned]
+
+    # -- last errors: why an entry that may later be dead-lettered did not get through ---
+
+    def record_error(self, entry_ids: Sequence[str], error: str) -> None:
+        """Remember ``error`` as the last one this consumer hit while holding the entries.
+
+        A reclaimer that later dead-letters an entry for ``max_deliveries`` cannot know why
+        the workers before it failed; this hash tells it. ``ack`` and ``dead_letter`` delete
+        the field, so the hash only holds entries still in flight.
+        """
+        if not entry_ids:
+            return
+        value = f"{self.consumer}: {error}"[:1000]
+        with translated("HSET errors"):
+            self.client.hset(self.keys.errors, mapping=dict.fromkeys(entry_ids, value))
+
+    def last_errors(self, entry_ids: Sequence[str]) -> dict[str, str]:
+        """The recorded last error of each entry that has one."""
+        if not entry_ids:
+            return {}
+        with translated("HMGET errors"):
+            values: Any = self.client.hmget(self.keys.errors, list(entry_ids))
+        return {
+            eid: v.decode("utf-8", "replace")
+            for eid, v in zip(entry_ids, values, strict=True)
+            if v is not None
+        }
+
+    def forget_errors(self, entry_ids: Sequence[str]) -> None:
+        """Drop recorded errors of entries that left the pending list another way."""
+        if entry_ids:
+            with translated("HDEL errors"):
+                self.client.hdel(self.keys.errors, *entry_ids)
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def delete_idle_consumers(self, min_idle_ms: int) -> list[str]:
+        """Remove consumers idle at least ``min_idle_ms`` with nothing pending (never this
+        one); one script, so a consumer cannot be handed an entry between check and delete."""
+        removed: Any = self._with_group(
+            "delete idle consumers",
+            lambda: self._delete_idle_consumers(
+                keys=[self.keys.stream], args=[self.group, min_idle_ms, self.consumer]
+            ),
+        )
+        return [_text(name) or "" for name in removed]
+
+    # -- dead-letter stream --------------------------------------------------------------
+
+    def dlq_length(self) -> int:
+        with translated("XLEN dlq"):
+            return int(self.client.xlen(self.keys.dlq))
+
+    def dlq_entries(self, start: str = "-", count: int = 100) -> list[Entry]:
+        """Dead-letter entries from ``start`` (inclusive), oldest first."""
+        with translated("XRANGE dlq"):
+            raw: Any = self.client.xrange(self.keys.dlq, min=start, max="+", count=count)
+        return _entries(raw)
+
+    def dlq_entry(self, dlq_id: str) -> Entry | None:
+        with translated("XRANGE dlq"):
+            raw: Any = self.client.xrange(self.keys.dlq, min=dlq_id, max=dlq_id)
+        found = _entries(raw)
+        return found[0] if found else None
+
+    def dlq_last_id(self) -> str | None:
+        with translated("XREVRANGE dlq"):
+            raw: Any = self.client.xrevrange(self.keys.dlq, count=1)
+        return raw[0][0].decode() if raw else None
+
+    def dlq_retry(self, dlq_ids: Sequence[str]) -> dict[str, str]:
+        """Re-enqueue the original fields of these dead-letter entries and remove them from
+        the dead-letter stream, atomically. Returns dead-letter id -> new entry id for each
+        one sent back (ids not found, or with no original fields, are absent)."""
+        if not dlq_ids:
+            return {}
+        with translated("dlq retry"):
+            flat: Any = self._dlq_retry(keys=[self.keys.stream, self.keys.dlq], args=list(dlq_ids))
+        pairs = [(_text(flat[i]) or "", _text(flat[i + 1]) or "") for i in range(0, len(flat), 2)]
+        return {old: new for old, new in pairs if new}
+
+    def dlq_delete(self, dlq_ids: Sequence[str]) -> int:
+        if not dlq_ids:
+            return 0
+        with translated("XDEL dlq"):
+            return int(self.client.xdel(self.keys.dlq, *dlq_ids))
+
+    def dlq_purge(self) -> int:
+        """Delete the whole dead-letter stream; returns how many entries it held."""
+        with translated("purge dlq"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xlen(self.keys.dlq)
+            pipe.delete(self.keys.dlq)
+            length, _ = pipe.execute()
+        return int(length)
+
+    # -- producing -------------------------------------------------------------------
+
+    def add(self, rows: Iterable[dict[str, str]], chunk: int = 1000) -> int:
+        """XADD every row, pipelined ``chunk`` at a time; never trims. Returns the count."""
+        sent = 0
+        pipe = self.client.pipeline(transaction=False)
+        pending = 0
+        with translated("XADD"):
+            for row in rows:
+                pipe.xadd(self.keys.stream, row)  # type: ignore[arg-type]
+                pending += 1
+                if pending >= chunk:
+                    pipe.execute()
+                    sent += pending
+                    pending = 0
+            if pending:
+                pipe.execute()
+                sent += pending
+        return sent
+
+    def send_batches(self, job: str, batches: Sequence[Batch]) -> int:
+        """Each batch's entries and its resume position, one atomic script call per
+        partition stream. Returns the number of entries added."""
+        added = 0
+        with translated("enqueue"):
+            for batch in batches:
+                keys = Keys(batch.stream)
+                added += int(
+                    self._enqueue(
+                        keys=[keys.stream, keys.sent(job) if job else keys.stream],
+                        args=[job, batch.position, *batch.values],
+                    )
+                )
+        return added
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def start_job(self, job: str, source: str, partitions: int, total: int | None) -> None:
+        """Register ``job`` (or touch it again on a resume); ``started_ms`` is kept."""
+        now_ms = int(time.time() * 1000)
+        key = self.keys.job(job)
+        with translated("start job"):
+            before = self.client.hget(key, "partitions")
+        if before is not None and int(before) != partitions:
+            # Positions are kept per partition stream: another count would resend records.
+            raise ConfigError(
+                f"job {job} was started with --partitions {int(before)}; resume it with the "
+                f"same count, or start a new job"
+            )
+        fields: dict[str, str | int] = {
+            "source": source,
+            "partitions": partitions,
+            "state": "sending",
+            "updated_ms": now_ms,
+        }
+        if total is not None:
+            fields["total"] = total
+        # Not a MULTI: the index and the job hash sit on different cluster slots.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.jobs, {job: now_ms}, nx=True)
+        pipe.hsetnx(key, "started_ms", now_ms)
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+        with translated("start job"):
+            pipe.execute()
+
+    def finish_job(self, job: str) -> None:
+        now_ms = int(time.time() * 1000)
+        with translated("finish job"):
+            self.client.hset(
+                self.keys.job(job),
+                mapping={"state": "sent", "updated_ms": now_ms, "finished_ms": now_ms},
+            )
+
+    def job_positions(self, job: str, streams: Sequence[str]) -> dict[str, int]:
+        """The last source position ``job`` sent to each stream (-1: nothing yet)."""
+        pipe = self.client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.hget(Keys(stream).sent(job), "position")
+        with translated("job positions"):
+            found = pipe.execute()
+        return {s: -1 if p is None else int(p) for s, p in zip(streams, found, strict=True)}
+
+    def job_ids(self) -> list[str]:
+        with translated("ZRANGE jobs"):
+            found: Any = self.client.zrange(self.keys.jobs, 0, -1)
+        return [_text(j) or "" for j in found]
+
+    def job_state(self, job: str) -> dict[str, str] | None:
+        """The job's hash plus ``enqueued`` summed over its partitions; None if unknown."""
+        with translated("job state"):
+            raw: Any = self.client.hgetall(self.keys.job(job))
+            if not raw:
+                return None
+            state = {_text(k) or "": _text(v) or "" for k, v in raw.items()}
+            streams = partition_streams(self.keys.base, int(state.get("partitions", "1")))
+            pipe = self.client.pipeline(transaction=False)
+            for stream in streams:
+                pipe.hget(Keys(stream).sent(job), "enqueued")
+            state["enqueued"] = str(sum(int(n or 0) for n in pipe.execute()))
+        return state
+
+    def record_embedded(self, entries: Sequence[Entry], model: str) -> None:
+        """After an ack: count entries per job, and remember the content hashes the
+        producer sent (``--dedup``) as embedded with ``model``. Counts are at-least-once:
+        a crash between the ack and this call loses a few, a redelivery counts twice."""
+        per_job: dict[str, int] = {}
+        hashes = []
+        for entry in entries:
+            raw_job = entry.fields.get(b"job")
+            if raw_job:
+                name = raw_job.decode("utf-8", "replace")
+                per_job[name] = per_job.get(name, 0) + 1
+            digest = entry.fields.get(b"text_hash")
+            if digest:
+                hashes.append(digest)
+        if not per_job and not hashes:
+            return
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for job, count in per_job.items():
+            key = self.keys.job(job)
+            pipe.hincrby(key, "embedded", count)
+            pipe.hsetnx(key, "embedded_first_ms", now_ms)
+            pipe.hset(key, "embedded_last_ms", now_ms)
+        if hashes:
+            pipe.sadd(self.keys.dedup(model), *hashes)
+        with translated("record embedded"):
+            pipe.execute()
+
+    def record_dead_lettered(self, entry: Entry) -> None:
+        job = entry.fields.get(b"job")
+        if job:
+            with translated("record dead-lettered"):
+                self.client.hincrby(self.keys.job(job.decode("utf-8", "replace")), "dead_lettered")
+
+    def known_hashes(self, model: str, hashes: Sequence[bytes]) -> list[bool]:
+        """Which content hashes were already embedded with ``model`` (one SMISMEMBER)."""
+        if not hashes:
+            return []
+        with translated("SMISMEMBER"):
+            found = self.client.smismember(self.keys.dedup(model), list(hashes))
+        return [bool(f) for f in found]
+
+    # -- trimming --------------------------------------------------------------------
+
+    def trim(self) -> tuple[int, str | None]:
+        """XTRIM MINID below the oldest entry any group still needs (one atomic script).
+        Returns how many entries went and the MINID used (None: nothing was safe)."""
+        with translated("trim"):
+            trimmed, minid = self._trim(keys=[self.keys.stream])
+        return int(trimmed), _text(minid) or None
+
+    # -- inspection ------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise ``QueueUnavailable`` or ``ConfigError`` unless Redis answers (readiness)."""
+        with translated("PING"):
+            self.client.ping()
+
+    def group_pending(self) -> int:
+        with translated("XPENDING"):
+            try:
+                summary = self.client.xpending(self.keys.stream, self.group)
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    return 0
+                raise
+        return int(summary["pending"])
+
+    def lag(self) -> LagInfo:
+        with translated("XINFO"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xlen(self.keys.stream)
+            pipe.xlen(self.keys.dlq)
+            length, dlq_length = pipe.execute()
+            try:
+                groups = self.client.xinfo_groups(self.keys.stream)
+            except redis.ResponseError:  # no such key
+                groups = []
+            group = next((g for g in groups if _text(g["name"]) == self.group), None)
+            consumers: list[ConsumerInfo] = []
+            if group is not None:
+                consumers = [
+                    ConsumerInfo(
+                        name=_text(c["name"]) or "",
+                        pending=int(c["pending"]),
+                        idle_ms=int(c["idle"]),
+                    )
+                    for c in self.client.xinfo_consumers(self.keys.stream, self.group)
+                ]
+        if group is None:
+            return LagInfo(
+                self.keys.stream,
+                self.group,
+                int(length),
+                None,
+                0,
+                None,
+                None,
+                [],
+                int(dlq_length),
+                group_exists=False,
+            )
+        lag = group.get("lag")
+        entries_read = group.get("entries-read")
+        return LagInfo(
+            stream=self.keys.stream,
+            group=self.group,
+            length=int(length),
+            lag=None if lag is None else int(lag),
+            pending=int(group["pending"]),
+            last_delivered_id=_text(group.get("last-delivered-id")),
+            entries_read=None if entries_read is None else int(entries_read),
+            consumers=consumers,
+            dlq_length=int(dlq_length),
+            group_exists=True,
+        )
+
+
+def _pairs(fields: Any) -> dict[bytes, bytes]:
+    """XAUTOCLAIM via execute_command returns fields as a flat list (or None if deleted)."""
+    if not fields:
+        return {}
+    if isinstance(fields, dict):
+        return dict(fields)
+    return {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def open_stream(settings: Settings) -> Stream:
+    """The stream named by ``settings``, for this process's consumer name."""
+    return Stream(
+        connect(settings.redis_url, block_ms=settings.block_ms),
+        settings.stream,
+        settings.group,
+        settings.consumer,
+    )
+
+
+def read_new_many(
+    lanes: Sequence[Stream], count: int, block_ms: int
+) -> list[tuple[Stream, list[Entry]]]:
+    """One XREADGROUP over several partition streams of one group (one BLOCK for all):
+    up to ``count`` new entries per stream, each list paired with its stream."""
+    if len(lanes) == 1:
+        entries = lanes[0].read_new(count, block_ms)
+        return [(lanes[0], entries)] if entries else []
+    first = lanes[0]
+    by_key = {lane.keys.stream: lane for lane in lanes}
+
+    def call() -> Any:
+        return first.client.xreadgroup(
+            first.group,
+            first.consumer,
+            dict.fromkeys(by_key, ">"),
+            count=count,
+            block=block_ms if block_ms > 0 else None,
+        )
+
+    reply: Any = first._with_group("XREADGROUP >", call, siblings=lanes[1:])
+    return [(by_key[_text(key) or ""], _entries(raw)) for key, raw in (reply or []) if raw]

@@ -1,0 +1,152 @@
+"""``embedq top``: throughput and time-to-drain from successive ``Stream.lag()`` samples.
+
+The arithmetic is a pure function over samples (``progress``); the command only samples,
+renders and sleeps. Completed entries are counted from the group's own counters:
+``entries_read - pending`` grows by one for every entry acked (written or dead-lettered),
+so the rate needs no cooperation from the workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from embedq.stream import LagInfo
+
+
+@dataclass(frozen=True)
+class Sample:
+    at_s: float  # time.monotonic() when taken
+    info: LagInfo
+
+    @property
+    def completed(self) -> int | None:
+        """Entries the group has acked so far (None when Redis does not count reads)."""
+        if self.info.entries_read is None:
+            return None
+        return self.info.entries_read - self.info.pending
+
+    @property
+    def backlog(self) -> int | None:
+        """Entries still to process: undelivered plus pending (None when lag is unknown)."""
+        if not self.info.group_exists:
+            return self.info.length  # a group created at 0 will have to read all of it
+        if self.info.lag is None:
+            return None
+        return self.info.lag + self.info.pending
+
+
+@dataclass(frozen=True)
+class Progress:
+    window_s: float  # time spanned by the samples used (0 with fewer than two)
+    done_per_s: float | None  # entries acked per second over the window
+    backlog: int | None
+    backlog_change_per_s: float | None  # negative while draining
+    eta_s: float | None  # None: unknown, or the backlog is not shrinking
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "window_s": round(self.window_s, 3),
+            "done_per_s": None if self.done_per_s is None else round(self.done_per_s, 2),
+            "backlog": self.backlog,
+            "backlog_change_per_s": (
+                None if self.backlog_change_per_s is None else round(self.backlog_change_per_s, 2)
+            ),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+        }
+
+
+def progress(samples: Sequence[Sample], window_s: float = 60.0) -> Progress:
+    """Rates over the samples of the last ``window_s`` seconds, and the ETA to drain.
+
+    The ETA divides the backlog by its net shrink rate (consumption minus new arrivals), so
+    a fleet that keeps up with producers but never catches up shows no ETA rather than a
+    wrong one. A group recreated mid-window (its counters went backwards) restarts the window.
+    """
+    if not samples:
+        return Progress(0.0, None, None, None, None)
+    last = samples[-1]
+    recent = [s for s in samples if last.at_s - s.at_s <= window_s]
+    # Start after the last counter reset: a recreated group restarts entries_read at 0.
+    start = 0
+    for i in range(1, len(recent)):
+        before, after = recent[i - 1].info.entries_read, recent[i].info.entries_read
+        if before is not None and after is not None and after < before:
+            start = i
+    recent = recent[start:]
+    first = recent[0]
+    span = last.at_s - first.at_s
+    backlog = last.backlog
+    if backlog == 0:
+        eta: float | None = 0.0
+    else:
+        eta = None
+    if span <= 0:
+        return Progress(0.0, None, backlog, None, eta)
+    done_per_s = None
+    if first.completed is not None and last.completed is not None:
+        done_per_s = (last.completed - first.completed) / span
+    change = None
+    if first.backlog is not None and backlog is not None:
+        change = (backlog - first.backlog) / span
+        if backlog > 0 and change < 0:
+            eta = backlog / -change
+    return Progress(span, done_per_s, backlog, change, eta)
+
+
+class Window:
+    """The samples of the last ``window_s`` seconds."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.samples: deque[Sample] = deque()
+
+    def add(self, info: LagInfo, at_s: float | None = None) -> Progress:
+        now = time.monotonic() if at_s is None else at_s
+        self.samples.append(Sample(now, info))
+        while self.samples and now - self.samples[0].at_s > self.window_s:
+            self.samples.popleft()
+        return progress(list(self.samples), self.window_s)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(info: LagInfo, p: Progress) -> str:
+    """The screen for one sample, as plain text."""
+    lines = [f"stream       {info.stream}  (length {info.length})"]
+    if not info.group_exists:
+        lines.append(f"group        {info.group}  (does not exist yet: no worker has started)")
+    else:
+        lag = "unknown (Redis cannot compute it)" if info.lag is None else str(info.lag)
+        lines += [
+            f"group        {info.group}",
+            f"lag          {lag}",
+            f"pending      {info.pending}",
+        ]
+    lines.append(f"dead-letter  {info.dlq_length}")
+    if p.window_s <= 0:
+        lines.append("throughput   (measuring: needs a second sample)")
+    else:
+        rate = "unknown" if p.done_per_s is None else f"{p.done_per_s:.1f}/s"
+        lines.append(f"throughput   {rate} over the last {p.window_s:.0f}s")
+        if p.backlog_change_per_s is not None:
+            lines.append(f"backlog      {p.backlog} ({p.backlog_change_per_s:+.1f}/s)")
+    if p.eta_s is not None:
+        lines.append(f"eta          {_duration(p.eta_s)} to drain")
+    elif p.window_s > 0:
+        lines.append("eta          unknown (the backlog is not shrinking)")
+    if info.consumers:
+        lines.append(f"{'consumer':<32} {'pending':>8} {'idle':>10}")
+        lines += [f"{c.name:<32} {c.pending:>8} {c.idle_ms / 1000:>9.1f}s" for c in info.consumers]
+    return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""Shared fixtures: real Redis (127.0.0.1:6379 unless EMBEDQ_TEST_REDIS_URL), real Milvus
+Lite files in temp dirs, and the real packaged model, loaded once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from embedq.config import Settings
+from embedq.encoder import Encoder
+from embedq.sink import Sink, open_sink
+from embedq.stream import Stream, connect
+from embedq.worker import Worker
+
+REDIS_URL = os.environ.get("EMBEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
+
+
+def corpus_rows(name: str, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a shared corpus file, or of the repo's sample when absent."""
+    path = CORPUS / name if (CORPUS / name).is_file() else SAMPLE
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    client = connect(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"tests need a Redis >= 7 at {REDIS_URL} (see README: make test starts one)")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def stream_name(redis_client: redis.Redis) -> Iterator[str]:
+    """A unique stream key per test; it and everything under it is deleted afterwards."""
+    name = f"embedq-test:{uuid.uuid4().hex[:12]}"
+    yield name
+    keys = list(redis_client.scan_iter(match=f"{name}*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def encoder() -> Encoder:
+    return Encoder(device="cpu")
+
+
+@pytest.fixture
+def settings(stream_name: str, tmp_path: Path) -> Settings:
+    return Settings(
+        redis_url=REDIS_URL,
+        stream=stream_name,
+        group="g",
+        consumer="c1",
+        milvus_uri=str(tmp_path / "milvus.db"),
+        collection="vectors",
+        block_ms=100,
+        drain=True,
+        min_idle_s=30,
+        reclaim_interval_s=1,
+        max_batch_tokens=4096,
+        max_batch_rows=64,
+    )
+
+
+@pytest.fixture
+def sink(settings: Settings) -> Iterator[Sink]:
+    s = open_sink(settings)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def make_worker(
+    redis_client: redis.Redis, encoder: Encoder, sink: Sink, settings: Settings
+) -> Callable[..., Worker]:
+    """A worker sharing the session's model and the test's Milvus Lite file."""
+
+    def make(**changes: Any) -> Worker:
+        s = settings.replace(**changes)
+        return Worker(s, Stream(redis_client, s.stream, s.group, s.consumer), encoder, sink)
+
+    return make
+
+
+# -- fault-handling work: real servers and worker processes (see tests/fault_fixtures.py) --
+
+from .fault_fixtures import (  # noqa: E402
+    MilvusLiteServer,
+    MilvusStandalone,
+    RedisServer,
+    WorkerProcess,
+)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (AOF, appendfsync always) that it may kill."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def milvus_lite_server(tmp_path: Path) -> Iterator[MilvusLiteServer]:
+    """``milvus-lite server`` on a free port, shared by this test's worker processes."""
+    server = MilvusLiteServer(tmp_path / "milvus-lite")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusStandalone]:
+    """A real Milvus 2.3.5 server (~20 s to start, so one per session; tests use their
+    own collections)."""
+    server = MilvusStandalone(tmp_path_factory.mktemp("milvus-standalone"))
+    try:
+        server.start()
+    except TimeoutError:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``embedq worker`` subprocesses; any still running at the end are killed."""
+    started: list[WorkerProcess] = []
+
+    def spawn(*args: str, name: str = "worker", command: str = "worker") -> WorkerProcess:
+        proc = WorkerProcess([command, *args], tmp_path / f"{name}-{len(started)}.log", env={})
+        started.append(proc)
+        return proc
+
+    yield spawn
+    for proc in started:
+        proc.stop()
+
+
+# -- a real Milvus server with authorization (fleet-operations work) -------------------
+
+MilvusServer = MilvusStandalone
+
+
+@pytest.fixture(scope="session")
+def milvus_server_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., MilvusStandalone]]:
+    """``factory(authorization=True)``: a started Milvus 2.3.5 server, one per setting for
+    the whole session (startup takes ~10-20 s). Every port, etcd's peer port included, is a
+    free one, so it runs beside ``milvus_standalone``."""
+    servers: dict[bool, MilvusStandalone] = {}
+
+    def factory(*, authorization: bool = False) -> MilvusStandalone:
+        if authorization not in servers:
+            server = MilvusStandalone(
+                tmp_path_factory.mktemp("milvus-server"), authorization=authorization
+            )
+            servers[authorization] = server
+            server.start()
+        return servers[authorization]
+
+    yield factory
+    for server in servers.values():
+        server.stop()

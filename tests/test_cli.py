@@ -1,0 +1,170 @@
+"""Every CLI command, run as a user runs it: a subprocess with flags and EMBEDQ_* variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from embedq.config import Settings
+from embedq.sink import Sink
+
+from .conftest import REDIS_URL, corpus_rows
+
+LAG_KEYS = {
+    "stream",
+    "group",
+    "group_exists",
+    "length",
+    "lag",
+    "pending",
+    "last_delivered_id",
+    "entries_read",
+    "dlq_length",
+    "consumers",
+}
+
+
+def embedq(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "embedq.cli", *args],
+        env=full_env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_enqueue_worker_lag_search_round_trip(
+    tmp_path: Path, settings: Settings, redis_client: redis.Redis
+) -> None:
+    rows = corpus_rows("long.jsonl", 60)
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "\n".join(json.dumps(r) for r in rows[:50])
+        + "\n{broken json\n"
+        + json.dumps({"id": "no-text"})
+        + "\n"
+    )
+    env = {
+        "EMBEDQ_REDIS_URL": REDIS_URL,
+        "EMBEDQ_STREAM": settings.stream,
+        "EMBEDQ_GROUP": "cli",
+        "EMBEDQ_MILVUS_URI": settings.milvus_uri,
+        "EMBEDQ_COLLECTION": "cli_vectors",
+        "EMBEDQ_LOG_JSON": "true",
+    }
+
+    sent = embedq("enqueue", str(source), env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert "enqueued 50 records" in sent.stdout and "(2 rejected)" in sent.stdout
+    assert "in.jsonl:51" in sent.stderr  # the rejected line is named
+    piped = embedq(
+        "enqueue",
+        "-",
+        "--id-field",
+        "key",
+        "--text-field",
+        "body",
+        env=env,
+        stdin="\n".join(json.dumps({"key": r["id"], "body": r["text"]}) for r in rows[50:]),
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "enqueued 10 records" in piped.stdout
+
+    before = embedq("lag", "--json", env=env)
+    assert before.returncode == 0, before.stderr
+    info = json.loads(before.stdout)
+    assert set(info) == LAG_KEYS
+    assert info["group_exists"] is False and info["length"] == 60
+
+    ran = embedq("worker", "--drain", "--block-ms", "200", "--consumer", "w1", env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "embedded 60 texts" in ran.stdout
+    events = [json.loads(line) for line in ran.stderr.splitlines() if line.startswith("{")]
+    assert {"worker_started", "worker_stopped"} <= {e["event"] for e in events}
+
+    after = json.loads(embedq("lag", "--json", env=env).stdout)
+    assert (after["lag"], after["pending"], after["length"]) == (0, 0, 60)
+    assert after["consumers"][0]["name"] == "w1" and after["consumers"][0]["pending"] == 0
+    human = embedq("lag", env=env)
+    assert "lag          0" in human.stdout and "w1" in human.stdout
+
+    found = embedq("search", rows[3]["text"], "-k", "3", "--json", env=env)
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert hits[0]["id"] == rows[3]["id"] and hits[0]["score"] > 0.99 and len(hits) == 3
+    text_out = embedq("search", rows[3]["text"], "-k", "2", env=env)
+    assert rows[3]["id"] in text_out.stdout.splitlines()[0]
+
+
+def test_lag_shows_unknown_when_redis_reports_null(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    ids = [redis_client.xadd(stream_name, {"id": str(i), "text": "x"}) for i in range(3)]
+    # A group created at an arbitrary id is one of the cases where Redis cannot count lag.
+    redis_client.xgroup_create(stream_name, "g", id=ids[1])
+    env = {"EMBEDQ_REDIS_URL": REDIS_URL, "EMBEDQ_STREAM": stream_name, "EMBEDQ_GROUP": "g"}
+    as_json = json.loads(embedq("lag", "--json", env=env).stdout)
+    assert as_json["lag"] is None
+    human = embedq("lag", env=env).stdout
+    assert "unknown" in human and "lag          0" not in human
+
+
+def test_second_process_on_a_milvus_lite_file_gets_one_clear_line(
+    tmp_path: Path, sink: Sink, settings: Settings
+) -> None:
+    sink.ensure_collection(384, "m")  # this test process now holds the Lite file open
+    result = embedq(
+        "search",
+        "anything",
+        "--milvus-uri",
+        settings.milvus_uri,
+        "--collection",
+        settings.collection,
+    )
+    assert result.returncode == 2
+    assert "already open in another process" in result.stderr
+    assert "milvus-lite server" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_search_on_a_missing_collection_says_so(tmp_path: Path) -> None:
+    result = embedq("search", "x", "--milvus-uri", str(tmp_path / "m.db"), "--collection", "nope")
+    assert result.returncode == 2
+    assert "collection nope does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_model_directory_names_the_flag(tmp_path: Path) -> None:
+    result = embedq(
+        "search", "x", "--model", str(tmp_path / "nope"), "--milvus-uri", str(tmp_path / "m.db")
+    )
+    assert result.returncode == 2
+    assert "--model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_env_vars_fill_settings_and_flags_override_them(tmp_path: Path) -> None:
+    result = embedq("worker", "--help", env={"EMBEDQ_MAX_DELIVERIES": "9"})
+    assert "EMBEDQ_MAX_DELIVERIES" not in result.stdout or result.returncode == 0
+    bad = embedq("lag", env={"EMBEDQ_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert bad.returncode == 1 and "redis unavailable" in bad.stderr
+    unsafe = embedq("worker", "--milvus-timeout", "120", "--min-idle", "60")
+    assert unsafe.returncode == 2 and "shorter than min_idle_s" in unsafe.stderr
+
+
+def test_redis_password_never_appears_in_output(stream_name: str) -> None:
+    url = "redis://someone:hunter2-secret@127.0.0.1:1/0"
+    result = embedq(
+        "lag", "--log-level", "debug", env={"EMBEDQ_REDIS_URL": url, "EMBEDQ_STREAM": stream_name}
+    )
+    assert result.returncode == 1
+    assert "hunter2-secret" not in result.stderr + result.stdout

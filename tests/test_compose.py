@@ -1,0 +1,114 @@
+"""compose.yaml against the Compose Specification's JSON schema, plus what must hold for
+embedq: durable Redis, pinned images with health checks, init before workers, GPU and CPU
+workers, and no secret written into the file.
+
+The schema is the compose-spec.json that the check-jsonschema package vendors (from the
+compose-spec/compose-spec repository), so the test runs offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from embedq.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG_RUNNING = ("redis", "etcd", "minio", "milvus", "worker", "worker-cpu")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return loaded
+
+
+def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema = json.loads(
+        (files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text()
+    )
+    assert schema["title"] == "Compose Specification"
+    jsonschema.validators.validator_for(schema)(schema).validate(compose)
+    # The schema is strict enough to catch a typo: prove it on a copy.
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["redis"]["healthchek"] = broken["services"]["redis"].pop("healthcheck")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert re.fullmatch(r"redis:7\.\d+\.\d+", redis["image"])
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command
+    assert "--maxmemory-policy noeviction" in command
+    assert "--user default off" in command  # only the ACL user with a password gets in
+
+
+def test_images_are_pinned_and_services_have_health_checks(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        image = service["image"]
+        assert ":" in image and not image.endswith((":latest", ":")), name
+        if name in LONG_RUNNING:
+            assert service["healthcheck"]["test"], name
+    assert compose["services"]["milvus"]["image"].startswith("milvusdb/milvus:v2.")
+
+
+def test_group_and_collection_exist_before_workers_start(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    init = services["init"]
+    assert init["entrypoint"][:3] == ["embedq", "init", "--with-collection"]
+    assert init["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert init["depends_on"]["milvus"]["condition"] == "service_healthy"
+    for name in ("worker", "worker-cpu", "producer"):
+        assert services[name]["depends_on"]["init"]["condition"] == (
+            "service_completed_successfully"
+        ), name
+    assert services["milvus"]["depends_on"]["etcd"]["condition"] == "service_healthy"
+
+
+def test_gpu_worker_reserves_a_gpu_and_the_cpu_profile_has_none(compose: dict[str, Any]) -> None:
+    gpu, cpu = compose["services"]["worker"], compose["services"]["worker-cpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert gpu["profiles"] == ["gpu"] and gpu["environment"]["EMBEDQ_DEVICE"] == "cuda"
+    assert cpu["profiles"] == ["cpu"] and cpu["environment"]["EMBEDQ_DEVICE"] == "cpu"
+    assert "deploy" not in cpu
+    for worker in (gpu, cpu):
+        grace_s = float(worker["environment"]["EMBEDQ_GRACE_S"])
+        assert int(worker["stop_grace_period"].removesuffix("s")) > grace_s
+        assert worker["read_only"] is True
+        assert "/readyz" in " ".join(worker["healthcheck"]["test"])
+
+
+def test_every_embedq_variable_is_a_setting_and_secrets_come_from_env(
+    compose: dict[str, Any],
+) -> None:
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    example = (ROOT / ".env.example").read_text()
+    for name, service in compose["services"].items():
+        env = service.get("environment", {})
+        for key, value in env.items():
+            if key.startswith("EMBEDQ_") and name != "redis":
+                assert key.removeprefix("EMBEDQ_").lower() in fields, (name, key)
+            if "PASSWORD" in key or "TOKEN" in key or "SECRET" in key:
+                assert str(value).startswith("${") and ":?" in str(value), (name, key)
+        url = env.get("EMBEDQ_REDIS_URL", "")
+        if url:
+            assert "${EMBEDQ_REDIS_PASSWORD:?" in url, name
+    for required in re.findall(r"\$\{(\w+):\?", (ROOT / "compose.yaml").read_text()):
+        assert f"\n{required}=" in "\n" + example, f"{required} missing from .env.example"
+    stream_settings = {
+        (s["environment"]["EMBEDQ_STREAM"], s["environment"]["EMBEDQ_GROUP"])
+        for n, s in compose["services"].items()
+        if n in ("init", "worker", "worker-cpu", "producer")
+    }
+    assert len(stream_settings) == 1  # init, workers and producer agree on stream and group

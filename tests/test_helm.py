@@ -1,0 +1,544 @@
+"""The Helm chart, rendered by the real Helm engine (helm-python-sdk, offline), linted, and
+every manifest validated against the Kubernetes schemas (kubernetes-validate).
+
+KEDA's ScaledObject/TriggerAuthentication and the Prometheus Operator's ServiceMonitor are
+CRDs that kubernetes-validate has no schema for: they are checked against KEDA_SCHEMAS and
+SERVICE_MONITOR_SCHEMA below, written from the fields the KEDA docs (ScaledObject spec,
+TriggerAuthentication, redis-streams scaler) and the ServiceMonitor API define.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from embedq.config import Settings
+from embedq.health import HealthServer
+
+from .servers import http_get
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "embedq"
+KUBE_VERSION = "1.30.0"
+
+EXTERNAL_TLS = {
+    "redis": {
+        "host": "redis.data.svc.cluster.local",
+        "port": 6380,
+        "database": 2,
+        "username": "embedq",
+        "tls": {"enabled": True, "caSecret": "redis-ca"},
+    },
+    "milvus": {"uri": "https://milvus.data.svc:19530", "tls": {"caSecret": "milvus-ca"}},
+}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "keda-off": {"keda": {"enabled": False}},
+    "keda-off-no-hpa": {"keda": {"enabled": False}, "autoscaling": {"enabled": False}},
+    "external-redis-tls": EXTERNAL_TLS,
+    "cpu-only": {"gpu": {"enabled": False}, "resources": {"requests": {"cpu": "4"}}},
+    "chart-made-secret": {
+        "secrets": {
+            "existingSecret": "",
+            "create": True,
+            "redisPassword": "r3dis-Passw0rd-xyz",
+            "milvusToken": "root:M1lvus-t0ken-xyz",
+        },
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "grafanaDashboard": {"enabled": True},
+        },
+        "model": {
+            "path": "/models/bge-small",
+            "volume": {"persistentVolumeClaim": {"claimName": "m"}},
+        },
+    },
+}
+
+_str_map = {"type": "object", "additionalProperties": {"type": "string"}}
+_meta = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "labels": _str_map, "annotations": _str_map},
+}
+# From KEDA's docs: the redis-streams scaler's metadata keys (all strings).
+REDIS_STREAMS_METADATA = {
+    "address", "host", "port", "usernameFromEnv", "passwordFromEnv",
+    "databaseIndex", "enableTLS", "unsafeSsl", "stream", "consumerGroup",
+    "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount",
+}  # fmt: skip
+KEDA_SCHEMAS = {
+    "ScaledObject": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "metadata": _meta,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "envSourceContainerName": {"type": "string"},
+                        },
+                    },
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                    "idleReplicaCount": {"type": "integer", "minimum": 0},
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "fallback": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["failureThreshold", "replicas"],
+                        "properties": {
+                            "failureThreshold": {"type": "integer", "minimum": 1},
+                            "replicas": {"type": "integer", "minimum": 1},
+                            "behavior": {"type": "string"},
+                        },
+                    },
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "restoreToOriginalReplicaCount": {"type": "boolean"},
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"name": {"type": "string"}, "behavior": {}},
+                            },
+                            "scalingModifiers": {"type": "object"},
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["type", "metadata"],
+                            "properties": {
+                                "type": {"type": "string"},
+                                "name": {"type": "string"},
+                                "metadata": _str_map,
+                                "useCachedMetrics": {"type": "boolean"},
+                                # fallback works only with AverageValue (the default)
+                                "metricType": {"const": "AverageValue"},
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["name"],
+                                    "properties": {
+                                        "name": {"type": "string"},
+                                        "kind": {
+                                            "enum": [
+                                                "TriggerAuthentication",
+                                                "ClusterTriggerAuthentication",
+                                            ]
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "TriggerAuthentication": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "metadata": _meta,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["parameter", "name", "key"],
+                            "properties": {
+                                # the redis scalers' auth parameters
+                                "parameter": {
+                                    "enum": [
+                                        "password",
+                                        "username",
+                                        "tls",
+                                        "ca",
+                                        "cert",
+                                        "key",
+                                        "keyPassword",
+                                    ]
+                                },
+                                "name": {"type": "string"},
+                                "key": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "metadata": _meta,
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {"type": "object", "properties": {"matchLabels": _str_map}},
+                "endpoints": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        files = chart.render(values, name="prod", namespace="ml", is_install=True)
+    docs = []
+    for name, text in files.items():
+        if not name.endswith((".yaml", ".yml")):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = by_kind(docs, kind)
+    return found
+
+
+def worker_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of env values."""
+    for name, val in env.items():
+        value = value.replace(f"$({name})", val)
+    return value
+
+
+def settings_from_env(container: dict[str, Any], secrets: dict[str, str]) -> Settings:
+    """The Settings a worker builds from the container's EMBEDQ_* variables (as click does)."""
+    plain: dict[str, str] = {}
+    for name, entry in env_of(container).items():
+        if "value" in entry:
+            plain[name] = entry["value"]
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            plain[name] = secrets[entry["valueFrom"]["secretKeyRef"]["key"]]
+        elif "fieldRef" in entry.get("valueFrom", {}):
+            plain[name] = "pod-name"
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    options: dict[str, Any] = {}
+    for name, raw in plain.items():
+        if not name.startswith("EMBEDQ_"):
+            continue
+        field = name.removeprefix("EMBEDQ_").lower()
+        assert field in fields, f"{name} sets no Settings field"
+        default = getattr(Settings(consumer="x"), field)
+        text = expand(raw, plain)
+        if isinstance(default, bool) or field == "log_json":
+            options[field] = text.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            options[field] = int(text)
+        elif isinstance(default, float):
+            options[field] = float(text)
+        else:
+            options[field] = text
+    return Settings.from_options(**options)
+
+
+SECRETS = {"redis-password": "pw", "milvus-token": "root:Milvus"}
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(VALUE_SETS[request.param])
+
+
+def test_every_manifest_is_valid_kubernetes(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "Job", "ServiceAccount"} <= kinds
+    for doc in docs:
+        if doc["kind"] in KEDA_SCHEMAS:
+            jsonschema.validate(doc, KEDA_SCHEMAS[doc["kind"]])
+        elif doc["kind"] == "ServiceMonitor":
+            jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+        else:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_the_chart_lints_clean_for_every_value_set() -> None:
+    for name, values in VALUE_SETS.items():
+        report = helm.lint(CHART, values, strict=True, kube_version="v" + KUBE_VERSION)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert report["errors"] == [] and problems == [], (name, report)
+
+
+def test_keda_trigger_matches_the_workers_settings(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = rendered
+    values = helm.Chart.load(CHART).merge_values(VALUE_SETS[name])
+    scaled = by_kind(docs, "ScaledObject")
+    if not values["keda"]["enabled"]:
+        assert scaled == [] and by_kind(docs, "TriggerAuthentication") == []
+        hpa = by_kind(docs, "HorizontalPodAutoscaler")
+        assert len(hpa) == int(values["autoscaling"]["enabled"])
+        replicas = one(docs, "Deployment")["spec"].get("replicas")
+        assert replicas == (None if hpa else values["replicaCount"])
+        return
+    assert by_kind(docs, "HorizontalPodAutoscaler") == []  # KEDA owns the HPA
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    (so,) = scaled
+    settings = settings_from_env(worker_container(docs), SECRETS)
+    (trigger,) = so["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "redis-streams"
+    assert set(meta) <= REDIS_STREAMS_METADATA
+    url = urlsplit(settings.redis_url)
+    assert meta["stream"] == settings.stream == values["stream"]["name"]
+    assert meta["consumerGroup"] == settings.group == values["stream"]["group"]
+    assert meta["address"] == f"{url.hostname}:{url.port}"
+    assert meta["databaseIndex"] == url.path.strip("/")
+    assert meta["enableTLS"] == str(url.scheme == "rediss").lower()
+    container_env = env_of(worker_container(docs))
+    username_var = meta.get("usernameFromEnv")
+    username = container_env[username_var]["value"] if username_var else ""
+    assert username == (url.username or "")
+    # Lag mode (scales from zero); never pending-count or length mode alongside it.
+    assert int(meta["lagCount"]) == values["keda"]["lagCount"] > 0
+    assert int(meta["activationLagCount"]) >= 1  # KEDA 2.16 rejects 0
+    assert not {"pendingEntriesCount", "streamLength"} & set(meta)
+    assert so["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+    assert so["spec"]["minReplicaCount"] == 0 and so["spec"]["fallback"]["replicas"] >= 1
+    auth = one(docs, "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    params = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    password = env_of(worker_container(docs))["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert (params["password"]["name"], params["password"]["key"]) == (
+        password["name"],
+        password["key"],
+    )
+    if url.scheme == "rediss" and "ssl_ca_certs" in (url.query or ""):
+        assert params["ca"]["name"] == values["redis"]["tls"]["caSecret"]
+
+
+def test_the_worker_env_builds_valid_settings_with_credentials_from_the_secret(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = rendered
+    container = worker_container(docs)
+    env = env_of(container)
+    settings = settings_from_env(container, SECRETS)
+    assert urlsplit(settings.redis_url).password == "pw"
+    assert settings.milvus_token == "root:Milvus"
+    assert env["EMBEDQ_CONSUMER"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    for secret_var in ("REDIS_PASSWORD", "EMBEDQ_MILVUS_TOKEN"):
+        assert "value" not in env[secret_var] and "secretKeyRef" in env[secret_var]["valueFrom"]
+    if name == "external-redis-tls":
+        assert settings.redis_url.startswith(
+            "rediss://embedq:pw@redis.data.svc.cluster.local:6380/2"
+        )
+        assert "ssl_ca_certs=/etc/embedq/redis-ca/ca.crt" in settings.redis_url
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["redis-ca"] == "/etc/embedq/redis-ca"
+        assert env["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"]["value"] == "/etc/embedq/milvus-ca/ca.pem"
+    if name == "chart-made-secret":
+        assert settings.model == "/models/bge-small"
+
+
+def test_no_secret_value_appears_outside_the_secret() -> None:
+    values = VALUE_SETS["chart-made-secret"]
+    docs = render(values)
+    secret_values = [values["secrets"]["redisPassword"], values["secrets"]["milvusToken"]]
+    for doc in docs:
+        text = yaml.safe_dump(doc)
+        if doc["kind"] == "Secret":
+            continue
+        for secret in secret_values:
+            assert secret not in text, f"{doc['kind']} carries a secret value"
+    (secret,) = by_kind(docs, "Secret")
+    # The Secret is a hook that runs before the stream-setup Job, which reads it.
+    job = one(docs, "Job")
+    assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+    assert "pre-install" in secret["metadata"]["annotations"]["helm.sh/hook"]
+
+
+def test_probes_point_at_endpoints_the_worker_serves(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = rendered
+    container = worker_container(docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    metrics_port = int(env_of(container)["EMBEDQ_METRICS_PORT"]["value"])
+    server = HealthServer(CollectorRegistry(), 0)
+    server.require("worker", lambda: True)
+    try:
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = container[probe]["httpGet"]
+            assert ports[get["port"]] == metrics_port
+            status, _ = http_get(f"http://127.0.0.1:{server.port}{get['path']}")
+            assert status == 200, (probe, get)
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    finally:
+        server.close()
+    service = one(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    for monitor in by_kind(docs, "ServiceMonitor"):
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_pods_run_unprivileged_with_a_grace_longer_than_the_workers(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, docs = rendered
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = worker_container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    grace_s = float(env_of(container)["EMBEDQ_GRACE_S"]["value"])
+    assert pod["terminationGracePeriodSeconds"] > grace_s
+    limits = container["resources"].get("limits", {})
+    if name == "cpu-only":
+        assert "nvidia.com/gpu" not in limits
+        assert env_of(container)["EMBEDQ_DEVICE"]["value"] == "cpu"
+    else:
+        assert limits["nvidia.com/gpu"] == 1
+    job_pod = one(docs, "Job")["spec"]["template"]["spec"]
+    assert job_pod["securityContext"]["runAsNonRoot"] is True
+    assert (
+        one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+        == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    )
+
+
+def test_the_hook_job_creates_the_group_before_anything_scales(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = rendered
+    job = one(docs, "Job")
+    annotations = job["metadata"]["annotations"]
+    assert set(annotations["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["init"]
+    job_settings = settings_from_env(container, SECRETS)
+    worker_settings = settings_from_env(worker_container(docs), SECRETS)
+    assert (job_settings.redis_url, job_settings.stream, job_settings.group) == (
+        worker_settings.redis_url,
+        worker_settings.stream,
+        worker_settings.group,
+    )
+
+
+def bad_values() -> Iterator[tuple[str, dict[str, Any]]]:
+    yield "activationLagCount 0", {"keda": {"activationLagCount": 0}}
+    yield "lagCount 0", {"keda": {"lagCount": 0}}
+    yield "password in the host", {"redis": {"host": "redis://u:secret@redis"}}
+    yield "token in the milvus uri", {"milvus": {"uri": "http://root:Milvus@milvus:19530"}}
+    yield "unknown key", {"worker": {"batchSize": 64}}
+    yield "bad dtype", {"worker": {"dtype": "fp8"}}
+    yield "negative replicas", {"keda": {"maxReplicaCount": 0}}
+    yield "port out of range", {"worker": {"metricsPort": 70000}}
+    yield "both secret sources", {"secrets": {"create": True, "existingSecret": "x"}}
+
+
+@pytest.mark.parametrize(("why", "values"), list(bad_values()), ids=lambda v: str(v)[:30])
+def test_values_schema_rejects_nonsense(why: str, values: dict[str, Any]) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+
+
+def test_the_chart_refuses_settings_that_cannot_work() -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
+            chart.render({"worker": {"graceS": 120}}, name="prod")
+        with pytest.raises(helm.HelmError, match="minIdleS"):
+            chart.render({"worker": {"minIdleS": 5}}, name="prod")
+        with pytest.raises(helm.HelmError, match=r"secrets\.existingSecret"):
+            chart.render({"secrets": {"existingSecret": ""}}, name="prod")
+        with pytest.raises(helm.HelmError, match=r"secrets\.redisPassword"):
+            chart.render({"secrets": {"existingSecret": "", "create": True}}, name="prod")
+
+
+def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
+    from embedq.metrics import WorkerMetrics, stream_gauges
+    from embedq.stream import ConsumerInfo, LagInfo
+
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "info": ["_info"],
+    }
+    exported = {
+        f.name + suffix
+        for f in WorkerMetrics().registry.collect()
+        for suffix in suffixes.get(f.type, [""])
+    }
+    info = LagInfo("s", "g", 1, 1, 1, None, 1, [ConsumerInfo("c", 1, 1)], 0, group_exists=True)
+    exported |= {f.name for f in stream_gauges(info)} | {"embedq_stream_up"}
+    dashboard = json.loads((CHART / "dashboards" / "embedq.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    used = {name for e in exprs for name in re.findall(r"embedq_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
+    (config_map,) = [d for d in render(VALUE_SETS["chart-made-secret"]) if d["kind"] == "ConfigMap"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["embedq.json"]) == dashboard

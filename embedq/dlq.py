@@ -8,15 +8,23 @@ exactly, plus ``_dlq_*`` fields the dead-letter script adds: ``_dlq_reason``,
 ``retry`` re-enqueues the original fields as a new entry on the tasks stream (a fresh
 delivery count) and removes the dead-letter entry, atomically; fix the cause first (a
 model, a policy such as ``--on-overlong``, an outage), or the entry comes straight back.
+
+With ``--partitions N`` each partition stream has its own dead-letter stream, and the
+functions here take all of them (``lanes``; one stream without partitions). Entry ids are
+unique only within one stream, so a partitioned dead letter is named ``<i>/<id>`` (its
+partition, then its id): two partitions can dead-letter in the same millisecond, and a
+bare id that matched both would retry or purge the wrong one.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from embedq.errors import ConfigError
 from embedq.stream import Entry, Stream
 
 DLQ_PREFIX = b"_dlq_"
@@ -41,9 +49,11 @@ class DeadLetter:
     consumer: str
     at_ms: int
     original: dict[bytes, bytes]
+    stream: str = ""  # the tasks stream whose dead-letter stream holds it
+    partition: int | None = None  # its lane, when there are several
 
     @classmethod
-    def from_entry(cls, entry: Entry) -> DeadLetter:
+    def from_entry(cls, entry: Entry, stream: str = "", partition: int | None = None) -> DeadLetter:
         f = entry.fields
 
         def get(name: str) -> str:
@@ -58,7 +68,14 @@ class DeadLetter:
             consumer=get("consumer"),
             at_ms=int(get("at_ms") or 0),
             original={k: v for k, v in f.items() if not k.startswith(DLQ_PREFIX)},
+            stream=stream,
+            partition=partition,
         )
+
+    @property
+    def ref(self) -> str:
+        """How ``embedq dlq`` names it: the id, or ``<partition>/<id>`` with partitions."""
+        return self.dlq_id if self.partition is None else f"{self.partition}/{self.dlq_id}"
 
     @property
     def doc_id(self) -> str:
@@ -73,7 +90,8 @@ class DeadLetter:
     def summary(self) -> dict[str, Any]:
         """What ``dlq list --json`` prints per entry."""
         return {
-            "dlq_id": self.dlq_id,
+            "dlq_id": self.ref,
+            "stream": self.stream,
             "id": self.doc_id,
             "reason": self.reason,
             "deliveries": self.deliveries,
@@ -92,8 +110,17 @@ class DeadLetter:
         }
 
 
-def iter_dead_letters(stream: Stream, reason: str | None = None) -> Iterator[DeadLetter]:
-    """Every dead-letter entry present when called, oldest first, optionally one reason."""
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _lane_index(lanes: Sequence[Stream], lane: int) -> int | None:
+    return lane if len(lanes) > 1 else None
+
+
+def _letters(lanes: Sequence[Stream], lane: int, reason: str | None) -> Iterator[DeadLetter]:
+    stream = lanes[lane]
     last = stream.dlq_last_id()
     if last is None:
         return
@@ -101,7 +128,7 @@ def iter_dead_letters(stream: Stream, reason: str | None = None) -> Iterator[Dea
     while True:
         page = stream.dlq_entries(start, PAGE)
         for entry in page:
-            letter = DeadLetter.from_entry(entry)
+            letter = DeadLetter.from_entry(entry, stream.keys.stream, _lane_index(lanes, lane))
             if reason is None or letter.reason == reason:
                 yield letter
             if entry.entry_id == last:
@@ -111,21 +138,86 @@ def iter_dead_letters(stream: Stream, reason: str | None = None) -> Iterator[Dea
         start = "(" + page[-1].entry_id  # exclusive: the next page starts after this one
 
 
-def show(stream: Stream, dlq_id: str) -> DeadLetter | None:
-    entry = stream.dlq_entry(dlq_id)
-    return DeadLetter.from_entry(entry) if entry is not None else None
+def iter_dead_letters(lanes: Sequence[Stream], reason: str | None = None) -> Iterator[DeadLetter]:
+    """Every dead-letter entry present when called, oldest first (merged over partitions),
+    optionally only one reason."""
+    return heapq.merge(
+        *(_letters(lanes, i, reason) for i in range(len(lanes))),
+        key=lambda letter: _id_order(letter.dlq_id),
+    )
 
 
-def retry(stream: Stream, dlq_ids: Sequence[str]) -> dict[str, str]:
-    """Send these dead-letter entries back to the tasks stream; dead-letter id -> new id."""
-    sent: dict[str, str] = {}
-    for i in range(0, len(dlq_ids), PAGE):
-        sent.update(stream.dlq_retry(dlq_ids[i : i + PAGE]))
+def locate(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """Where each dead-letter name is: name -> (lane, entry id). Names not found are absent.
+
+    ``<i>/<id>`` names partition ``i``; a bare id is looked up in every partition and must
+    be in exactly one (ConfigError otherwise, naming the candidates).
+    """
+    found: dict[str, tuple[int, str]] = {}
+    for ref in refs:
+        lane_text, slash, dlq_id = ref.rpartition("/")
+        if slash:
+            if not lane_text.isdigit() or int(lane_text) >= len(lanes):
+                raise ConfigError(
+                    f"dead-letter name {ref!r}: partition {lane_text!r} is not one of "
+                    f"0..{len(lanes) - 1} (check --partitions)"
+                )
+            lane = int(lane_text)
+            if lanes[lane].dlq_entry(dlq_id) is not None:
+                found[ref] = (lane, dlq_id)
+            continue
+        holders = [i for i, s in enumerate(lanes) if s.dlq_entry(ref) is not None]
+        if len(holders) > 1:
+            raise ConfigError(
+                f"dead-letter id {ref} is in partitions {holders}; name one, as "
+                + " or ".join(f"{i}/{ref}" for i in holders)
+            )
+        if holders:
+            found[ref] = (holders[0], ref)
+    return found
+
+
+def show(lanes: Sequence[Stream], ref: str) -> DeadLetter | None:
+    where = locate(lanes, [ref]).get(ref)
+    if where is None:
+        return None
+    lane, dlq_id = where
+    entry = lanes[lane].dlq_entry(dlq_id)
+    if entry is None:
+        return None
+    return DeadLetter.from_entry(entry, lanes[lane].keys.stream, _lane_index(lanes, lane))
+
+
+def _by_lane(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[int, dict[str, str]]:
+    """The named entries that exist, grouped per lane: lane -> {entry id: name}."""
+    grouped: dict[int, dict[str, str]] = {}
+    for ref, (lane, dlq_id) in locate(lanes, refs).items():
+        grouped.setdefault(lane, {})[dlq_id] = ref
+    return grouped
+
+
+def retry(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Send these dead-letter entries back to their tasks streams.
+
+    Returns name -> (tasks stream, new entry id) for each one sent back; names not found,
+    or entries with no original fields, are absent.
+    """
+    sent: dict[str, tuple[str, str]] = {}
+    for lane, names in _by_lane(lanes, refs).items():
+        stream = lanes[lane]
+        ids = list(names)
+        for i in range(0, len(ids), PAGE):
+            for old, new in stream.dlq_retry(ids[i : i + PAGE]).items():
+                sent[names[old]] = (stream.keys.stream, new)
     return sent
 
 
-def purge(stream: Stream, dlq_ids: Sequence[str] | None = None) -> int:
-    """Delete these dead-letter entries, or (``None``) the whole dead-letter stream."""
-    if dlq_ids is None:
-        return stream.dlq_purge()
-    return sum(stream.dlq_delete(dlq_ids[i : i + PAGE]) for i in range(0, len(dlq_ids), PAGE))
+def purge(lanes: Sequence[Stream], refs: Sequence[str] | None = None) -> int:
+    """Delete these dead-letter entries, or (``None``) every dead-letter stream."""
+    if refs is None:
+        return sum(stream.dlq_purge() for stream in lanes)
+    removed = 0
+    for lane, names in _by_lane(lanes, refs).items():
+        ids = list(names)
+        removed += sum(lanes[lane].dlq_delete(ids[i : i + PAGE]) for i in range(0, len(ids), PAGE))
+    return removed

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -112,12 +112,13 @@ def _handler(server: HealthServer) -> type[BaseHTTPRequestHandler]:
 
 
 def serve_stream_metrics(
-    registry: CollectorRegistry, port: int, stream: Stream, host: str = ""
+    registry: CollectorRegistry, port: int, streams: Sequence[Stream], host: str = ""
 ) -> HealthServer:
-    """Stream gauges plus a Redis readiness check on ``port`` (``embedq exporter``)."""
-    registry.register(StreamCollector(stream))
+    """The gauges of ``streams`` (a stream, or every partition of one) plus a Redis
+    readiness check on ``port`` (``embedq exporter``)."""
+    registry.register(StreamCollector(streams))
     server = HealthServer(registry, port, host)
-    server.require("redis", reachable(stream.ping))
+    server.require("redis", reachable(streams[0].ping))
     return server
 
 
@@ -126,18 +127,18 @@ def serve_worker_metrics(
     port: int,
     *,
     ready: Check,
-    stream: Stream,
+    streams: Sequence[Stream],
     sink: Sink | None = None,
     host: str = "",
 ) -> HealthServer:
     """A worker's metrics, the stream gauges and the probes on ``port``.
 
     ``ready`` is the worker's own state (model loaded, stage threads alive, not stopping);
-    Redis is pinged through ``stream`` (give it a client of its own, so a scrape never
+    Redis is pinged through ``streams`` (give them a client of their own, so a scrape never
     waits behind a blocked XREADGROUP), Milvus through ``sink`` once there is one
     (``require("milvus", ...)`` adds it later).
     """
-    server = serve_stream_metrics(metrics.registry, port, stream, host)
+    server = serve_stream_metrics(metrics.registry, port, streams, host)
     server.require("worker", ready)
     if sink is not None:
         server.require("milvus", reachable(sink.ping))

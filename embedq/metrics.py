@@ -8,7 +8,7 @@ that exposes both (``--metrics-port``) lives in ``embedq.health``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -60,16 +60,18 @@ class WorkerMetrics:
 
 
 class StreamCollector(Collector):
-    """Stream gauges read from Redis at scrape time.
+    """Stream gauges read from Redis at scrape time, one series per tasks stream (each
+    partition stream has its own; ``sum by (group)`` gives the totals).
 
     A scrape while Redis is unreachable (or refuses the credentials) yields only
     ``embedq_stream_up 0``: the other gauges are absent rather than stale or zero, and no
     exception reaches the HTTP handler. ``embedq_stream_lag`` is absent when Redis cannot
-    compute the lag (XINFO reports NULL); it is never reported as 0 then.
+    compute the lag of any stream (XINFO reports NULL); it is never reported as 0 then,
+    and a partial sum would understate the backlog.
     """
 
-    def __init__(self, stream: Stream) -> None:
-        self.stream = stream
+    def __init__(self, streams: Sequence[Stream]) -> None:
+        self.streams = list(streams)
         self._was_up = True
 
     def describe(self) -> list[GaugeMetricFamily]:
@@ -82,10 +84,12 @@ class StreamCollector(Collector):
             "embedq_stream_up", "1 when the last scrape could read the stream from Redis"
         )
         try:
-            info = self.stream.lag()
+            infos = [stream.lag() for stream in self.streams]
         except EmbedqError as exc:
             if self._was_up:  # one line per outage, not one per scrape
-                log.warning("stream_scrape_failed", stream=self.stream.keys.stream, error=str(exc))
+                log.warning(
+                    "stream_scrape_failed", stream=self.streams[0].keys.base, error=str(exc)
+                )
             self._was_up = False
             up.add_metric([], 0)
             yield up
@@ -93,47 +97,42 @@ class StreamCollector(Collector):
         self._was_up = True
         up.add_metric([], 1)
         yield up
-        yield from stream_gauges(info)
+        yield from stream_gauges(infos)
 
 
-def stream_gauges(info: LagInfo) -> Iterator[GaugeMetricFamily]:
-    """The gauge families for one ``LagInfo`` (pure: no Redis)."""
-    s, g = ["stream"], ["stream", "group"]
-    length = GaugeMetricFamily("embedq_stream_length", "Entries in the tasks stream", labels=s)
-    length.add_metric([info.stream], info.length)
-    dlq = GaugeMetricFamily(
-        "embedq_stream_dlq_length", "Entries in the dead-letter stream", labels=s
+def stream_gauges(infos: Sequence[LagInfo]) -> Iterator[GaugeMetricFamily]:
+    """The gauge families for some streams' ``LagInfo`` (pure: no Redis)."""
+    s, g, c = ["stream"], ["stream", "group"], ["stream", "group", "consumer"]
+
+    def family(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, documentation, labels=labels)
+
+    length = family("embedq_stream_length", "Entries in the tasks stream", s)
+    dlq = family("embedq_stream_dlq_length", "Entries in the dead-letter stream", s)
+    exists = family("embedq_stream_group_exists", "1 when the consumer group exists", g)
+    lag = family("embedq_stream_lag", "Entries not yet delivered to the group (XINFO lag)", g)
+    pending = family("embedq_stream_pending", "Entries delivered but not yet acked", g)
+    consumers = family("embedq_stream_consumers", "Consumers in the group", g)
+    per_pending = family("embedq_stream_consumer_pending", "Entries pending per consumer", c)
+    per_idle = family(
+        "embedq_stream_consumer_idle_seconds", "Seconds since a consumer's last read", c
     )
-    dlq.add_metric([info.stream], info.dlq_length)
-    exists = GaugeMetricFamily(
-        "embedq_stream_group_exists", "1 when the consumer group exists", labels=g
-    )
-    exists.add_metric([info.stream, info.group], int(info.group_exists))
-    yield from (length, dlq, exists)
-    if not info.group_exists:
-        return
-    if info.lag is not None:
-        lag = GaugeMetricFamily(
-            "embedq_stream_lag", "Entries not yet delivered to the group (XINFO lag)", labels=g
-        )
-        lag.add_metric([info.stream, info.group], info.lag)
-        yield lag
-    pending = GaugeMetricFamily(
-        "embedq_stream_pending", "Entries delivered but not yet acked", labels=g
-    )
-    pending.add_metric([info.stream, info.group], info.pending)
-    consumers = GaugeMetricFamily("embedq_stream_consumers", "Consumers in the group", labels=g)
-    consumers.add_metric([info.stream, info.group], len(info.consumers))
-    yield from (pending, consumers)
-    c = [*g, "consumer"]
-    per_pending = GaugeMetricFamily(
-        "embedq_stream_consumer_pending", "Entries pending per consumer", labels=c
-    )
-    per_idle = GaugeMetricFamily(
-        "embedq_stream_consumer_idle_seconds", "Seconds since a consumer's last read", labels=c
-    )
-    for consumer in info.consumers:
-        key = [info.stream, info.group, consumer.name]
-        per_pending.add_metric(key, consumer.pending)
-        per_idle.add_metric(key, consumer.idle_ms / 1000)
-    yield from (per_pending, per_idle)
+    lag_known = all(info.lag is not None for info in infos if info.group_exists)
+    for info in infos:
+        stream, group = [info.stream], [info.stream, info.group]
+        length.add_metric(stream, info.length)
+        dlq.add_metric(stream, info.dlq_length)
+        exists.add_metric(group, int(info.group_exists))
+        if not info.group_exists:
+            continue
+        if lag_known and info.lag is not None:
+            lag.add_metric(group, info.lag)
+        pending.add_metric(group, info.pending)
+        consumers.add_metric(group, len(info.consumers))
+        for consumer in info.consumers:
+            key = [*group, consumer.name]
+            per_pending.add_metric(key, consumer.pending)
+            per_idle.add_metric(key, consumer.idle_ms / 1000)
+    for f in (length, dlq, exists, lag, pending, consumers, per_pending, per_idle):
+        if f.samples:  # an empty family would still print HELP/TYPE lines
+            yield f

@@ -1,9 +1,7 @@
-"""Using a whole node: K model replicas per device, one worker process per device.
+"""Using a whole node: one worker process per device.
 
-``ReplicaPool`` runs K encoders on one device, each driven by its own thread (and, on CUDA,
-its own stream), so a small model keeps a big GPU busy: while one replica's batch is in
-its kernels, another's is being copied or padded (ArcticInference runs up to 32 replicas of
-a small embedder per H200). Replicas share the weights, which inference only reads.
+Within one process, ``--replicas K`` gives the worker K model threads, each with its own
+``Encoder.replica()`` (shared weights, and on CUDA its own stream; see ``embedq.worker``).
 
 ``--devices 0,1`` runs one worker process per listed device (``spawn``, since CUDA does not
 survive ``fork``); the parent forwards SIGTERM/SIGINT and, when one child dies, stops the
@@ -14,71 +12,17 @@ healthy.
 from __future__ import annotations
 
 import multiprocessing
-import queue
 import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 
 import structlog
 
 from embedq.config import Settings
-from embedq.encoder import EncodedBatch, Encoder
 from embedq.errors import ConfigError
 
 log = structlog.get_logger("embedq.replicas")
-
-
-class ReplicaPool:
-    """K encoders on one device behind ``submit(ids) -> Future[EncodedBatch]``.
-
-    At most K batches run at once (one per replica); the caller bounds how many it keeps
-    in flight (2×K keeps every replica fed without unbounded memory).
-    """
-
-    def __init__(self, encoders: Sequence[Encoder]) -> None:
-        if not encoders:
-            raise ConfigError("a replica pool needs at least one encoder")
-        self.encoders = list(encoders)
-        self._idle: queue.SimpleQueue[Encoder] = queue.SimpleQueue()
-        for encoder in self.encoders:
-            self._idle.put(encoder)
-        self._threads = ThreadPoolExecutor(
-            max_workers=len(self.encoders), thread_name_prefix="embedq-model"
-        )
-
-    @classmethod
-    def load(cls, model: str, device: str, dtype: str, replicas: int) -> ReplicaPool:
-        """Load the model once and make ``replicas`` replicas of it on ``device``."""
-        if replicas < 1:
-            raise ConfigError(f"--replicas must be >= 1, got {replicas}")
-        first = Encoder(model, device, dtype)
-        return cls([first] + [first.replica() for _ in range(replicas - 1)])
-
-    @property
-    def encoder(self) -> Encoder:
-        """The first replica: for tokenizing, dimension, name, device and limits."""
-        return self.encoders[0]
-
-    @property
-    def size(self) -> int:
-        return len(self.encoders)
-
-    def forward(self, batch: Sequence[Sequence[int]]) -> EncodedBatch:
-        """Run one batch on whichever replica is free (blocks the calling thread)."""
-        encoder = self._idle.get()
-        try:
-            return encoder.forward(batch)
-        finally:
-            self._idle.put(encoder)
-
-    def submit(self, batch: Sequence[Sequence[int]]) -> Future[EncodedBatch]:
-        """Queue one batch; the future holds its vectors or the ``EncodeFailed`` it raised."""
-        return self._threads.submit(self.forward, batch)
-
-    def close(self) -> None:
-        self._threads.shutdown(wait=True)
 
 
 # -- one worker process per device --------------------------------------------------------
@@ -217,13 +161,12 @@ def _child_main(target: Callable[[Settings], int], settings: Settings) -> None:
 def worker_process(settings: Settings) -> int:
     """What each device's process runs: a whole worker on that device (0 = clean exit)."""
     from embedq import logs
-    from embedq.batching import resolve_batch_settings
     from embedq.worker import build_worker
 
     logs.configure(settings.log_level, settings.log_json, settings.secrets)
     try:
         # A second signal or an expired grace period ends the process inside the worker.
-        work = build_worker(resolve_batch_settings(settings))
+        work = build_worker(settings)
         work.install_signal_handlers()
         work.run()
     except ConfigError as exc:

@@ -126,34 +126,43 @@ class LagInfo:
         }
 
 
-def combined_lag(base: str, group: str, parts: Sequence[LagInfo]) -> dict[str, Any]:
-    """``embedq lag --json`` over partition streams: the same keys as one stream's, summed
-    (``lag`` null when any partition's is unknown), plus each one under ``partitions``."""
+def combine_lag(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo:
+    """The lag of partition streams as one: counts summed, ``lag`` None when any
+    partition's is unknown, each consumer's pending summed and its idle time the least."""
     if len(parts) == 1:
-        return parts[0].as_dict()
-    consumers: dict[str, dict[str, Any]] = {}
+        return parts[0]
+    consumers: dict[str, ConsumerInfo] = {}
     for part in parts:
         for c in part.consumers:
-            seen = consumers.setdefault(
-                c.name, {"name": c.name, "pending": 0, "idle_ms": c.idle_ms}
+            seen = consumers.get(c.name)
+            consumers[c.name] = (
+                c
+                if seen is None
+                else ConsumerInfo(c.name, seen.pending + c.pending, min(seen.idle_ms, c.idle_ms))
             )
-            seen["pending"] += c.pending
-            seen["idle_ms"] = min(seen["idle_ms"], c.idle_ms)
     lags = [p.lag for p in parts]
     reads = [p.entries_read for p in parts]
-    return {
-        "stream": base,
-        "group": group,
-        "group_exists": all(p.group_exists for p in parts),
-        "length": sum(p.length for p in parts),
-        "lag": None if None in lags else sum(lag or 0 for lag in lags),
-        "pending": sum(p.pending for p in parts),
-        "last_delivered_id": None,  # one per partition; see "partitions"
-        "entries_read": None if None in reads else sum(r or 0 for r in reads),
-        "dlq_length": sum(p.dlq_length for p in parts),
-        "consumers": sorted(consumers.values(), key=lambda c: str(c["name"])),
-        "partitions": [p.as_dict() for p in parts],
-    }
+    return LagInfo(
+        stream=base,
+        group=group,
+        length=sum(p.length for p in parts),
+        lag=None if None in lags else sum(lag or 0 for lag in lags),
+        pending=sum(p.pending for p in parts),
+        last_delivered_id=None,  # one per partition
+        entries_read=None if None in reads else sum(r or 0 for r in reads),
+        consumers=sorted(consumers.values(), key=lambda c: c.name),
+        dlq_length=sum(p.dlq_length for p in parts),
+        group_exists=all(p.group_exists for p in parts),
+    )
+
+
+def combined_lag(base: str, group: str, parts: Sequence[LagInfo]) -> dict[str, Any]:
+    """``embedq lag --json`` over partition streams: the same keys as one stream's, summed
+    by ``combine_lag``, plus each partition under ``partitions``."""
+    info = combine_lag(base, group, parts).as_dict()
+    if len(parts) > 1:
+        info["partitions"] = [p.as_dict() for p in parts]
+    return info
 
 
 @dataclass(frozen=True)
@@ -686,6 +695,22 @@ def open_stream(settings: Settings) -> Stream:
         settings.group,
         settings.consumer,
     )
+
+
+def partition_lanes(stream: Stream, partitions: int) -> list[Stream]:
+    """``stream``'s partition streams (``[stream]`` itself for one), sharing its client,
+    group and consumer name."""
+    if partitions == 1:
+        return [stream]
+    return [
+        Stream(stream.client, key, stream.group, stream.consumer)
+        for key in partition_streams(stream.keys.stream, partitions)
+    ]
+
+
+def open_streams(settings: Settings) -> list[Stream]:
+    """Every tasks stream ``settings`` names: its partitions, or the one stream."""
+    return partition_lanes(open_stream(settings), settings.partitions)
 
 
 def read_new_many(

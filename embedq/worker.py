@@ -39,7 +39,7 @@ import numpy.typing as npt
 import structlog
 
 from embedq.backoff import compute_backoff
-from embedq.batching import batch_limits, plan_batches, resolve_batch_settings
+from embedq.batching import batch_limits, plan_batches
 from embedq.config import Settings
 from embedq.encoder import Encoder, Tokenized, release_free_heap
 from embedq.errors import (
@@ -50,12 +50,11 @@ from embedq.errors import (
     StageCrashed,
 )
 from embedq.heartbeat import Heartbeat, InFlight
-from embedq.keys import partition_streams
 from embedq.metrics import WorkerMetrics
 from embedq.reclaimer import Reclaimer
 from embedq.records import Limits, Record, decode
 from embedq.sink import Row, Sink
-from embedq.stream import Entry, Stream, read_new_many
+from embedq.stream import Entry, Stream, partition_lanes, read_new_many
 
 log = structlog.get_logger("embedq.worker")
 
@@ -140,14 +139,7 @@ class Worker:
         settings = settings.replace(max_batch_tokens=tokens, max_batch_rows=rows)
         self.settings = settings
         # One lane per partition stream; without partitions, just ``stream``.
-        self.lanes = (
-            [stream]
-            if settings.partitions == 1
-            else [
-                Stream(stream.client, key, stream.group, stream.consumer)
-                for key in partition_streams(settings.stream, settings.partitions)
-            ]
-        )
+        self.lanes = partition_lanes(stream, settings.partitions)
         self.stream = self.lanes[0]
         self.encoders = [encoder] if isinstance(encoder, Encoder) else list(encoder)
         self.encoder = self.encoders[0]
@@ -692,7 +684,6 @@ def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Wo
     from embedq.sink import open_sink
     from embedq.stream import open_stream
 
-    settings = resolve_batch_settings(settings)
     first = Encoder(settings.model, settings.device, settings.dtype)
     # Replicas share the weights (inference only reads them); each gets its own model thread
     # in the pipeline and, on CUDA, its own stream.

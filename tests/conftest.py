@@ -25,15 +25,27 @@ SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
 
 
 def corpus_rows(name: str, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` rows of a shared corpus file, or of the repo's sample when absent."""
-    path = CORPUS / name if (CORPUS / name).is_file() else SAMPLE
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            rows.append(json.loads(line))
-            if len(rows) == n:
-                break
-    return rows
+    """The first ``n`` rows of a shared corpus file.
+
+    Without ``../shared/corpus`` (a checkout on its own) the rows come from the repo's
+    sample, of the same kind: its Debian descriptions stand in for short.jsonl and its
+    Python-docs paragraphs for long.jsonl, repeated under new ids when ``n`` is larger.
+    """
+    if (CORPUS / name).is_file():
+        rows = []
+        with (CORPUS / name).open(encoding="utf-8") as handle:
+            for line in handle:
+                rows.append(json.loads(line))
+                if len(rows) == n:
+                    break
+        return rows
+    prefix = "deb-" if name.startswith("short") else "pydoc-"
+    with SAMPLE.open(encoding="utf-8") as handle:
+        kind = [r for r in map(json.loads, handle) if str(r["id"]).startswith(prefix)]
+    return [
+        {**row, "id": row["id"] if i < len(kind) else f"{row['id']}~{i // len(kind)}"}
+        for i, row in ((i, kind[i % len(kind)]) for i in range(n))
+    ]
 
 
 @pytest.fixture(scope="session")

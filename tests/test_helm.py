@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from embedq.config import Settings
 from embedq.health import HealthServer
+from embedq.keys import partition_streams
 
 from .servers import http_get
 
@@ -48,6 +49,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "keda-off-no-hpa": {"keda": {"enabled": False}, "autoscaling": {"enabled": False}},
     "external-redis-tls": EXTERNAL_TLS,
     "cpu-only": {"gpu": {"enabled": False}, "resources": {"requests": {"cpu": "4"}}},
+    "partitioned": {"stream": {"name": "ingest:tasks", "partitions": 4}},
     "chart-made-secret": {
         "secrets": {
             "existingSecret": "",
@@ -127,7 +129,17 @@ KEDA_SCHEMAS = {
                                 "additionalProperties": False,
                                 "properties": {"name": {"type": "string"}, "behavior": {}},
                             },
-                            "scalingModifiers": {"type": "object"},
+                            "scalingModifiers": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["formula", "target"],
+                                "properties": {
+                                    "formula": {"type": "string"},
+                                    "target": {"type": "string"},
+                                    "activationTarget": {"type": "string"},
+                                    "metricType": {"enum": ["AverageValue", "Value"]},
+                                },
+                            },
                         },
                     },
                     "triggers": {
@@ -344,12 +356,34 @@ def test_keda_trigger_matches_the_workers_settings(
     assert "replicas" not in one(docs, "Deployment")["spec"]
     (so,) = scaled
     settings = settings_from_env(worker_container(docs), SECRETS)
-    (trigger,) = so["spec"]["triggers"]
+    triggers = so["spec"]["triggers"]
+    # One trigger per stream the workers read, in partition order.
+    assert [t["metadata"]["stream"] for t in triggers] == partition_streams(
+        settings.stream, settings.partitions
+    )
+    assert settings.stream == values["stream"]["name"]
+    if settings.partitions > 1:
+        # Summed: the HPA alone would scale to the busiest partition's lag / lagCount.
+        names = [t["name"] for t in triggers]
+        assert names == [f"p{i}" for i in range(settings.partitions)]
+        modifiers = so["spec"]["advanced"]["scalingModifiers"]
+        assert modifiers["formula"] == " + ".join(names)
+        assert modifiers["target"] == str(values["keda"]["lagCount"])
+        assert modifiers["activationTarget"] == str(values["keda"]["activationLagCount"])
+        assert modifiers["metricType"] == "AverageValue"  # replicas = total lag / target
+    else:
+        assert "scalingModifiers" not in so["spec"]["advanced"]
+    trigger = triggers[0]
+
+    def connection(t: dict[str, Any]) -> tuple[Any, ...]:
+        meta = {k: v for k, v in t["metadata"].items() if k != "stream"}
+        return t["type"], meta, t.get("authenticationRef")
+
+    assert all(connection(t) == connection(trigger) for t in triggers)  # only streams differ
     meta = trigger["metadata"]
     assert trigger["type"] == "redis-streams"
     assert set(meta) <= REDIS_STREAMS_METADATA
     url = urlsplit(settings.redis_url)
-    assert meta["stream"] == settings.stream == values["stream"]["name"]
     assert meta["consumerGroup"] == settings.group == values["stream"]["group"]
     assert meta["address"] == f"{url.hostname}:{url.port}"
     assert meta["databaseIndex"] == url.path.strip("/")
@@ -481,11 +515,38 @@ def test_the_hook_job_creates_the_group_before_anything_scales(
     assert container["args"] == ["init"]
     job_settings = settings_from_env(container, SECRETS)
     worker_settings = settings_from_env(worker_container(docs), SECRETS)
-    assert (job_settings.redis_url, job_settings.stream, job_settings.group) == (
-        worker_settings.redis_url,
-        worker_settings.stream,
-        worker_settings.group,
-    )
+
+    def where(s: Settings) -> tuple[str, str, str, int]:
+        return s.redis_url, s.stream, s.group, s.partitions
+
+    assert where(job_settings) == where(worker_settings)  # groups on every partition
+
+
+def test_the_dashboard_promql_parses_and_sums_a_streams_partitions() -> None:
+    import promql_parser
+
+    dashboard = json.loads((CHART / "dashboards" / "embedq.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    selectors = set()
+    for expr in exprs:
+        concrete = expr.replace("$stream", "embedq:tasks").replace("$group", "embedq")
+        if not concrete.startswith("label_values("):  # Grafana's, not PromQL
+            promql_parser.parse(concrete)  # raises on a syntax error
+        selectors |= set(re.findall(r'stream=~"([^"]+)"', concrete))
+    (selector,) = selectors  # every panel picks the stream the same way
+    # Prometheus anchors the regex at both ends, like fullmatch.
+    picked = [
+        s
+        for s in [*partition_streams("embedq:tasks", 4), "embedq:tasks", "embedq:tasks:other"]
+        if re.fullmatch(selector, s)
+    ]
+    assert picked == [*partition_streams("embedq:tasks", 4), "embedq:tasks"]
+    # The stream variable offers the base name once for all its partitions.
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "stream"]
+    pattern = re.compile(variable["regex"].strip("/"))  # a JS regex; this one reads the same
+    names = [*partition_streams("embedq:tasks", 4), "embedq:tasks"]
+    assert {m.group(1) for m in map(pattern.fullmatch, names) if m} == {"embedq:tasks"}
 
 
 def bad_values() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -498,12 +559,19 @@ def bad_values() -> Iterator[tuple[str, dict[str, Any]]]:
     yield "negative replicas", {"keda": {"maxReplicaCount": 0}}
     yield "port out of range", {"worker": {"metricsPort": 70000}}
     yield "both secret sources", {"secrets": {"create": True, "existingSecret": "x"}}
+    yield "zero partitions", {"stream": {"partitions": 0}}
+    yield "hash tag with partitions", {"stream": {"name": "q:{t}:tasks", "partitions": 4}}
 
 
 @pytest.mark.parametrize(("why", "values"), list(bad_values()), ids=lambda v: str(v)[:30])
 def test_values_schema_rejects_nonsense(why: str, values: dict[str, Any]) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
         chart.validate_schema(values)
+
+
+def test_a_hash_tagged_stream_name_is_fine_without_partitions() -> None:
+    with helm.Chart.load(CHART) as chart:  # a cluster user's single stream: S:dlq on S's slot
+        chart.validate_schema({"stream": {"name": "q:{t}:tasks", "partitions": 1}})
 
 
 def test_the_chart_refuses_settings_that_cannot_work() -> None:
@@ -533,7 +601,7 @@ def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
         for suffix in suffixes.get(f.type, [""])
     }
     info = LagInfo("s", "g", 1, 1, 1, None, 1, [ConsumerInfo("c", 1, 1)], 0, group_exists=True)
-    exported |= {f.name for f in stream_gauges(info)} | {"embedq_stream_up"}
+    exported |= {f.name for f in stream_gauges([info])} | {"embedq_stream_up"}
     dashboard = json.loads((CHART / "dashboards" / "embedq.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]

@@ -126,7 +126,7 @@ def test_stream_gauges_read_redis_on_every_scrape(
     redis_client: redis.Redis, stream_name: str
 ) -> None:
     server = serve_stream_metrics(
-        CollectorRegistry(), 0, Stream(connect(REDIS_URL), stream_name, "g", "c")
+        CollectorRegistry(), 0, [Stream(connect(REDIS_URL), stream_name, "g", "c")]
     )
     base = f"http://127.0.0.1:{server.port}"
     try:
@@ -160,7 +160,7 @@ def test_unknown_lag_is_absent_not_zero(redis_client: redis.Redis, stream_name: 
     ids = fill(redis_client, stream_name, 3)
     redis_client.xgroup_create(stream_name, "g", id=ids[1])  # Redis cannot count this lag
     registry = CollectorRegistry()
-    registry.register(StreamCollector(Stream(redis_client, stream_name, "g", "c")))
+    registry.register(StreamCollector([Stream(redis_client, stream_name, "g", "c")]))
     assert registry.get_sample_value("embedq_stream_up") == 1
     assert (
         registry.get_sample_value("embedq_stream_pending", {"stream": stream_name, "group": "g"})
@@ -174,7 +174,7 @@ def test_unknown_lag_is_absent_not_zero(redis_client: redis.Redis, stream_name: 
 
 def test_a_scrape_with_redis_down_reports_up_0_and_readyz_503() -> None:
     dead = Stream(connect(f"redis://127.0.0.1:{free_port()}/0"), "s", "g", "c")
-    server = serve_stream_metrics(CollectorRegistry(), 0, dead)
+    server = serve_stream_metrics(CollectorRegistry(), 0, [dead])
     base = f"http://127.0.0.1:{server.port}"
     try:
         status, body = http_get(base + "/metrics")

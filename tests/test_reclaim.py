@@ -84,7 +84,7 @@ def test_history_read_of_a_deleted_entry_is_dead_lettered_not_a_crash(
     make_worker().run()  # same consumer: re-reads its own pending list first
 
     assert sink.count() == 4
-    dead = list(iter_dead_letters(worker.stream))
+    dead = list(iter_dead_letters([worker.stream]))
     assert [(d.reason, d.source_id) for d in dead] == [("payload_deleted", ids[2])]
     assert worker.stream.group_pending() == 0
 
@@ -104,7 +104,7 @@ def test_past_max_deliveries_an_entry_is_dead_lettered_with_the_last_recorded_er
         kept = reclaimer(third, max_deliveries=2).step()  # delivery 3: past the limit
 
     assert kept == []
-    letters = {d.source_id: d for d in iter_dead_letters(third)}
+    letters = {d.source_id: d for d in iter_dead_letters([third])}
     assert set(letters) == set(ids)
     assert letters[ids[0]].reason == "max_deliveries"
     assert letters[ids[0]].deliveries == 3
@@ -204,17 +204,20 @@ def test_dlq_retry_sends_original_fields_back_and_removes_the_dead_letter(
     first, second = stream.read_new(10, 0)
     stream.dead_letter(first, "invalid_utf8", "text is not valid UTF-8")
     stream.dead_letter(second, "empty_text", "blank")
-    letters = list(iter_dead_letters(stream))
+    lanes = [stream]
+    letters = list(iter_dead_letters(lanes))
     assert [d.reason for d in letters] == ["invalid_utf8", "empty_text"]
-    assert show(stream, letters[0].dlq_id) == letters[0]
+    assert show(lanes, letters[0].dlq_id) == letters[0]
 
-    sent = retry(stream, [letters[0].dlq_id, "1-1"])  # an unknown id is skipped
+    sent = retry(lanes, [letters[0].dlq_id, "1-1"])  # an unknown id is skipped
 
     assert list(sent) == [letters[0].dlq_id]
-    back = redis_client.xrange(stream_name, sent[letters[0].dlq_id], sent[letters[0].dlq_id])
+    where, new_id = sent[letters[0].dlq_id]
+    assert where == stream_name
+    back = redis_client.xrange(stream_name, new_id, new_id)
     assert back[0][1] == {b"id": b"a", b"text": b"caf\xe9", b"meta": b"{}"}  # bytes kept
-    assert [d.dlq_id for d in iter_dead_letters(stream)] == [letters[1].dlq_id]
-    assert purge(stream) == 1
+    assert [d.dlq_id for d in iter_dead_letters(lanes)] == [letters[1].dlq_id]
+    assert purge(lanes) == 1
     assert stream.dlq_length() == 0
 
 

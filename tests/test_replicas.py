@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import redis
 import torch
 
 from embedq.batching import (
@@ -25,7 +29,10 @@ from embedq.batching import (
 from embedq.config import Settings, SettingsError
 from embedq.encoder import Encoder, attention_for, resolve_dtype
 from embedq.errors import ConfigError
-from embedq.replicas import ReplicaPool, parse_devices, run_per_device, settings_per_device
+from embedq.replicas import parse_devices, run_per_device, settings_per_device
+from embedq.sink import Sink
+from embedq.stream import Stream
+from embedq.worker import Worker
 from tests.conftest import corpus_rows
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -67,24 +74,49 @@ def test_dtype_and_attention_are_decided_per_device() -> None:
 # -- replicas ----------------------------------------------------------------------------
 
 
-def test_replicas_share_weights_and_match_a_single_encoder(encoder: Encoder) -> None:
-    texts = [r["text"] for r in corpus_rows("long.jsonl", 24)]
-    ids = [t.ids for t in encoder.tokenize(texts)]
-    batches = [ids[i : i + 6] for i in range(0, len(ids), 6)]
-    expected = [encoder.forward(b).vectors for b in batches]
+class CountingReplica:
+    """A replica that counts the forward passes it ran (and on which threads)."""
 
-    pool = ReplicaPool([encoder, encoder.replica(), encoder.replica()])
-    try:
-        assert pool.size == 3
-        twin = pool.encoders[1]
-        assert twin.model is encoder.model  # one copy of the weights
-        assert twin.cuda_stream is None  # no CUDA streams on a CPU
-        futures = [pool.submit(b) for b in batches]  # run concurrently on three threads
-        for future, want in zip(futures, expected, strict=True):
-            got = future.result(timeout=120)
-            np.testing.assert_allclose(got.vectors, want, atol=1e-5)
-    finally:
-        pool.close()
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.calls = 0
+        self.threads: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.encoder, name)
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> Any:
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        return self.encoder.forward(batch)
+
+
+def test_a_worker_with_three_replicas_shares_the_weights_and_writes_the_same_vectors(
+    encoder: Encoder,
+    settings: Settings,
+    redis_client: redis.Redis,
+    sink: Sink,
+) -> None:
+    rows = corpus_rows("long.jsonl", 96)
+    for r in rows:
+        redis_client.xadd(settings.stream, {"id": r["id"], "text": r["text"]})
+    replicas = [encoder.replica(), encoder.replica()]
+    assert all(r.model is encoder.model for r in replicas)  # one copy of the weights
+    assert all(r.cuda_stream is None for r in replicas)  # CUDA streams only on a GPU
+    counted = [CountingReplica(e) for e in (encoder, *replicas)]
+    # Small batches, so the three model threads each get several.
+    s = settings.replace(max_batch_rows=4, read_count=32)
+    worker = Worker(s, Stream(redis_client, s.stream, "g", "c1"), counted, sink)  # type: ignore[arg-type]
+    assert worker.run().texts == 96
+
+    assert all(c.calls > 0 for c in counted), [c.calls for c in counted]
+    assert len(set().union(*(c.threads for c in counted))) == 3  # one thread per replica
+    stored = {r["id"]: r["vector"] for r in sink.get([r["id"] for r in rows])}
+    want = encoder.encode([r["text"] for r in rows])
+    got = np.stack([stored[r["id"]] for r in rows])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert sink.count() == 96
+    assert redis_client.xpending(s.stream, "g")["pending"] == 0
 
 
 def test_even_and_padded_batches_give_each_text_its_own_vector(encoder: Encoder) -> None:
@@ -197,14 +229,13 @@ def test_fp16_on_cuda_matches_fp32_on_real_text(encoder: Encoder) -> None:
 @needs_cuda
 def test_cuda_replicas_run_on_their_own_streams(encoder: Encoder) -> None:
     texts = [r["text"] for r in corpus_rows("short.jsonl", 64)]
-    pool = ReplicaPool.load("", "cuda", "fp16", replicas=4)
-    try:
-        streams = {id(e.cuda_stream) for e in pool.encoders}
-        assert len(streams) == 4
-        ids = [t.ids for t in pool.encoder.tokenize(texts)]
-        futures = [pool.submit(ids[i : i + 8]) for i in range(0, len(ids), 8)]
+    first = Encoder("", "cuda", "fp16")
+    replicas = [first, *(first.replica() for _ in range(3))]
+    assert len({id(e.cuda_stream) for e in replicas}) == 4
+    ids = [t.ids for t in first.tokenize(texts)]
+    batches = [ids[i : i + 8] for i in range(0, len(ids), 8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # as the worker's model threads do
+        futures = [pool.submit(replicas[i % 4].forward, b) for i, b in enumerate(batches)]
         got = np.concatenate([f.result(timeout=60).vectors for f in futures])
-        want = encoder.encode(texts)
-        assert ((got * want).sum(axis=1)).min() >= 0.999  # both normalized
-    finally:
-        pool.close()
+    want = encoder.encode(texts)
+    assert ((got * want).sum(axis=1)).min() >= 0.999  # both normalized

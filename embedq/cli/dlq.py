@@ -12,13 +12,21 @@ from embedq.cli.options import build_settings, common, log, run_guarded
 
 @click.group()
 def dlq() -> None:
-    """Inspect and repair the dead-letter stream (<stream>:dlq)."""
+    """Inspect and repair the dead-letter stream (<stream>:dlq, one per partition).
+
+    With --partitions N, dead letters are named <partition>/<id>, as `dlq list` shows them.
+    """
 
 
-def _open_dlq(options: dict[str, Any]) -> Any:
-    from embedq.stream import open_stream
+def _open_lanes(options: dict[str, Any]) -> Any:
+    from embedq.stream import open_streams
 
-    return open_stream(build_settings(options))
+    return open_streams(build_settings(options))
+
+
+def _where(lanes: Any) -> str:
+    """The dead-letter stream(s), for a closing line."""
+    return lanes[0].keys.dlq if len(lanes) == 1 else f"{len(lanes)} partition dead-letter streams"
 
 
 @dlq.command("list")
@@ -32,22 +40,23 @@ def dlq_list(reason: str | None, limit: int, as_json: bool, **options: Any) -> N
 
     from embedq.dlq import iter_dead_letters
 
-    stream = _open_dlq(options)
+    lanes = _open_lanes(options)
 
     def body() -> int:
-        letters = list(islice(iter_dead_letters(stream, reason), limit))
+        letters = list(islice(iter_dead_letters(lanes, reason), limit))
         if as_json:
             for letter in letters:
                 click.echo(json.dumps(letter.summary(), ensure_ascii=False))
             return 0
-        click.echo(f"{'dlq id':<20} {'reason':<16} {'deliv':>5} {'age':>9}  id")
+        width = 20 if len(lanes) == 1 else 24
+        click.echo(f"{'dlq id':<{width}} {'reason':<16} {'deliv':>5} {'age':>9}  id")
         for letter in letters:
             click.echo(
-                f"{letter.dlq_id:<20} {letter.reason:<16} {letter.deliveries:>5} "
+                f"{letter.ref:<{width}} {letter.reason:<16} {letter.deliveries:>5} "
                 f"{letter.age_s():>8.0f}s  {letter.doc_id[:60]}"
             )
-        total = stream.dlq_length()
-        click.echo(f"{len(letters)} shown, {total} in {stream.keys.dlq}")
+        total = sum(lane.dlq_length() for lane in lanes)
+        click.echo(f"{len(letters)} shown, {total} in {_where(lanes)}")
         return 0
 
     run_guarded(body)
@@ -61,12 +70,12 @@ def dlq_show(dlq_id: str, as_json: bool, **options: Any) -> None:
     """Every field of one dead-letter entry, with the reason and the last error."""
     from embedq.dlq import show
 
-    stream = _open_dlq(options)
+    lanes = _open_lanes(options)
 
     def body() -> int:
-        letter = show(stream, dlq_id)
+        letter = show(lanes, dlq_id)
         if letter is None:
-            click.echo(f"embedq: no entry {dlq_id} in {stream.keys.dlq}", err=True)
+            click.echo(f"embedq: no entry {dlq_id} in {_where(lanes)}", err=True)
             return 1
         data = letter.as_dict()
         if as_json:
@@ -95,14 +104,14 @@ def dlq_retry(
 
     if bool(dlq_ids) == retry_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
-    stream = _open_dlq(options)
+    lanes = _open_lanes(options)
 
     def body() -> int:
-        ids = list(dlq_ids) or [d.dlq_id for d in iter_dead_letters(stream, reason)]
-        sent = retry(stream, ids)
+        ids = list(dlq_ids) or [d.ref for d in iter_dead_letters(lanes, reason)]
+        sent = retry(lanes, ids)
         log.info("dlq_retried", sent=len(sent), asked=len(ids))
-        for old, new in sent.items():
-            click.echo(f"{old} -> {stream.keys.stream} {new}")
+        for old, (stream, new) in sent.items():
+            click.echo(f"{old} -> {stream} {new}")
         skipped = [i for i in ids if i not in sent]
         if skipped:
             click.echo(
@@ -126,12 +135,12 @@ def dlq_purge(dlq_ids: tuple[str, ...], purge_all: bool, **options: Any) -> None
 
     if bool(dlq_ids) == purge_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
-    stream = _open_dlq(options)
+    lanes = _open_lanes(options)
 
     def body() -> int:
-        removed = purge(stream, None if purge_all else list(dlq_ids))
+        removed = purge(lanes, None if purge_all else list(dlq_ids))
         log.info("dlq_purged", removed=removed)
-        click.echo(f"purged {removed} from {stream.keys.dlq}")
+        click.echo(f"purged {removed} from {_where(lanes)}")
         return 0
 
     run_guarded(body)

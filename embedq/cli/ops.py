@@ -16,21 +16,15 @@ from embedq.errors import ConfigError
 
 @click.command()
 @common
-@setting("partitions", help="Partition streams of --stream to sum (and show each).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (documented in the README).")
 def lag(as_json: bool, **options: Any) -> None:
     """Show stream length, group lag, pending entries, consumers and dead letters."""
-    from embedq.keys import partition_streams
-    from embedq.stream import Stream, combined_lag, connect
+    from embedq.stream import combined_lag, open_streams
 
     settings = build_settings(options)
 
     def body() -> int:
-        client = connect(settings.redis_url)
-        parts = [
-            Stream(client, s, settings.group, "-").lag()
-            for s in partition_streams(settings.stream, settings.partitions)
-        ]
+        parts = [s.lag() for s in open_streams(settings.replace(block_ms=0))]
         info = combined_lag(settings.stream, settings.group, parts)
         if as_json:
             click.echo(json.dumps(info, sort_keys=True))
@@ -107,7 +101,7 @@ def exporter(**options: Any) -> None:
     from prometheus_client import CollectorRegistry
 
     from embedq.health import serve_stream_metrics
-    from embedq.stream import open_stream
+    from embedq.stream import open_streams
 
     settings = build_settings(options)
     if not settings.metrics_port:
@@ -121,7 +115,7 @@ def exporter(**options: Any) -> None:
             server = serve_stream_metrics(
                 CollectorRegistry(),
                 settings.metrics_port,
-                open_stream(settings.replace(block_ms=0)),
+                open_streams(settings.replace(block_ms=0)),
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on port {settings.metrics_port}: {exc}") from None
@@ -156,19 +150,19 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
     """A refreshing view: lag, pending, throughput, ETA to drain, consumers, dead letters."""
     import time
 
-    from embedq.stream import open_stream
+    from embedq.stream import combine_lag, open_streams
     from embedq.top import Window, render
 
     settings = build_settings(options)
     clear = sys.stdout.isatty() and not as_json
 
     def body() -> int:
-        stream = open_stream(settings.replace(block_ms=0))
+        streams = open_streams(settings.replace(block_ms=0))
         samples = Window(window)
         shown = 0
         try:
             while True:
-                info = stream.lag()
+                info = combine_lag(settings.stream, settings.group, [s.lag() for s in streams])
                 rates = samples.add(info)
                 if as_json:
                     click.echo(json.dumps({**info.as_dict(), **rates.as_dict()}, sort_keys=True))

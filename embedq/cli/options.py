@@ -46,6 +46,11 @@ def common(func: F) -> F:
             setting("redis_url", help="Redis URL (redis:// or rediss://, password allowed)."),
             setting("stream", help="Tasks stream key."),
             setting("group", help="Consumer group."),
+            setting(
+                "partitions",
+                help="Tasks streams <stream>:{p<i>}, entries spread by a hash of their id; "
+                "every command of one deployment must agree.",
+            ),
             setting("log_level", type=click.Choice(["debug", "info", "warning", "error"])),
             setting(
                 "log_json",
@@ -102,7 +107,6 @@ def processing(func: F) -> F:
     for decorate in reversed(
         [
             setting("consumer", help="Consumer name in the group."),
-            setting("partitions", help="Read this many partition streams of --stream."),
             setting(
                 "max_batch_tokens", help="Padded tokens per forward pass (0: auto per device)."
             ),

@@ -45,7 +45,6 @@ from embedq.errors import ConfigError, EmbedqError
 )
 @setting("model", help="The model --dedup checks against (default: the packaged one).")
 @setting("max_lag", help="Pause while the group's backlog exceeds this (0: never).")
-@setting("partitions", help="Spread entries over this many streams by a hash of the id.")
 @setting("enqueue_chunk", "--chunk", help="Entries per atomic XADD batch.")
 @click.option(
     "--progress-every",
@@ -198,20 +197,18 @@ def job(job_id: str, as_json: bool, **options: Any) -> None:
 
 @click.command()
 @common
-@setting("partitions", help="Trim each of this many partition streams.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per stream, in an array.")
 def trim(as_json: bool, **options: Any) -> None:
     """Drop entries every consumer group has acknowledged (XTRIM MINID); never others."""
-    from embedq.keys import partition_streams
-    from embedq.stream import Stream, connect
+    from embedq.stream import open_streams
 
     settings = build_settings(options)
 
     def body() -> int:
-        client = connect(settings.redis_url)
         results = []
-        for name in partition_streams(settings.stream, settings.partitions):
-            trimmed, minid = Stream(client, name, settings.group, "-").trim()
+        for stream in open_streams(settings):
+            name = stream.keys.stream
+            trimmed, minid = stream.trim()
             log.info("trimmed", stream=name, trimmed=trimmed, minid=minid)
             results.append({"stream": name, "trimmed": trimmed, "minid": minid})
         if as_json:

@@ -37,17 +37,19 @@ def init(with_collection: bool, **options: Any) -> None:
     Run it before anything scales on the group (the Helm hook Job, the compose init
     service): KEDA reads a missing group as no lag.
     """
-    from embedq.stream import open_stream
+    from embedq.stream import open_streams
 
     settings = build_settings(options)
 
     def body() -> int:
-        created = open_stream(settings.replace(block_ms=0)).ensure_group()
-        log.info("group_ready", stream=settings.stream, group=settings.group, created=created)
-        click.echo(
-            f"group {settings.group} on {settings.stream}: "
-            + ("created at 0" if created else "already there")
-        )
+        for stream in open_streams(settings.replace(block_ms=0)):
+            created = stream.ensure_group()
+            name = stream.keys.stream
+            log.info("group_ready", stream=name, group=settings.group, created=created)
+            click.echo(
+                f"group {settings.group} on {name}: "
+                + ("created at 0" if created else "already there")
+            )
         if with_collection:
             from embedq.encoder import Encoder
             from embedq.sink import open_sink
@@ -133,7 +135,7 @@ def _worker_metrics_server(settings: Settings, metrics: Any, booted: list[Any]) 
     if not settings.metrics_port:
         return None
     from embedq.health import serve_worker_metrics
-    from embedq.stream import open_stream
+    from embedq.stream import open_streams
 
     return serve_worker_metrics(
         metrics,
@@ -141,7 +143,7 @@ def _worker_metrics_server(settings: Settings, metrics: Any, booted: list[Any]) 
         # Ready while the pipeline runs: not while loading, stopping, or after a stage crashed.
         ready=lambda: bool(booted) and booted[0].ready,
         # Its own client: a scrape must not queue behind the worker's blocked XREADGROUP.
-        stream=open_stream(settings.replace(block_ms=0)),
+        streams=open_streams(settings.replace(block_ms=0)),
     )
 
 

@@ -88,6 +88,22 @@ A password with URL-reserved characters must be stored percent-encoded.
   value: {{ .Values.stream.name | quote }}
 - name: EMBEDQ_GROUP
   value: {{ .Values.stream.group | quote }}
+- name: EMBEDQ_PARTITIONS
+  value: {{ .Values.stream.partitions | quote }}
+{{- end }}
+
+{{/*
+Partition stream i of (list .Values.stream i): the stream itself with one partition, else
+<name>:{p<i>} (embedq.keys.partition_streams).
+*/}}
+{{- define "embedq.partitionStream" -}}
+{{- $stream := index . 0 -}}
+{{- $i := index . 1 -}}
+{{- if gt (int $stream.partitions) 1 -}}
+{{- printf "%s:{p%d}" $stream.name $i -}}
+{{- else -}}
+{{- $stream.name -}}
+{{- end -}}
 {{- end }}
 
 {{- define "embedq.image" -}}

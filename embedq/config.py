@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from embedq.keys import hash_tag
+
 ENV_PREFIX = "EMBEDQ_"
 
 Overlong = Literal["truncate", "reject"]
@@ -33,6 +35,7 @@ class Settings:
     """Every knob of embedq. Units are in the names."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False  # the URL names one node of a Redis Cluster
     stream: str = "embedq:tasks"
     group: str = "embedq"
     consumer: str = field(default_factory=default_consumer_name)
@@ -127,6 +130,14 @@ class Settings:
             )
         if not self.stream or not self.group or not self.consumer:
             raise SettingsError("stream, group and consumer must not be empty")
+        if self.redis_cluster and self.partitions == 1 and hash_tag(self.stream) == self.stream:
+            # The stream, its dead-letter stream and its error hash are touched by one
+            # script or MULTI; on a cluster they must share a slot, which only a tag gives.
+            raise SettingsError(
+                f"on a Redis Cluster, stream {self.stream!r} needs a hash tag (such as "
+                "'embedq:{tasks}') or --partitions N, so that its dead-letter stream "
+                "shares its slot"
+            )
         if self.partitions > 1 and "{" in self.stream:
             # The stream's own hash tag would win over the partition tags and put every
             # partition on one Redis Cluster slot, which is what partitions are meant to avoid.

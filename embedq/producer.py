@@ -188,8 +188,11 @@ class Producer:
         chunk: int = 1000,
         partitions: int = 1,
         group: str = "embedq",
+        cluster: bool = False,
     ) -> Producer:
-        return cls(connect(url), stream, chunk=chunk, partitions=partitions, group=group)
+        """``cluster``: ``url`` names a node of a Redis Cluster."""
+        client = connect(url, cluster=cluster)
+        return cls(client, stream, chunk=chunk, partitions=partitions, group=group)
 
     def enqueue(self, records: Iterable[RecordLike], job: str | None = None) -> int:
         """Send every record (no dedup, no backpressure); returns how many were sent."""

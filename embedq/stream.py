@@ -7,12 +7,13 @@ called from exactly one method. redis-py exceptions are translated into
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 import structlog
@@ -28,15 +29,26 @@ T = TypeVar("T")
 RawEntry = tuple[bytes, dict[bytes, bytes] | None]
 
 
-def connect(url: str, *, block_ms: int = 2000) -> redis.Redis:
-    """A client for ``url`` (redis:// or rediss://) whose socket timeout outlasts a BLOCK."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_timeout=block_ms / 1000 + 10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-    )
+def connect(url: str, *, block_ms: int = 2000, cluster: bool = False) -> redis.Redis:
+    """A client for ``url`` (redis:// or rediss://) whose socket timeout outlasts a BLOCK.
+
+    With ``cluster`` the URL names any node of a Redis Cluster and the client follows the
+    slots. ``RedisCluster`` has the same command methods; it is typed as ``Redis`` so that
+    one ``Stream`` serves both, and the few cluster-only paths test ``is_cluster``.
+    """
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": block_ms / 1000 + 10,
+        "socket_connect_timeout": 5,
+    }
+    if cluster:
+        with translated("cluster discovery"):
+            return cast(redis.Redis, redis.RedisCluster.from_url(url, **options))
+    return redis.Redis.from_url(url, health_check_interval=30, **options)
+
+
+def is_cluster(client: redis.Redis) -> bool:
+    return isinstance(client, redis.RedisCluster)
 
 
 def _load_script(name: str) -> str:
@@ -60,13 +72,25 @@ def translated(action: str) -> Iterator[None]:
         raise ConfigError(
             f"redis refused {action}: NOPERM (the ACL user lacks a command or key permission)"
         ) from None
+    except (redis.exceptions.MovedError, redis.exceptions.AskError):
+        # Only a plain client sees these; the cluster client follows them.
+        raise ConfigError(
+            f"redis answered MOVED during {action}: the server is a Redis Cluster node; "
+            "pass --redis-cluster (EMBEDQ_REDIS_CLUSTER=1)"
+        ) from None
     except redis.ResponseError as exc:
         message = str(exc)
-        if message.startswith("LOADING") or message.startswith("MASTERDOWN"):
+        if message.startswith(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
             raise QueueUnavailable(f"redis not ready during {action}: {message[:60]}") from None
         if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
             raise ConfigError(f"redis refused {action}: {message.split(' ', 1)[0]}") from None
         raise
+    except redis.exceptions.RedisClusterException as exc:
+        if "not enabled" in str(exc):  # "Cluster mode is not enabled on this node"
+            raise ConfigError(
+                "--redis-cluster is set but the server is not in cluster mode"
+            ) from None
+        raise QueueUnavailable(f"redis cluster unavailable during {action}") from None
 
 
 @dataclass(frozen=True)
@@ -690,7 +714,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 def open_stream(settings: Settings) -> Stream:
     """The stream named by ``settings``, for this process's consumer name."""
     return Stream(
-        connect(settings.redis_url, block_ms=settings.block_ms),
+        connect(settings.redis_url, block_ms=settings.block_ms, cluster=settings.redis_cluster),
         settings.stream,
         settings.group,
         settings.consumer,
@@ -722,6 +746,8 @@ def read_new_many(
         entries = lanes[0].read_new(count, block_ms)
         return [(lanes[0], entries)] if entries else []
     first = lanes[0]
+    if is_cluster(first.client):
+        return _read_each(lanes, count, block_ms)
     by_key = {lane.keys.stream: lane for lane in lanes}
 
     def call() -> Any:
@@ -735,3 +761,19 @@ def read_new_many(
 
     reply: Any = first._with_group("XREADGROUP >", call, siblings=lanes[1:])
     return [(by_key[_text(key) or ""], _entries(raw)) for key, raw in (reply or []) if raw]
+
+
+def _read_each(
+    lanes: Sequence[Stream], count: int, block_ms: int
+) -> list[tuple[Stream, list[Entry]]]:
+    """``read_new_many`` on a Redis Cluster, which refuses one command over keys of several
+    slots (CROSSSLOT) and gives every partition a slot of its own: one read per partition
+    without blocking; when all were empty, one BLOCK on a partition picked at random (each
+    gets its turn), short enough that entries arriving on the others wait little."""
+    found = [(lane, lane.read_new(count, 0)) for lane in lanes]
+    found = [(lane, entries) for lane, entries in found if entries]
+    if found or block_ms <= 0:
+        return found
+    lane = random.choice(lanes)
+    entries = lane.read_new(count, max(10, block_ms // len(lanes)))
+    return [(lane, entries)] if entries else []

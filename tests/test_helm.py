@@ -50,6 +50,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "external-redis-tls": EXTERNAL_TLS,
     "cpu-only": {"gpu": {"enabled": False}, "resources": {"requests": {"cpu": "4"}}},
     "partitioned": {"stream": {"name": "ingest:tasks", "partitions": 4}},
+    "redis-cluster": {
+        "redis": {"host": "redis-cluster.data.svc", "cluster": True},
+        "stream": {"partitions": 3},
+    },
     "chart-made-secret": {
         "secrets": {
             "existingSecret": "",
@@ -74,12 +78,16 @@ _meta = {
     "required": ["name"],
     "properties": {"name": {"type": "string"}, "labels": _str_map, "annotations": _str_map},
 }
-# From KEDA's docs: the redis-streams scaler's metadata keys (all strings).
+# From KEDA's docs: the redis-streams scaler's metadata keys (all strings), and those of
+# redis-cluster-streams (a list of nodes, no database: a cluster has only database 0).
 REDIS_STREAMS_METADATA = {
     "address", "host", "port", "usernameFromEnv", "passwordFromEnv",
     "databaseIndex", "enableTLS", "unsafeSsl", "stream", "consumerGroup",
     "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount",
 }  # fmt: skip
+REDIS_CLUSTER_STREAMS_METADATA = (
+    REDIS_STREAMS_METADATA - {"address", "host", "port", "databaseIndex"}
+) | {"addresses", "hosts", "ports"}
 KEDA_SCHEMAS = {
     "ScaledObject": {
         "type": "object",
@@ -381,12 +389,18 @@ def test_keda_trigger_matches_the_workers_settings(
 
     assert all(connection(t) == connection(trigger) for t in triggers)  # only streams differ
     meta = trigger["metadata"]
-    assert trigger["type"] == "redis-streams"
-    assert set(meta) <= REDIS_STREAMS_METADATA
     url = urlsplit(settings.redis_url)
     assert meta["consumerGroup"] == settings.group == values["stream"]["group"]
-    assert meta["address"] == f"{url.hostname}:{url.port}"
-    assert meta["databaseIndex"] == url.path.strip("/")
+    if settings.redis_cluster:
+        assert trigger["type"] == "redis-cluster-streams"
+        assert set(meta) <= REDIS_CLUSTER_STREAMS_METADATA
+        assert meta["addresses"] == f"{url.hostname}:{url.port}"
+        assert url.path.strip("/") == "0"
+    else:
+        assert trigger["type"] == "redis-streams"
+        assert set(meta) <= REDIS_STREAMS_METADATA
+        assert meta["address"] == f"{url.hostname}:{url.port}"
+        assert meta["databaseIndex"] == url.path.strip("/")
     assert meta["enableTLS"] == str(url.scheme == "rediss").lower()
     container_env = env_of(worker_container(docs))
     username_var = meta.get("usernameFromEnv")
@@ -561,6 +575,14 @@ def bad_values() -> Iterator[tuple[str, dict[str, Any]]]:
     yield "both secret sources", {"secrets": {"create": True, "existingSecret": "x"}}
     yield "zero partitions", {"stream": {"partitions": 0}}
     yield "hash tag with partitions", {"stream": {"name": "q:{t}:tasks", "partitions": 4}}
+    yield "one untagged stream on a cluster", {"redis": {"host": "r", "cluster": True}}
+    yield (
+        "a database on a cluster",
+        {
+            "redis": {"host": "r", "cluster": True, "database": 2},
+            "stream": {"partitions": 4},
+        },
+    )
 
 
 @pytest.mark.parametrize(("why", "values"), list(bad_values()), ids=lambda v: str(v)[:30])
@@ -572,6 +594,8 @@ def test_values_schema_rejects_nonsense(why: str, values: dict[str, Any]) -> Non
 def test_a_hash_tagged_stream_name_is_fine_without_partitions() -> None:
     with helm.Chart.load(CHART) as chart:  # a cluster user's single stream: S:dlq on S's slot
         chart.validate_schema({"stream": {"name": "q:{t}:tasks", "partitions": 1}})
+        # ... which is also how one stream runs on a cluster
+        chart.validate_schema({"stream": {"name": "q:{t}:tasks"}, "redis": {"cluster": True}})
 
 
 def test_the_chart_refuses_settings_that_cannot_work() -> None:

@@ -44,6 +44,7 @@ def common(func: F) -> F:
     for decorate in reversed(
         [
             setting("redis_url", help="Redis URL (redis:// or rediss://, password allowed)."),
+            setting("redis_cluster", help="The URL names a node of a Redis Cluster."),
             setting("stream", help="Tasks stream key."),
             setting("group", help="Consumer group."),
             setting(

@@ -88,7 +88,7 @@ def enqueue(source: str, **options: Any) -> None:
         check_job_id(job)
         progress = Progress(where.total, every_s=progress_every)
         producer = Producer(
-            connect(settings.redis_url),
+            connect(settings.redis_url, cluster=settings.redis_cluster),
             settings.stream,
             chunk=settings.enqueue_chunk,
             partitions=settings.partitions,

@@ -90,6 +90,10 @@ A password with URL-reserved characters must be stored percent-encoded.
   value: {{ .Values.stream.group | quote }}
 - name: EMBEDQ_PARTITIONS
   value: {{ .Values.stream.partitions | quote }}
+{{- if .Values.redis.cluster }}
+- name: EMBEDQ_REDIS_CLUSTER
+  value: "true"
+{{- end }}
 {{- end }}
 
 {{/*

@@ -11,7 +11,7 @@ from pathlib import Path
 import redis
 
 from embedq.config import Settings
-from embedq.sink import Sink
+from embedq.sink import Sink, open_sink
 
 from .conftest import REDIS_URL, corpus_rows
 
@@ -168,3 +168,58 @@ def test_redis_password_never_appears_in_output(stream_name: str) -> None:
     )
     assert result.returncode == 1
     assert "hunter2-secret" not in result.stderr + result.stdout
+
+
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+def test_the_worker_runs_under_jemalloc_as_the_worker_image_runs_it(
+    tmp_path: Path, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """workers/Dockerfile preloads jemalloc (flat RSS); torch and the pipeline must work
+    under it. redis-server depends on libjemalloc2, so it is on every machine that runs
+    these tests."""
+    import signal
+    import time
+
+    assert JEMALLOC.is_file(), "libjemalloc2 is missing (apt-get install libjemalloc2)"
+    rows = corpus_rows("long.jsonl", 40)
+    for r in rows:
+        redis_client.xadd(settings.stream, {"id": r["id"], "text": r["text"]})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "embedq.cli", "worker", "--block-ms", "100"],
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "LD_PRELOAD": str(JEMALLOC),
+            "EMBEDQ_REDIS_URL": REDIS_URL,
+            "EMBEDQ_STREAM": settings.stream,
+            "EMBEDQ_GROUP": "g",
+            "EMBEDQ_MILVUS_URI": settings.milvus_uri,
+            "EMBEDQ_COLLECTION": "vectors",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # every entry read and acked
+            groups = redis_client.xinfo_groups(settings.stream)
+            if groups and groups[0]["lag"] == 0 and groups[0]["pending"] == 0:
+                break
+            assert worker.poll() is None, worker.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the worker did not drain the stream"
+            time.sleep(0.2)
+        maps = Path(f"/proc/{worker.pid}/maps").read_text()
+        assert "libjemalloc" in maps  # the allocator really is jemalloc
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        worker.kill()
+        worker.wait()
+    sink = open_sink(settings.replace(collection="vectors"))
+    try:
+        assert sink.count() == 40
+    finally:
+        sink.close()

@@ -26,6 +26,7 @@ from embedq.sink import open_sink
 from .conftest import REDIS_URL, corpus_rows
 from .servers import RedisServer, free_port
 from .test_cli import embedq
+from .test_partition_ops import env_for
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +83,9 @@ def on_cluster(
     """The environment of a partitioned deployment on the cluster; its keys removed after."""
     node = cluster.get_default_node()
     yield {
+        **env_for(stream_name, tmp_path),
         "EMBEDQ_REDIS_URL": f"redis://127.0.0.1:{node.port}/0",
         "EMBEDQ_REDIS_CLUSTER": "1",
-        "EMBEDQ_STREAM": stream_name,
-        "EMBEDQ_GROUP": "g",
-        "EMBEDQ_PARTITIONS": "4",
-        "EMBEDQ_MILVUS_URI": str(tmp_path / "milvus.db"),
-        "EMBEDQ_COLLECTION": "vectors",
-        "EMBEDQ_BLOCK_MS": "100",
-        "EMBEDQ_LOG_JSON": "1",
     }
     for key in cluster.scan_iter(
         match=f"{stream_name}*", target_nodes=redis.RedisCluster.PRIMARIES

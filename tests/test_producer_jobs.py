@@ -115,6 +115,13 @@ def test_max_lag_holds_the_stream_still_until_a_worker_drains_it(
         [str(source), "--max-lag", "100", "--chunk", "25", "--job", "bp"], env, log
     )
     wait_for(lambda: "backpressure_wait" in log.read_text(), 120, "backpressure_wait")
+
+    def settled() -> bool:  # chunks handed to the sender before the wait may still land
+        before = redis_client.xlen(settings.stream)
+        time.sleep(0.5)
+        return redis_client.xlen(settings.stream) == before
+
+    wait_for(settled, 30, "the stream to stop growing")
     held = redis_client.xlen(settings.stream)
     time.sleep(1.0)  # the producer polls every 0.2 s: five chances to send more
     assert redis_client.xlen(settings.stream) == held

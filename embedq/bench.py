@@ -259,7 +259,7 @@ def private_redis() -> Iterator[str]:
 def _wait_for_redis(url: str, process: subprocess.Popen[bytes]) -> None:
     import redis
 
-    from embedq.stream import connect
+    from embedq.redis_connection import connect
 
     client = connect(url)
     deadline = time.monotonic() + 10

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedq.errors import ConfigError
-from embedq.stream import Entry, Stream
+from embedq.stream import Entry, Stream, entry_order
 
 DLQ_PREFIX = b"_dlq_"
 PAGE = 500
@@ -110,11 +110,6 @@ class DeadLetter:
         }
 
 
-def _id_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _lane_index(lanes: Sequence[Stream], lane: int) -> int | None:
     return lane if len(lanes) > 1 else None
 
@@ -143,7 +138,7 @@ def iter_dead_letters(lanes: Sequence[Stream], reason: str | None = None) -> Ite
     optionally only one reason."""
     return heapq.merge(
         *(_letters(lanes, i, reason) for i in range(len(lanes))),
-        key=lambda letter: _id_order(letter.dlq_id),
+        key=lambda letter: entry_order(letter.dlq_id),
     )
 
 

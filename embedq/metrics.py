@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from embedq.errors import EmbedqError
-from embedq.stream import LagInfo, Stream
+from embedq.lag import LagInfo
+from embedq.stream import Stream
 
 log = structlog.get_logger("embedq.metrics")
 

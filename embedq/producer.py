@@ -36,9 +36,11 @@ import structlog
 
 from embedq.errors import ConfigError
 from embedq.keys import partition_for, partition_streams
+from embedq.lag import LagInfo
 from embedq.records import Record
+from embedq.redis_connection import connect
 from embedq.sources import Rejected
-from embedq.stream import Batch, LagInfo, Stream, connect
+from embedq.stream import Batch, Stream
 
 log = structlog.get_logger("embedq.producer")
 

@@ -1,26 +1,27 @@
 """All Redis access: one small class with named methods.
 
 Multi-step state changes are Lua scripts in ``embedq/lua`` registered once here and each
-called from exactly one method. redis-py exceptions are translated into
-``QueueUnavailable`` at this boundary, so callers only see embedq's errors.
+called from exactly one method. redis-py exceptions are translated into embedq's errors at
+this boundary (``embedq.redis_connection.translated``), so callers only see embedq's.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import redis
 import structlog
 
 from embedq.config import Settings
-from embedq.errors import ConfigError, QueueUnavailable
+from embedq.errors import ConfigError
 from embedq.keys import Keys, partition_streams
+from embedq.lag import ConsumerInfo, LagInfo
+from embedq.redis_connection import connect, is_cluster, translated
 
 log = structlog.get_logger("embedq.stream")
 
@@ -29,68 +30,8 @@ T = TypeVar("T")
 RawEntry = tuple[bytes, dict[bytes, bytes] | None]
 
 
-def connect(url: str, *, block_ms: int = 2000, cluster: bool = False) -> redis.Redis:
-    """A client for ``url`` (redis:// or rediss://) whose socket timeout outlasts a BLOCK.
-
-    With ``cluster`` the URL names any node of a Redis Cluster and the client follows the
-    slots. ``RedisCluster`` has the same command methods; it is typed as ``Redis`` so that
-    one ``Stream`` serves both, and the few cluster-only paths test ``is_cluster``.
-    """
-    options: dict[str, Any] = {
-        "decode_responses": False,
-        "socket_timeout": block_ms / 1000 + 10,
-        "socket_connect_timeout": 5,
-    }
-    if cluster:
-        with translated("cluster discovery"):
-            return cast(redis.Redis, redis.RedisCluster.from_url(url, **options))
-    return redis.Redis.from_url(url, health_check_interval=30, **options)
-
-
-def is_cluster(client: redis.Redis) -> bool:
-    return isinstance(client, redis.RedisCluster)
-
-
 def _load_script(name: str) -> str:
     return (files("embedq") / "lua" / name).read_text(encoding="utf-8")
-
-
-@contextmanager
-def translated(action: str) -> Iterator[None]:
-    """Turn redis-py's connection failures into ``QueueUnavailable`` (no URL, no secrets)."""
-    try:
-        yield
-    except redis.AuthenticationError:
-        # Before ConnectionError, its base class: a wrong password is not an outage to retry.
-        raise ConfigError(
-            "redis rejected the credentials (check the password or ACL user)"
-        ) from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise QueueUnavailable(f"redis unavailable during {action}: {type(exc).__name__}") from None
-    except redis.exceptions.NoPermissionError:
-        # redis-py strips the NOPERM prefix from the message; the class is what tells.
-        raise ConfigError(
-            f"redis refused {action}: NOPERM (the ACL user lacks a command or key permission)"
-        ) from None
-    except (redis.exceptions.MovedError, redis.exceptions.AskError):
-        # Only a plain client sees these; the cluster client follows them.
-        raise ConfigError(
-            f"redis answered MOVED during {action}: the server is a Redis Cluster node; "
-            "pass --redis-cluster (EMBEDQ_REDIS_CLUSTER=1)"
-        ) from None
-    except redis.ResponseError as exc:
-        message = str(exc)
-        if message.startswith(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
-            raise QueueUnavailable(f"redis not ready during {action}: {message[:60]}") from None
-        if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            raise ConfigError(f"redis refused {action}: {message.split(' ', 1)[0]}") from None
-        raise
-    except redis.exceptions.RedisClusterException as exc:
-        if "not enabled" in str(exc):  # "Cluster mode is not enabled on this node"
-            raise ConfigError(
-                "--redis-cluster is set but the server is not in cluster mode"
-            ) from None
-        raise QueueUnavailable(f"redis cluster unavailable during {action}") from None
 
 
 @dataclass(frozen=True)
@@ -109,84 +50,6 @@ class Batch:
     stream: str
     position: int
     values: list[str]
-
-
-@dataclass(frozen=True)
-class ConsumerInfo:
-    name: str
-    pending: int
-    idle_ms: int
-
-
-@dataclass(frozen=True)
-class LagInfo:
-    """What ``embedq lag`` reports. ``lag`` is None when Redis cannot compute it."""
-
-    stream: str
-    group: str
-    length: int
-    lag: int | None
-    pending: int
-    last_delivered_id: str | None
-    entries_read: int | None
-    consumers: list[ConsumerInfo]
-    dlq_length: int
-    group_exists: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "stream": self.stream,
-            "group": self.group,
-            "group_exists": self.group_exists,
-            "length": self.length,
-            "lag": self.lag,
-            "pending": self.pending,
-            "last_delivered_id": self.last_delivered_id,
-            "entries_read": self.entries_read,
-            "dlq_length": self.dlq_length,
-            "consumers": [
-                {"name": c.name, "pending": c.pending, "idle_ms": c.idle_ms} for c in self.consumers
-            ],
-        }
-
-
-def combine_lag(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo:
-    """The lag of partition streams as one: counts summed, ``lag`` None when any
-    partition's is unknown, each consumer's pending summed and its idle time the least."""
-    if len(parts) == 1:
-        return parts[0]
-    consumers: dict[str, ConsumerInfo] = {}
-    for part in parts:
-        for c in part.consumers:
-            seen = consumers.get(c.name)
-            consumers[c.name] = (
-                c
-                if seen is None
-                else ConsumerInfo(c.name, seen.pending + c.pending, min(seen.idle_ms, c.idle_ms))
-            )
-    lags = [p.lag for p in parts]
-    reads = [p.entries_read for p in parts]
-    return LagInfo(
-        stream=base,
-        group=group,
-        length=sum(p.length for p in parts),
-        lag=None if None in lags else sum(lag or 0 for lag in lags),
-        pending=sum(p.pending for p in parts),
-        last_delivered_id=None,  # one per partition
-        entries_read=None if None in reads else sum(r or 0 for r in reads),
-        consumers=sorted(consumers.values(), key=lambda c: c.name),
-        dlq_length=sum(p.dlq_length for p in parts),
-        group_exists=all(p.group_exists for p in parts),
-    )
-
-
-def combined_lag(base: str, group: str, parts: Sequence[LagInfo]) -> dict[str, Any]:
-    """``embedq lag --json`` over partition streams: the same keys as one stream's, summed
-    by ``combine_lag``, plus each partition under ``partitions``."""
-    info = combine_lag(base, group, parts).as_dict()
-    if len(parts) > 1:
-        info["partitions"] = [p.as_dict() for p in parts]
-    return info
 
 
 @dataclass(frozen=True)
@@ -319,7 +182,7 @@ class Stream:
         """Times each pending entry was delivered (entries no longer pending are absent)."""
         if not entry_ids:
             return {}
-        ids = sorted(entry_ids, key=_id_key)
+        ids = sorted(entry_ids, key=entry_order)
         counts: dict[str, int] = {}
         with translated("XPENDING"):
             rows: Any = self.client.xpending_range(
@@ -706,7 +569,7 @@ def _pairs(fields: Any) -> dict[bytes, bytes]:
     return {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
 
 
-def _id_key(entry_id: str) -> tuple[int, int]:
+def entry_order(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 

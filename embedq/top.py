@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedq.stream import LagInfo
+from embedq.lag import LagInfo
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from embedq import logs
 from embedq.config import Settings
 from embedq.producer import Producer
-from embedq.stream import connect
+from embedq.redis_connection import connect
 from embedq.worker import build_worker
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "long.jsonl"

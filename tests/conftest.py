@@ -15,8 +15,9 @@ import redis
 
 from embedq.config import Settings
 from embedq.encoder import Encoder
+from embedq.redis_connection import connect
 from embedq.sink import Sink, open_sink
-from embedq.stream import Stream, connect
+from embedq.stream import Stream
 from embedq.worker import Worker
 
 REDIS_URL = os.environ.get("EMBEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

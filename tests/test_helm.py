@@ -611,8 +611,8 @@ def test_the_chart_refuses_settings_that_cannot_work() -> None:
 
 
 def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
+    from embedq.lag import ConsumerInfo, LagInfo
     from embedq.metrics import WorkerMetrics, stream_gauges
-    from embedq.stream import ConsumerInfo, LagInfo
 
     suffixes = {
         "counter": ["_total"],

@@ -19,8 +19,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedq.health import HealthServer, reachable, serve_stream_metrics
+from embedq.lag import ConsumerInfo, LagInfo
 from embedq.metrics import StreamCollector
-from embedq.stream import ConsumerInfo, LagInfo, Stream, connect
+from embedq.redis_connection import connect
+from embedq.stream import Stream
 from embedq.top import Sample, Window, progress, render
 
 from .conftest import REDIS_URL, corpus_rows

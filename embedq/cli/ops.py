@@ -19,7 +19,8 @@ from embedq.errors import ConfigError
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (documented in the README).")
 def lag(as_json: bool, **options: Any) -> None:
     """Show stream length, group lag, pending entries, consumers and dead letters."""
-    from embedq.stream import combined_lag, open_streams
+    from embedq.lag import combined_lag
+    from embedq.stream import open_streams
 
     settings = build_settings(options)
 
@@ -150,7 +151,8 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
     """A refreshing view: lag, pending, throughput, ETA to drain, consumers, dead letters."""
     import time
 
-    from embedq.stream import combine_lag, open_streams
+    from embedq.lag import combine_lag
+    from embedq.stream import open_streams
     from embedq.top import Window, render
 
     settings = build_settings(options)

@@ -59,8 +59,8 @@ def enqueue(source: str, **options: Any) -> None:
     from embedq.encoder import resolve_model_dir
     from embedq.producer import Producer, check_job_id, new_job_id
     from embedq.progress import Progress
+    from embedq.redis_connection import connect
     from embedq.sources import Fields, Rejected, open_source
-    from embedq.stream import connect
 
     fmt, id_prefix, sql = options.pop("fmt"), options.pop("id_prefix"), options.pop("sql")
     job_id, dedup, progress_every = (

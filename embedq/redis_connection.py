@@ -1,0 +1,72 @@
+"""Connecting to Redis (one server, or any node of a Redis Cluster) and translating
+redis-py's exceptions into embedq's errors, without a URL or a secret in any message."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import redis
+
+from embedq.errors import ConfigError, QueueUnavailable
+
+
+def connect(url: str, *, block_ms: int = 2000, cluster: bool = False) -> redis.Redis:
+    """A client for ``url`` (redis:// or rediss://) whose socket timeout outlasts a BLOCK.
+
+    With ``cluster`` the URL names any node of a Redis Cluster and the client follows the
+    slots. ``RedisCluster`` has the same command methods; it is typed as ``Redis`` so that
+    one ``Stream`` serves both, and the few cluster-only paths test ``is_cluster``.
+    """
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": block_ms / 1000 + 10,
+        "socket_connect_timeout": 5,
+    }
+    if cluster:
+        with translated("cluster discovery"):
+            return cast(redis.Redis, redis.RedisCluster.from_url(url, **options))
+    return redis.Redis.from_url(url, health_check_interval=30, **options)
+
+
+def is_cluster(client: redis.Redis) -> bool:
+    return isinstance(client, redis.RedisCluster)
+
+
+@contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Turn redis-py's connection failures into ``QueueUnavailable`` (no URL, no secrets)."""
+    try:
+        yield
+    except redis.AuthenticationError:
+        # Before ConnectionError, its base class: a wrong password is not an outage to retry.
+        raise ConfigError(
+            "redis rejected the credentials (check the password or ACL user)"
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise QueueUnavailable(f"redis unavailable during {action}: {type(exc).__name__}") from None
+    except redis.exceptions.NoPermissionError:
+        # redis-py strips the NOPERM prefix from the message; the class is what tells.
+        raise ConfigError(
+            f"redis refused {action}: NOPERM (the ACL user lacks a command or key permission)"
+        ) from None
+    except (redis.exceptions.MovedError, redis.exceptions.AskError):
+        # Only a plain client sees these; the cluster client follows them.
+        raise ConfigError(
+            f"redis answered MOVED during {action}: the server is a Redis Cluster node; "
+            "pass --redis-cluster (EMBEDQ_REDIS_CLUSTER=1)"
+        ) from None
+    except redis.ResponseError as exc:
+        message = str(exc)
+        if message.startswith(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
+            raise QueueUnavailable(f"redis not ready during {action}: {message[:60]}") from None
+        if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            raise ConfigError(f"redis refused {action}: {message.split(' ', 1)[0]}") from None
+        raise
+    except redis.exceptions.RedisClusterException as exc:
+        if "not enabled" in str(exc):  # "Cluster mode is not enabled on this node"
+            raise ConfigError(
+                "--redis-cluster is set but the server is not in cluster mode"
+            ) from None
+        raise QueueUnavailable(f"redis cluster unavailable during {action}") from None

@@ -4,15 +4,10 @@ Four variants run on the same machine, the same corpus sample and the same model
 fresh child process (``spawn``) so its peak RSS is its own, and the runs interleave
 (a, b, c, d, a, b, c, d, …) so a neighbour's load hits every variant alike:
 
-- ``raw``: the ceiling. embedq's ``Encoder`` with the worker's token-budget batching over
-  read windows (tokenize + forward), no queue, no database.
-- ``st``: ``SentenceTransformer(model_dir).encode(texts, batch_size=32)``, its defaults.
-- ``classic``: the per-message worker many teams write first: XREADGROUP COUNT 1,
-  tokenize + forward one text, ``MilvusClient.insert`` one row, XACK, loop.
-- ``embedq``: the real worker (``build_worker(...).run()`` in drain mode) from a stream
-  enqueued beforehand (enqueue time not counted, but reported) into a fresh Milvus Lite
-  file; timed from ``worker_started`` (model loaded) to drained, acks included, and the row
-  count checked in Milvus afterwards.
+(a) ``raw``, the model ceiling; (b) ``st``, sentence-transformers ``encode``; (c)
+``classic``, a per-message worker; (d) ``embedq`` end to end (``embedq.bench_variants``
+says what each does). This module runs them, takes medians and ratios, and writes the
+report.
 
 Redis is a private ``redis-server`` on a free port started for the bench, so no one
 else's data is touched. Model load is never timed.
@@ -23,26 +18,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import multiprocessing
 import os
 import platform
 import re
-import resource
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from embedq.bench_variants import ST_BATCH_SIZE, Job, RunResult, private_redis, run_in_child
 from embedq.config import Settings
 from embedq.errors import ConfigError
 
@@ -53,7 +41,6 @@ LABELS = {
     "classic": "(c) classic per-message worker",
     "embedq": "(d) embedq end to end",
 }
-ST_BATCH_SIZE = 32  # SentenceTransformer.encode's default
 SECTION = "## Worker throughput (CPU)"
 
 
@@ -76,29 +63,6 @@ def median(values: Sequence[float]) -> float:
 
 
 # -- results ------------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    """One variant, one run, as measured in its child process."""
-
-    variant: str
-    texts: int
-    tokens: int
-    elapsed_s: float
-    peak_rss_mb: float
-    batch_ms: list[float] = field(default_factory=list)
-    setup_s: float = 0.0  # model load etc., never part of elapsed_s
-    extra: dict[str, Any] = field(default_factory=dict)
-    run: int = 1
-
-    @property
-    def texts_per_s(self) -> float:
-        return self.texts / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 @dataclass
@@ -215,250 +179,6 @@ def load_sample(path: Path, n: int) -> list[dict[str, str]]:
     if not rows:
         raise ConfigError(f"{path} holds no rows")
     return rows
-
-
-# -- a private Redis ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def private_redis() -> Iterator[str]:
-    """A throw-away ``redis-server`` on a free port; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise ConfigError(
-            "embedq bench starts its own redis-server (so it touches no one's data) but none "
-            "is on PATH: apt-get install redis-server"
-        )
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="embedq-bench-redis-") as data_dir:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", data_dir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            _wait_for_redis(url, process)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_for_redis(url: str, process: subprocess.Popen[bytes]) -> None:
-    import redis
-
-    from embedq.redis_connection import connect
-
-    client = connect(url)
-    deadline = time.monotonic() + 10
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise ConfigError("the bench's private redis-server did not start") from None
-                time.sleep(0.05)
-    finally:
-        client.close()
-
-
-# -- the variants (each runs in a child process) ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """What one child needs: the variant, the texts, and where to put things."""
-
-    variant: str
-    rows: list[dict[str, str]]
-    settings: Settings
-    run: int
-
-
-def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_raw(job: Job) -> RunResult:
-    from embedq.batching import plan_batches
-    from embedq.encoder import Encoder
-
-    s = job.settings
-    loaded = time.perf_counter()
-    encoder = Encoder(s.model, s.device, s.dtype)
-    texts = [r["text"] for r in job.rows]
-    encoder.encode(texts[:2])  # first-call set-up (allocator, kernels) is not throughput
-    started = time.perf_counter()
-    batch_ms: list[float] = []
-    tokens = 0
-    for begin in range(0, len(texts), s.read_count):
-        window = encoder.tokenize(texts[begin : begin + s.read_count])
-        for batch in plan_batches(
-            [len(t.ids) for t in window], s.max_batch_tokens, s.max_batch_rows
-        ):
-            t0 = time.perf_counter()
-            encoded = encoder.forward([window[i].ids for i in batch])
-            batch_ms.append((time.perf_counter() - t0) * 1000)
-            tokens += encoded.tokens
-    elapsed = time.perf_counter() - started
-    return RunResult("raw", len(texts), tokens, elapsed, _peak_rss_mb(), batch_ms, started - loaded)
-
-
-def run_st(job: Job) -> RunResult:
-    from sentence_transformers import SentenceTransformer
-
-    from embedq.encoder import resolve_model_dir
-
-    s = job.settings
-    loaded = time.perf_counter()
-    model = SentenceTransformer(str(resolve_model_dir(s.model)[0]), device=s.device)
-    texts = [r["text"] for r in job.rows]
-    # Real tokens as the model sees them (same tokenizer and truncation as embedq's).
-    encoded = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)
-    tokens = sum(len(ids) for ids in encoded["input_ids"])
-    model.encode(texts[:2], batch_size=ST_BATCH_SIZE)
-    started = time.perf_counter()
-    model.encode(texts, batch_size=ST_BATCH_SIZE, show_progress_bar=False)
-    elapsed = time.perf_counter() - started
-    return RunResult("st", len(texts), tokens, elapsed, _peak_rss_mb(), [], started - loaded)
-
-
-def run_classic(job: Job) -> RunResult:
-    """The classic design, faithfully: one message, one forward, one insert, one ack."""
-    from embedq.encoder import Encoder
-    from embedq.sink import open_sink
-    from embedq.stream import open_stream
-
-    s = job.settings
-    loaded = time.perf_counter()
-    encoder = Encoder(s.model, s.device, s.dtype)
-    encoder.encode(["warm up"])
-    stream = open_stream(s)
-    stream.ensure_group()
-    sink = open_sink(s)
-    sink.ensure_collection(encoder.dimension, encoder.name)
-    client = sink.client
-    started = time.perf_counter()
-    done = tokens = 0
-    batch_ms: list[float] = []
-    while done < len(job.rows):
-        entries = stream.read_new(1, s.block_ms)
-        if not entries:
-            continue
-        t0 = time.perf_counter()
-        entry = entries[0]
-        text = entry.fields[b"text"].decode()
-        tokenized = encoder.tokenize([text])
-        vector = encoder.forward([tokenized[0].ids]).vectors[0]
-        client.insert(
-            s.collection,
-            [
-                {
-                    "id": entry.fields[b"id"].decode(),
-                    "vector": vector.tolist(),
-                    "text": text,
-                    "meta": {},
-                }
-            ],
-            timeout=s.milvus_timeout_s,
-        )
-        stream.ack([entry.entry_id])
-        batch_ms.append((time.perf_counter() - t0) * 1000)
-        tokens += len(tokenized[0].ids)
-        done += 1
-    elapsed = time.perf_counter() - started
-    stored = sink.count()
-    sink.close()
-    return RunResult(
-        "classic", done, tokens, elapsed, _peak_rss_mb(), batch_ms, started - loaded,
-        {"rows_in_milvus": stored},
-    )  # fmt: skip
-
-
-def run_embedq(job: Job) -> RunResult:
-    """The real worker, drained; batch latencies from its ``batch_done`` debug events."""
-    import structlog
-
-    from embedq.worker import build_worker
-
-    events: list[tuple[float, dict[str, Any]]] = []
-
-    def record(_logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
-        events.append((time.perf_counter(), dict(event)))
-        if name in ("warning", "error", "critical", "exception"):
-            # A dead letter or a retry during a benchmark is worth seeing.
-            sys.stderr.write(json.dumps(dict(event), default=str) + "\n")
-        raise structlog.DropEvent
-
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, record],
-        wrapper_class=structlog.make_filtering_bound_logger(10),  # debug: batch_done lines
-        cache_logger_on_first_use=False,
-    )
-    loaded = time.perf_counter()
-    worker = build_worker(job.settings)
-    stats = worker.run()
-    finished = time.perf_counter()
-    started = next((t for t, e in events if e.get("event") == "worker_started"), loaded)
-    stored = worker.sink.count()
-    batch_ms = [batch_latency_ms(e) for _, e in events if e.get("event") == "batch_done"]
-    tokens = sum(int(e.get("tokens", 0)) for _, e in events if e.get("event") == "batch_done")
-    return RunResult(
-        "embedq", stats.texts, tokens or stats.tokens, finished - started, _peak_rss_mb(),
-        batch_ms, started - loaded,
-        {"rows_in_milvus": stored, "dead_lettered": stats.dead_lettered},
-    )  # fmt: skip
-
-
-def batch_latency_ms(event: dict[str, Any]) -> float:
-    """A ``batch_done`` event's latency: its ``latency_ms`` when it has one, else the sum of
-    its stage timings (encode_ms + write_ms + ack_ms for the sequential worker)."""
-    if "latency_ms" in event:
-        return float(event["latency_ms"])
-    return float(
-        sum(v for k, v in event.items() if k.endswith("_ms") and isinstance(v, int | float))
-    )
-
-
-_RUNNERS: dict[str, Callable[[Job], RunResult]] = {
-    "raw": run_raw,
-    "st": run_st,
-    "classic": run_classic,
-    "embedq": run_embedq,
-}
-
-
-def _child(job: Job) -> RunResult:
-    import torch
-
-    from embedq import logs
-
-    # Warnings only (the embedq variant installs its own event recorder).
-    logs.configure("warning", json=True)
-    torch.set_grad_enabled(False)
-    return _RUNNERS[job.variant](job)
-
-
-def run_in_child(job: Job) -> RunResult:
-    """One variant in a fresh spawned process: its own imports, model and peak RSS."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_child, job).result()
 
 
 # -- the whole bench ----------------------------------------------------------------------

@@ -16,8 +16,6 @@ from embedq.bench import (
     LABELS,
     SECTION,
     BenchReport,
-    RunResult,
-    batch_latency_ms,
     load_sample,
     markdown,
     median,
@@ -27,6 +25,7 @@ from embedq.bench import (
     summarize,
     update_markdown,
 )
+from embedq.bench_variants import RunResult, batch_latency_ms
 from embedq.errors import ConfigError
 from tests.conftest import corpus_rows
 

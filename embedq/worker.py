@@ -25,14 +25,12 @@ import heapq
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from types import FrameType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +51,7 @@ from embedq.heartbeat import Heartbeat, InFlight
 from embedq.metrics import WorkerMetrics
 from embedq.reclaimer import Reclaimer
 from embedq.records import Limits, Record, decode
+from embedq.shutdown import GracefulShutdown
 from embedq.sink import Row, Sink
 from embedq.stream import Entry, Stream, partition_lanes, read_new_many
 
@@ -62,9 +61,6 @@ T = TypeVar("T")
 
 QUEUE_BATCHES = 4  # batches waiting between two stages; small keeps memory flat
 _POLL_S = 0.2
-
-
-EXIT_FORCED = 1  # exit status after a second signal or the end of the grace period
 
 
 @dataclass
@@ -166,7 +162,6 @@ class Worker:
             for lane in self.lanes
         }
         self.ready = False
-        self._signals = 0
         self._last_reclaim = 0.0
         self._last_trim = time.monotonic()
         self._seq = 0
@@ -181,44 +176,8 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signals += 1
-        name = signal.Signals(signum).name
-        if self._signals == 1:
-            log.info(
-                "stop_requested",
-                signal=name,
-                then="finishing the batches in hand",
-                grace_s=self.settings.grace_s,
-            )
-            self.stop_requested.set()
-            signal.signal(signal.SIGALRM, self._on_grace_expired)
-            signal.setitimer(signal.ITIMER_REAL, self.settings.grace_s)
-            return
-        log.warning("forced_exit", signal=name, then="leaving entries pending for the reclaimer")
-        self._exit_now()
-
-    def _on_grace_expired(self, _signum: int, _frame: FrameType | None) -> None:
-        log.warning(
-            "forced_exit",
-            reason="grace period over",
-            then="leaving entries pending for the reclaimer",
-        )
-        self._exit_now()
-
-    @staticmethod
-    def _exit_now() -> NoReturn:
-        """Leave at once; the entries in hand stay pending for a reclaimer.
-
-        Raising instead would unwind into interpreter shutdown while a stage thread may be
-        inside torch, which aborts the process (std::terminate, exit -6); nothing here needs
-        cleaning up, so the exit is immediate."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_FORCED)
+        """SIGTERM/SIGINT finish the batches in hand; a second one exits at once."""
+        GracefulShutdown(self.stop_requested, self.settings.grace_s).install()
 
     def prepare(self) -> None:
         """Join the group and make sure the collection exists (idempotent)."""

@@ -323,14 +323,17 @@ class Worker:
             log.debug("trimmed", stream=lane.keys.stream, trimmed=trimmed, minid=minid)
 
     def _drained(self) -> bool:
-        if (
-            len(self.in_flight) == 0
-            and self._retrying("pending", lambda: sum(lane.group_pending() for lane in self.lanes))
-            == 0
-        ):
+        if len(self.in_flight):
+            # Our own batches are still on their way: wait for their acks here, without
+            # calling Redis, so a drained run ends right after its last ack; then read once
+            # more, since entries may have arrived meanwhile.
+            while len(self.in_flight) and not self.stop_requested.is_set():
+                time.sleep(0.01)
+            return False
+        if self._retrying("pending", lambda: sum(lane.group_pending() for lane in self.lanes)) == 0:
             return True
-        # Batches still in the pipeline, or entries another consumer holds (alive, or dead
-        # and waiting for the reclaim that the next read performs).
+        # Entries another consumer holds (alive, or dead and waiting for the reclaim that the
+        # next read performs).
         time.sleep(min(0.5, self.settings.reclaim_interval_s))
         return False
 

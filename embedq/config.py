@@ -75,7 +75,7 @@ class Settings:
     # Fleet operations: /metrics, /healthz and /readyz on this port (0: no server).
     metrics_port: int = 0
     # Throughput work: model replicas per device, and one worker process per listed device.
-    replicas: int = 1
+    replicas: int = 0  # 0: auto (embedq.replicas.replicas_for: 2 on a multi-core CPU, else 1)
     devices: str = ""  # "" (use --device), "all", or a list such as "0,1" / "cuda:0,cuda:1"
 
     def __post_init__(self) -> None:
@@ -86,7 +86,6 @@ class Settings:
         positive = (
             "read_count",
             "max_deliveries",
-            "replicas",
             "max_text_bytes",
             "max_meta_bytes",
             "partitions",
@@ -95,7 +94,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_batch_tokens", "max_batch_rows"):
+        for name in ("max_batch_tokens", "max_batch_rows", "replicas"):
             if getattr(self, name) < 0:
                 raise SettingsError(
                     f"{name} must be > 0 (or 0 for auto), got {getattr(self, name)}"

@@ -1,7 +1,10 @@
-"""Using a whole node: one worker process per device.
+"""Using a whole node: how many model replicas a device gets, and one worker process per
+device.
 
 Within one process, ``--replicas K`` gives the worker K model threads, each with its own
 ``Encoder.replica()`` (shared weights, and on CUDA its own stream; see ``embedq.worker``).
+The default (0) is 1 on CUDA and 2 on a multi-core CPU, where the replicas split torch's
+threads between them (``replicas_for``, ``share_cpu_threads``).
 
 ``--devices 0,1`` runs one worker process per listed device (``spawn``, since CUDA does not
 survive ``fork``); the parent forwards SIGTERM/SIGINT and, when one child dies, stops the
@@ -23,6 +26,34 @@ from embedq.config import Settings
 from embedq.errors import ConfigError
 
 log = structlog.get_logger("embedq.replicas")
+
+CPU_AUTO_REPLICAS = 2
+
+
+def replicas_for(device: str, requested: int, cpu_threads: int) -> int:
+    """Model replicas for ``device``: ``requested``, or with 0 ("auto") 1 on CUDA and 2 on
+    a CPU with at least two threads.
+
+    On a CPU, two replicas with half the threads each beat one replica with all of them
+    when anything else runs beside the model (the writer, Milvus Lite, Redis): a preempted
+    OpenMP thread stalls every parallel region of its forward pass, and a stalled replica
+    no longer stalls the other (docs/benchmarks.md).
+    """
+    if requested:
+        return requested
+    if device.startswith("cuda") or cpu_threads < 2:
+        return 1
+    return CPU_AUTO_REPLICAS
+
+
+def share_cpu_threads(replicas: int) -> int:
+    """Give each of ``replicas`` CPU model replicas an equal share of torch's intra-op
+    threads (at least one); returns the share."""
+    import torch
+
+    share = max(1, torch.get_num_threads() // replicas)
+    torch.set_num_threads(share)
+    return share
 
 
 # -- one worker process per device --------------------------------------------------------

@@ -643,11 +643,17 @@ class Worker:
 
 def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Worker:
     """A worker wired from settings: stream, model, sink."""
+    import torch
+
+    from embedq.replicas import replicas_for, share_cpu_threads
     from embedq.sink import open_sink
     from embedq.stream import open_stream
 
     first = Encoder(settings.model, settings.device, settings.dtype)
+    replicas = replicas_for(first.device, settings.replicas, torch.get_num_threads())
+    if first.device == "cpu" and replicas > 1:
+        log.info("cpu_threads_shared", replicas=replicas, threads_each=share_cpu_threads(replicas))
     # Replicas share the weights (inference only reads them); each gets its own model thread
     # in the pipeline and, on CUDA, its own stream.
-    encoders = [first] + [first.replica() for _ in range(settings.replicas - 1)]
+    encoders = [first] + [first.replica() for _ in range(replicas - 1)]
     return Worker(settings, open_stream(settings), encoders, open_sink(settings), metrics)

@@ -197,6 +197,7 @@ def test_the_worker_runs_under_jemalloc_as_the_worker_image_runs_it(
             "EMBEDQ_GROUP": "g",
             "EMBEDQ_MILVUS_URI": settings.milvus_uri,
             "EMBEDQ_COLLECTION": "vectors",
+            "EMBEDQ_LOG_JSON": "1",
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -215,9 +216,19 @@ def test_the_worker_runs_under_jemalloc_as_the_worker_image_runs_it(
         assert "libjemalloc" in maps  # the allocator really is jemalloc
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 0
+        events = {
+            e["event"]: e
+            for e in (json.loads(x) for x in worker.communicate()[1].splitlines() if x[:1] == "{")
+        }
     finally:
         worker.kill()
         worker.wait()
+    # The CPU default: two model replicas sharing torch's threads (docs/benchmarks.md).
+    import torch
+
+    if torch.get_num_threads() >= 2:
+        assert events["worker_started"]["replicas"] == 2
+        assert events["cpu_threads_shared"]["threads_each"] == torch.get_num_threads() // 2
     sink = open_sink(settings.replace(collection="vectors"))
     try:
         assert sink.count() == 40

@@ -29,7 +29,13 @@ from embedq.batching import (
 from embedq.config import Settings, SettingsError
 from embedq.encoder import Encoder, attention_for, resolve_dtype
 from embedq.errors import ConfigError
-from embedq.replicas import parse_devices, run_per_device, settings_per_device
+from embedq.replicas import (
+    parse_devices,
+    replicas_for,
+    run_per_device,
+    settings_per_device,
+    share_cpu_threads,
+)
 from embedq.sink import Sink
 from embedq.stream import Stream
 from embedq.worker import Worker
@@ -59,7 +65,28 @@ def test_unresolved_limits_are_refused_not_run_one_row_at_a_time() -> None:
     with pytest.raises(SettingsError, match="max_batch_tokens"):
         Settings(max_batch_tokens=-1)
     with pytest.raises(SettingsError, match="replicas"):
-        Settings(replicas=0)
+        Settings(replicas=-1)
+
+
+def test_auto_replicas_are_two_on_a_multicore_cpu_and_one_on_cuda() -> None:
+    assert Settings().replicas == 0  # auto
+    assert replicas_for("cpu", 0, cpu_threads=2) == 2
+    assert replicas_for("cpu", 0, cpu_threads=16) == 2
+    assert replicas_for("cpu", 0, cpu_threads=1) == 1  # nothing to share
+    assert replicas_for("cuda:0", 0, cpu_threads=16) == 1
+    assert replicas_for("cpu", 3, cpu_threads=2) == 3  # asked for: given
+    assert replicas_for("cuda", 8, cpu_threads=2) == 8
+
+
+def test_cpu_replicas_share_torchs_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert share_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+        torch.set_num_threads(2)
+        assert share_cpu_threads(3) == 1  # never zero
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_dtype_and_attention_are_decided_per_device() -> None:

@@ -72,7 +72,11 @@ def init(with_collection: bool, **options: Any) -> None:
 @model
 @processing
 @setting("read_count", help="Entries read per XREADGROUP (the batching window).")
-@setting("replicas", help="Model replicas per device, each on its own thread/CUDA stream.")
+@setting(
+    "replicas",
+    help="Model replicas per device, each on its own thread/CUDA stream "
+    "(0: auto, 2 on a CPU, 1 on CUDA).",
+)
 @setting("devices", help="One worker process per device: all, or a list such as 0,1.")
 @setting("block_ms", help="XREADGROUP BLOCK in milliseconds.")
 @setting("drain", is_flag=True, help="Exit 0 once nothing is left to read or pending.")
@@ -162,7 +166,8 @@ def reclaim(once: bool, **options: Any) -> None:
         from embedq.reclaimer import run_reclaim_all
         from embedq.worker import build_worker
 
-        work = build_worker(settings)
+        # One model: reclaimed entries are processed in this thread, one batch at a time.
+        work = build_worker(settings.replace(replicas=1))
         work.install_signal_handlers()
         work.prepare()
         work.heartbeat.start()  # keeps what this process took while it works on it

@@ -142,13 +142,13 @@ def iter_dead_letters(lanes: Sequence[Stream], reason: str | None = None) -> Ite
     )
 
 
-def locate(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[int, str]]:
-    """Where each dead-letter name is: name -> (lane, entry id). Names not found are absent.
+def locate(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
+    """Where each dead-letter name is: name -> (lane, its entry). Names not found are absent.
 
     ``<i>/<id>`` names partition ``i``; a bare id is looked up in every partition and must
     be in exactly one (ConfigError otherwise, naming the candidates).
     """
-    found: dict[str, tuple[int, str]] = {}
+    found: dict[str, tuple[int, Entry]] = {}
     for ref in refs:
         lane_text, slash, dlq_id = ref.rpartition("/")
         if slash:
@@ -157,18 +157,19 @@ def locate(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[int,
                     f"dead-letter name {ref!r}: partition {lane_text!r} is not one of "
                     f"0..{len(lanes) - 1} (check --partitions)"
                 )
-            lane = int(lane_text)
-            if lanes[lane].dlq_entry(dlq_id) is not None:
-                found[ref] = (lane, dlq_id)
-            continue
-        holders = [i for i, s in enumerate(lanes) if s.dlq_entry(ref) is not None]
+            candidates = [int(lane_text)]
+        else:
+            candidates = list(range(len(lanes)))
+        holders = [
+            (i, entry) for i in candidates if (entry := lanes[i].dlq_entry(dlq_id)) is not None
+        ]
         if len(holders) > 1:
             raise ConfigError(
-                f"dead-letter id {ref} is in partitions {holders}; name one, as "
-                + " or ".join(f"{i}/{ref}" for i in holders)
+                f"dead-letter id {ref} is in partitions {[i for i, _ in holders]}; name one, as "
+                + " or ".join(f"{i}/{ref}" for i, _ in holders)
             )
         if holders:
-            found[ref] = (holders[0], ref)
+            found[ref] = holders[0]
     return found
 
 
@@ -176,18 +177,15 @@ def show(lanes: Sequence[Stream], ref: str) -> DeadLetter | None:
     where = locate(lanes, [ref]).get(ref)
     if where is None:
         return None
-    lane, dlq_id = where
-    entry = lanes[lane].dlq_entry(dlq_id)
-    if entry is None:
-        return None
+    lane, entry = where
     return DeadLetter.from_entry(entry, lanes[lane].keys.stream, _lane_index(lanes, lane))
 
 
 def _by_lane(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[int, dict[str, str]]:
     """The named entries that exist, grouped per lane: lane -> {entry id: name}."""
     grouped: dict[int, dict[str, str]] = {}
-    for ref, (lane, dlq_id) in locate(lanes, refs).items():
-        grouped.setdefault(lane, {})[dlq_id] = ref
+    for ref, (lane, entry) in locate(lanes, refs).items():
+        grouped.setdefault(lane, {})[entry.entry_id] = ref
     return grouped
 
 

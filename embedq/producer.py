@@ -35,12 +35,12 @@ import redis
 import structlog
 
 from embedq.errors import ConfigError
-from embedq.keys import partition_for, partition_streams
+from embedq.keys import partition_for
 from embedq.lag import LagInfo
 from embedq.records import Record
 from embedq.redis_connection import connect
 from embedq.sources import Rejected
-from embedq.stream import Batch, Stream
+from embedq.stream import Batch, Stream, partition_lanes
 
 log = structlog.get_logger("embedq.producer")
 
@@ -176,8 +176,8 @@ class Producer:
     ) -> None:
         # Producers need no consumer name; Stream wants one for reads only.
         self._stream = Stream(client, stream, group=group, consumer="-")
-        self.streams = partition_streams(stream, partitions)
-        self._lanes = [Stream(client, s, group=group, consumer="-") for s in self.streams]
+        self._lanes = partition_lanes(self._stream, partitions)
+        self.streams = [lane.keys.stream for lane in self._lanes]
         self.client = client
         self.chunk = chunk
 

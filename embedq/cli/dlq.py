@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from embedq.cli.options import build_settings, common, log, run_guarded
+
+if TYPE_CHECKING:
+    from embedq.stream import Stream
 
 
 @click.group()
@@ -18,13 +22,13 @@ def dlq() -> None:
     """
 
 
-def _open_lanes(options: dict[str, Any]) -> Any:
+def _open_lanes(options: dict[str, Any]) -> list[Stream]:
     from embedq.stream import open_streams
 
     return open_streams(build_settings(options))
 
 
-def _where(lanes: Any) -> str:
+def _where(lanes: Sequence[Stream]) -> str:
     """The dead-letter stream(s), for a closing line."""
     return lanes[0].keys.dlq if len(lanes) == 1 else f"{len(lanes)} partition dead-letter streams"
 

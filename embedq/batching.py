@@ -8,10 +8,6 @@ keeps 10-token and 500-token texts out of the same batch whenever the window all
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from embedq.config import Settings
 
 # Defaults per device, used when a limit is 0 ("auto"). On CUDA, TEI's 16384 tokens keep the
 # GPU busy. On CPU, large batches are slower per text, not faster: attention scores grow
@@ -29,19 +25,6 @@ def batch_limits(device: str, max_tokens: int = 0, max_rows: int = 0) -> tuple[i
     tokens = max_tokens or (CUDA_MAX_BATCH_TOKENS if on_cuda else CPU_MAX_BATCH_TOKENS)
     rows = max_rows or (CUDA_MAX_BATCH_ROWS if on_cuda else CPU_MAX_BATCH_ROWS)
     return tokens, rows
-
-
-def resolve_batch_settings(settings: Settings) -> Settings:
-    """Settings with 0 ("auto") batch limits replaced by the defaults of the device they
-    will run on; resolved once, where the worker is built."""
-    if settings.max_batch_tokens and settings.max_batch_rows:
-        return settings
-    from embedq.encoder import resolve_device
-
-    tokens, rows = batch_limits(
-        resolve_device(settings.device), settings.max_batch_tokens, settings.max_batch_rows
-    )
-    return settings.replace(max_batch_tokens=tokens, max_batch_rows=rows)
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:

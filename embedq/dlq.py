@@ -10,10 +10,10 @@ delivery count) and removes the dead-letter entry, atomically; fix the cause fir
 model, a policy such as ``--on-overlong``, an outage), or the entry comes straight back.
 
 With ``--partitions N`` each partition stream has its own dead-letter stream, and the
-functions here take all of them (``lanes``; one stream without partitions). Entry ids are
-unique only within one stream, so a partitioned dead letter is named ``<i>/<id>`` (its
-partition, then its id): two partitions can dead-letter in the same millisecond, and a
-bare id that matched both would retry or purge the wrong one.
+functions here take all of them (``lanes``: a ``DeadLetterQueue`` per partition stream, one
+without partitions). Entry ids are unique only within one stream, so a partitioned dead
+letter is named ``<i>/<id>`` (its partition, then its id): two partitions can dead-letter
+in the same millisecond, and a bare id that matched both would retry or purge the wrong one.
 """
 
 from __future__ import annotations
@@ -24,11 +24,98 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
+from embedq.entries import Entry, as_entries, entry_order, load_script, text
 from embedq.errors import ConfigError
-from embedq.stream import Entry, Stream, entry_order
+from embedq.keys import Keys
+from embedq.redis_connection import translated
 
 DLQ_PREFIX = b"_dlq_"
 PAGE = 500
+ERROR_LIMIT = 2000  # characters of the error kept in ``_dlq_error``
+
+
+class DeadLetterQueue:
+    """The dead-letter stream of one tasks (partition) stream: the one place that writes
+    a dead-letter entry (``move``) and reads one back (``DeadLetter.from_entry``)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, group: str, consumer: str) -> None:
+        self.client = client
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self._move = client.register_script(load_script("dead_letter.lua"))
+        self._retry = client.register_script(load_script("dlq_retry.lua"))
+
+    def move(self, entry: Entry, reason: str, error: str = "", deliveries: int = 1) -> bool:
+        """Copy ``entry`` here with why, and ack it on the tasks stream: one atomic script.
+        False when it was no longer pending (someone else settled it): nothing written."""
+        args: list[bytes | str | int] = [self.group, entry.entry_id]
+        for name, value in entry.fields.items():
+            args += [name, value]
+        schema: dict[str, str | int] = {
+            "reason": reason,
+            "error": error[:ERROR_LIMIT],
+            "source_id": entry.entry_id,
+            "stream": self.keys.stream,
+            "deliveries": deliveries,
+            "consumer": self.consumer,
+            "at_ms": int(time.time() * 1000),
+        }
+        for field, why in schema.items():
+            args += [DLQ_PREFIX + field.encode(), why]
+        with translated("dead-letter"):
+            return bool(
+                self._move(keys=[self.keys.stream, self.keys.dlq, self.keys.errors], args=args)
+            )
+
+    def length(self) -> int:
+        with translated("XLEN dlq"):
+            return int(self.client.xlen(self.keys.dlq))
+
+    def entries(self, start: str = "-", count: int = 100) -> list[Entry]:
+        """Dead-letter entries from ``start`` (inclusive), oldest first."""
+        with translated("XRANGE dlq"):
+            raw: Any = self.client.xrange(self.keys.dlq, min=start, max="+", count=count)
+        return as_entries(raw)
+
+    def entry(self, dlq_id: str) -> Entry | None:
+        with translated("XRANGE dlq"):
+            raw: Any = self.client.xrange(self.keys.dlq, min=dlq_id, max=dlq_id)
+        found = as_entries(raw)
+        return found[0] if found else None
+
+    def last_id(self) -> str | None:
+        with translated("XREVRANGE dlq"):
+            raw: Any = self.client.xrevrange(self.keys.dlq, count=1)
+        return raw[0][0].decode() if raw else None
+
+    def retry(self, dlq_ids: Sequence[str]) -> dict[str, str]:
+        """Re-enqueue the original fields of these dead-letter entries and remove them from
+        the dead-letter stream, atomically. Returns dead-letter id -> new entry id for each
+        one sent back (ids not found, or with no original fields, are absent)."""
+        if not dlq_ids:
+            return {}
+        with translated("dlq retry"):
+            flat: Any = self._retry(keys=[self.keys.stream, self.keys.dlq], args=list(dlq_ids))
+        found = [(text(flat[i]) or "", text(flat[i + 1]) or "") for i in range(0, len(flat), 2)]
+        return {old: new for old, new in found if new}
+
+    def delete(self, dlq_ids: Sequence[str]) -> int:
+        if not dlq_ids:
+            return 0
+        with translated("XDEL dlq"):
+            return int(self.client.xdel(self.keys.dlq, *dlq_ids))
+
+    def purge(self) -> int:
+        """Delete the whole dead-letter stream; returns how many entries it held."""
+        with translated("purge dlq"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xlen(self.keys.dlq)
+            pipe.delete(self.keys.dlq)
+            length, _ = pipe.execute()
+        return int(length)
 
 
 def _show(value: bytes) -> str:
@@ -57,7 +144,7 @@ class DeadLetter:
         f = entry.fields
 
         def get(name: str) -> str:
-            return f.get(b"_dlq_" + name.encode(), b"").decode("utf-8", "replace")
+            return f.get(DLQ_PREFIX + name.encode(), b"").decode("utf-8", "replace")
 
         return cls(
             dlq_id=entry.entry_id,
@@ -110,18 +197,21 @@ class DeadLetter:
         }
 
 
-def _lane_index(lanes: Sequence[Stream], lane: int) -> int | None:
+Lanes = Sequence["DeadLetterQueue"]
+
+
+def _lane_index(lanes: Lanes, lane: int) -> int | None:
     return lane if len(lanes) > 1 else None
 
 
-def _letters(lanes: Sequence[Stream], lane: int, reason: str | None) -> Iterator[DeadLetter]:
+def _letters(lanes: Lanes, lane: int, reason: str | None) -> Iterator[DeadLetter]:
     stream = lanes[lane]
-    last = stream.dlq_last_id()
+    last = stream.last_id()
     if last is None:
         return
     start = "-"
     while True:
-        page = stream.dlq_entries(start, PAGE)
+        page = stream.entries(start, PAGE)
         for entry in page:
             letter = DeadLetter.from_entry(entry, stream.keys.stream, _lane_index(lanes, lane))
             if reason is None or letter.reason == reason:
@@ -133,7 +223,7 @@ def _letters(lanes: Sequence[Stream], lane: int, reason: str | None) -> Iterator
         start = "(" + page[-1].entry_id  # exclusive: the next page starts after this one
 
 
-def iter_dead_letters(lanes: Sequence[Stream], reason: str | None = None) -> Iterator[DeadLetter]:
+def iter_dead_letters(lanes: Lanes, reason: str | None = None) -> Iterator[DeadLetter]:
     """Every dead-letter entry present when called, oldest first (merged over partitions),
     optionally only one reason."""
     return heapq.merge(
@@ -142,7 +232,7 @@ def iter_dead_letters(lanes: Sequence[Stream], reason: str | None = None) -> Ite
     )
 
 
-def locate(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
+def locate(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
     """Where each dead-letter name is: name -> (lane, its entry). Names not found are absent.
 
     ``<i>/<id>`` names partition ``i``; a bare id is looked up in every partition and must
@@ -161,7 +251,7 @@ def locate(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[int,
         else:
             candidates = list(range(len(lanes)))
         holders = [
-            (i, entry) for i in candidates if (entry := lanes[i].dlq_entry(dlq_id)) is not None
+            (i, entry) for i in candidates if (entry := lanes[i].entry(dlq_id)) is not None
         ]
         if len(holders) > 1:
             raise ConfigError(
@@ -173,7 +263,7 @@ def locate(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[int,
     return found
 
 
-def show(lanes: Sequence[Stream], ref: str) -> DeadLetter | None:
+def show(lanes: Lanes, ref: str) -> DeadLetter | None:
     where = locate(lanes, [ref]).get(ref)
     if where is None:
         return None
@@ -181,7 +271,7 @@ def show(lanes: Sequence[Stream], ref: str) -> DeadLetter | None:
     return DeadLetter.from_entry(entry, lanes[lane].keys.stream, _lane_index(lanes, lane))
 
 
-def _by_lane(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[int, dict[str, str]]:
+def _by_lane(lanes: Lanes, refs: Sequence[str]) -> dict[int, dict[str, str]]:
     """The named entries that exist, grouped per lane: lane -> {entry id: name}."""
     grouped: dict[int, dict[str, str]] = {}
     for ref, (lane, entry) in locate(lanes, refs).items():
@@ -189,7 +279,7 @@ def _by_lane(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[int, dict[str
     return grouped
 
 
-def retry(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[str, str]]:
+def retry(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[str, str]]:
     """Send these dead-letter entries back to their tasks streams.
 
     Returns name -> (tasks stream, new entry id) for each one sent back; names not found,
@@ -200,17 +290,17 @@ def retry(lanes: Sequence[Stream], refs: Sequence[str]) -> dict[str, tuple[str, 
         stream = lanes[lane]
         ids = list(names)
         for i in range(0, len(ids), PAGE):
-            for old, new in stream.dlq_retry(ids[i : i + PAGE]).items():
+            for old, new in stream.retry(ids[i : i + PAGE]).items():
                 sent[names[old]] = (stream.keys.stream, new)
     return sent
 
 
-def purge(lanes: Sequence[Stream], refs: Sequence[str] | None = None) -> int:
+def purge(lanes: Lanes, refs: Sequence[str] | None = None) -> int:
     """Delete these dead-letter entries, or (``None``) every dead-letter stream."""
     if refs is None:
-        return sum(stream.dlq_purge() for stream in lanes)
+        return sum(stream.purge() for stream in lanes)
     removed = 0
     for lane, names in _by_lane(lanes, refs).items():
         ids = list(names)
-        removed += sum(lanes[lane].dlq_delete(ids[i : i + PAGE]) for i in range(0, len(ids), PAGE))
+        removed += sum(lanes[lane].delete(ids[i : i + PAGE]) for i in range(0, len(ids), PAGE))
     return removed

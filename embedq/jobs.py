@@ -1,16 +1,172 @@
-"""Enqueue jobs as ``embedq jobs`` / ``embedq job ID`` show them.
+"""Enqueue jobs: the ledger in Redis, and the views ``embedq jobs`` / ``embedq job ID`` show.
 
 A job's counters live in Redis (see ``embedq.keys``): the producer's per-partition
-``enqueued`` counts, and the workers' ``embedded`` / ``dead_lettered`` counts. The ETA
-divides what is left by the workers' rate since their first entry of the job.
+``enqueued`` counts and resume positions (written by ``enqueue.lua`` with the entries
+themselves), and the workers' ``embedded`` / ``dead_lettered`` counts. The ETA divides
+what is left by the workers' rate since their first entry of the job.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedq.stream import Stream
+import redis
+
+from embedq.config import Settings
+from embedq.entries import Entry, load_script, text
+from embedq.errors import ConfigError
+from embedq.keys import Keys, partition_streams
+from embedq.redis_connection import connect, translated
+
+
+@dataclass(frozen=True)
+class EnqueueBatch:
+    """Entries for one partition stream, flattened for ``enqueue.lua``, and the source
+    position of the last of them."""
+
+    stream: str
+    position: int
+    values: list[Any]
+
+
+class JobLedger:
+    """The enqueue jobs of one (base) tasks stream and its partitions, and the content
+    hashes ``--dedup`` remembers: what producers send and workers count."""
+
+    def __init__(self, client: redis.Redis, stream: str) -> None:
+        self.client = client
+        self.keys = Keys(stream)
+        self._enqueue = client.register_script(load_script("enqueue.lua"))
+
+    # -- producers -----------------------------------------------------------------------
+
+    def send(self, job: str, batches: Sequence[EnqueueBatch]) -> int:
+        """Each batch's entries and its resume position, one atomic script call per
+        partition stream. Returns the number of entries added."""
+        added = 0
+        with translated("enqueue"):
+            for batch in batches:
+                keys = Keys(batch.stream)
+                added += int(
+                    self._enqueue(
+                        keys=[keys.stream, keys.sent(job) if job else keys.stream],
+                        args=[job, batch.position, *batch.values],
+                    )
+                )
+        return added
+
+    def start(self, job: str, source: str, partitions: int, total: int | None) -> None:
+        """Register ``job`` (or touch it again on a resume); ``started_ms`` is kept."""
+        now_ms = int(time.time() * 1000)
+        key = self.keys.job(job)
+        with translated("start job"):
+            before = self.client.hget(key, "partitions")
+        if before is not None and int(before) != partitions:
+            # Positions are kept per partition stream: another count would resend records.
+            raise ConfigError(
+                f"job {job} was started with --partitions {int(before)}; resume it with the "
+                f"same count, or start a new job"
+            )
+        fields: dict[str, str | int] = {
+            "source": source,
+            "partitions": partitions,
+            "state": "sending",
+            "updated_ms": now_ms,
+        }
+        if total is not None:
+            fields["total"] = total
+        # Not a MULTI: the index and the job hash sit on different cluster slots.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.jobs, {job: now_ms}, nx=True)
+        pipe.hsetnx(key, "started_ms", now_ms)
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+        with translated("start job"):
+            pipe.execute()
+
+    def finish(self, job: str) -> None:
+        now_ms = int(time.time() * 1000)
+        with translated("finish job"):
+            self.client.hset(
+                self.keys.job(job),
+                mapping={"state": "sent", "updated_ms": now_ms, "finished_ms": now_ms},
+            )
+
+    def positions(self, job: str, streams: Sequence[str]) -> dict[str, int]:
+        """The last source position ``job`` sent to each stream (-1: nothing yet)."""
+        pipe = self.client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.hget(Keys(stream).sent(job), "position")
+        with translated("job positions"):
+            found = pipe.execute()
+        return {s: -1 if p is None else int(p) for s, p in zip(streams, found, strict=True)}
+
+    def known_hashes(self, model: str, hashes: Sequence[bytes]) -> list[bool]:
+        """Which content hashes were already embedded with ``model`` (one SMISMEMBER)."""
+        if not hashes:
+            return []
+        with translated("SMISMEMBER"):
+            found = self.client.smismember(self.keys.dedup(model), list(hashes))
+        return [bool(f) for f in found]
+
+    # -- workers -------------------------------------------------------------------------
+
+    def record_embedded(self, entries: Sequence[Entry], model: str) -> None:
+        """After an ack: count entries per job, and remember the content hashes the
+        producer sent (``--dedup``) as embedded with ``model``. Counts are at-least-once:
+        a crash between the ack and this call loses a few, a redelivery counts twice."""
+        per_job: dict[str, int] = {}
+        hashes = []
+        for entry in entries:
+            raw_job = entry.fields.get(b"job")
+            if raw_job:
+                name = raw_job.decode("utf-8", "replace")
+                per_job[name] = per_job.get(name, 0) + 1
+            digest = entry.fields.get(b"text_hash")
+            if digest:
+                hashes.append(digest)
+        if not per_job and not hashes:
+            return
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for job, count in per_job.items():
+            key = self.keys.job(job)
+            pipe.hincrby(key, "embedded", count)
+            pipe.hsetnx(key, "embedded_first_ms", now_ms)
+            pipe.hset(key, "embedded_last_ms", now_ms)
+        if hashes:
+            pipe.sadd(self.keys.dedup(model), *hashes)
+        with translated("record embedded"):
+            pipe.execute()
+
+    def record_dead_lettered(self, entry: Entry) -> None:
+        job = entry.fields.get(b"job")
+        if job:
+            with translated("record dead-lettered"):
+                self.client.hincrby(self.keys.job(job.decode("utf-8", "replace")), "dead_lettered")
+
+    # -- inspection ----------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        with translated("ZRANGE jobs"):
+            found: Any = self.client.zrange(self.keys.jobs, 0, -1)
+        return [text(j) or "" for j in found]
+
+    def state(self, job: str) -> dict[str, str] | None:
+        """The job's hash plus ``enqueued`` summed over its partitions; None if unknown."""
+        with translated("job state"):
+            raw: Any = self.client.hgetall(self.keys.job(job))
+            if not raw:
+                return None
+            state = {text(k) or "": text(v) or "" for k, v in raw.items()}
+            streams = partition_streams(self.keys.base, int(state.get("partitions", "1")))
+            pipe = self.client.pipeline(transaction=False)
+            for stream in streams:
+                pipe.hget(Keys(stream).sent(job), "enqueued")
+            state["enqueued"] = str(sum(int(n or 0) for n in pipe.execute()))
+        return state
 
 
 @dataclass(frozen=True)
@@ -81,12 +237,18 @@ def job_view(job: str, state: dict[str, str]) -> JobView:
     )
 
 
-def get_job(stream: Stream, job: str) -> JobView | None:
-    state = stream.job_state(job)
+def open_ledger(settings: Settings) -> JobLedger:
+    """The job ledger of the stream ``settings`` names."""
+    client = connect(settings.redis_url, block_ms=0, cluster=settings.redis_cluster)
+    return JobLedger(client, settings.stream)
+
+
+def get_job(ledger: JobLedger, job: str) -> JobView | None:
+    state = ledger.state(job)
     return None if state is None else job_view(job, state)
 
 
-def list_jobs(stream: Stream) -> list[JobView]:
+def list_jobs(ledger: JobLedger) -> list[JobView]:
     """Every job on the stream, oldest first."""
-    views = (get_job(stream, job) for job in stream.job_ids())
+    views = (get_job(ledger, job) for job in ledger.ids())
     return [v for v in views if v is not None]

@@ -35,12 +35,13 @@ import redis
 import structlog
 
 from embedq.errors import ConfigError
+from embedq.jobs import EnqueueBatch, JobLedger
 from embedq.keys import partition_for
 from embedq.lag import LagInfo
 from embedq.records import Record
 from embedq.redis_connection import connect
 from embedq.sources import Rejected
-from embedq.stream import Batch, Stream, partition_lanes
+from embedq.stream import Stream, partition_lanes
 
 log = structlog.get_logger("embedq.producer")
 
@@ -123,16 +124,27 @@ def backlog(parts: Iterable[LagInfo]) -> tuple[int, str]:
     return total, how
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What every chunk of one ``Producer.run`` is checked against."""
+
+    counts: Counts
+    seen: set[str]  # content hashes already sent (or skipped) in this run
+    dedup_model: str | None
+    max_lag: int
+    poll_s: float
+
+
 class _Sender:
     """Sends batches from a thread of its own, so that reading and parsing the source
     overlaps the round trip and Redis's own work (a socket wait releases the GIL). At most
     ``depth`` chunks wait; an error there stops sending and is raised in the caller."""
 
-    def __init__(self, stream: Stream, job: str, counts: Counts, depth: int = 2) -> None:
-        self._stream = stream
+    def __init__(self, ledger: JobLedger, job: str, counts: Counts, depth: int = 2) -> None:
+        self._ledger = ledger
         self._job = job
         self._counts = counts
-        self._queue: queue.Queue[list[Batch] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[list[EnqueueBatch] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="embedq-sender", daemon=True)
         self._thread.start()
@@ -142,7 +154,7 @@ class _Sender:
             if self._error is not None:
                 continue  # keep taking chunks so the producer never blocks on a full queue
             try:
-                self._counts.sent += self._stream.send_batches(self._job, batches)
+                self._counts.sent += self._ledger.send(self._job, batches)
             except BaseException as exc:  # handed to the producer's thread, raised there
                 self._error = exc
 
@@ -150,7 +162,7 @@ class _Sender:
         if self._error is not None:
             raise self._error
 
-    def put(self, batches: list[Batch]) -> None:
+    def put(self, batches: list[EnqueueBatch]) -> None:
         self._raise()
         if batches:
             self._queue.put(batches)
@@ -174,9 +186,10 @@ class Producer:
         partitions: int = 1,
         group: str = "embedq",
     ) -> None:
-        # Producers need no consumer name; Stream wants one for reads only.
-        self._stream = Stream(client, stream, group=group, consumer="-")
-        self._lanes = partition_lanes(self._stream, partitions)
+        self._ledger = JobLedger(client, stream)
+        # The partition streams, for their backlog (``max_lag``): producers read nothing, so
+        # they need no consumer name.
+        self._lanes = partition_lanes(Stream(client, stream, group=group, consumer=""), partitions)
         self.streams = [lane.keys.stream for lane in self._lanes]
         self.client = client
         self.chunk = chunk
@@ -218,14 +231,8 @@ class Producer:
         positions = self._start(job, source, total)
         seen: set[str] = set()
         single = self.streams[0] if len(self.streams) == 1 else None
-        sender = _Sender(self._stream, job or "", counts)
-        step: dict[str, Any] = {
-            "counts": counts,
-            "seen": seen,
-            "dedup_model": dedup_model,
-            "max_lag": max_lag,
-            "poll_s": poll_s,
-        }
+        sender = _Sender(self._ledger, job or "", counts)
+        step = _Step(counts, seen, dedup_model, max_lag, poll_s)
         try:
             chunk: list[tuple[int, Record, str]] = []
             for ordinal, item in enumerate(items):
@@ -247,13 +254,13 @@ class Producer:
                     continue
                 chunk.append((ordinal, item, stream))
                 if len(chunk) >= self.chunk:
-                    sender.put(self._batches(chunk, **step))
+                    sender.put(self._batches(chunk, step))
                     chunk = []
-            sender.put(self._batches(chunk, **step))
+            sender.put(self._batches(chunk, step))
         finally:
             sender.close()
         if job is not None:
-            self._stream.finish_job(job)
+            self._ledger.finish(job)
         if on_progress is not None:
             on_progress(counts)
         return counts
@@ -263,28 +270,19 @@ class Producer:
         if job is None:
             return dict.fromkeys(self.streams, -1)
         check_job_id(job)
-        self._stream.start_job(job, source, len(self.streams), total)
-        return self._stream.job_positions(job, self.streams)
+        self._ledger.start(job, source, len(self.streams), total)
+        return self._ledger.positions(job, self.streams)
 
-    def _batches(
-        self,
-        chunk: list[tuple[int, Record, str]],
-        *,
-        counts: Counts,
-        seen: set[str],
-        dedup_model: str | None,
-        max_lag: int,
-        poll_s: float,
-    ) -> list[Batch]:
+    def _batches(self, chunk: list[tuple[int, Record, str]], step: _Step) -> list[EnqueueBatch]:
         """One chunk of records as script arguments per partition, after dedup, once the
         group has room for it."""
         if not chunk:
             return []
         hashes: list[str] = []
-        if dedup_model is not None:
-            chunk, hashes = self._new_texts(chunk, seen, dedup_model, counts)
-        if max_lag:
-            self._wait_for_room(max_lag, poll_s)
+        if step.dedup_model is not None:
+            chunk, hashes = self._new_texts(chunk, step.seen, step.dedup_model, step.counts)
+        if step.max_lag:
+            self._wait_for_room(step.max_lag, step.poll_s)
         values: dict[str, list[Any]] = {}
         last: dict[str, int] = {}
         for n, (ordinal, record, stream) in enumerate(chunk):
@@ -293,7 +291,7 @@ class Producer:
                 (record.id, record.text, meta, hashes[n] if hashes else b"")
             )
             last[stream] = ordinal
-        return [Batch(s, last[s], v) for s, v in values.items()]
+        return [EnqueueBatch(s, last[s], v) for s, v in values.items()]
 
     def _new_texts(
         self,
@@ -312,7 +310,7 @@ class Producer:
             seen.add(digest)
             fresh.append(item)
             fresh_hashes.append(digest)
-        known = self._stream.known_hashes(model, [h.encode() for h in fresh_hashes])
+        known = self._ledger.known_hashes(model, [h.encode() for h in fresh_hashes])
         kept = [(item, h) for item, h, k in zip(fresh, fresh_hashes, known, strict=True) if not k]
         counts.skipped += len(fresh) - len(kept)
         return [item for item, _ in kept], [h for _, h in kept]

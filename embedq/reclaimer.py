@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from embedq.stream import Entry, Stream
+from embedq.entries import Entry
+from embedq.stream import Stream
 
 log = structlog.get_logger("embedq.reclaimer")
 

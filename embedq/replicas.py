@@ -187,20 +187,3 @@ def _child_main(target: Callable[[Settings], int], settings: Settings) -> None:
     # once (reaching both, a child would count two signals and exit hard).
     os.setpgid(0, 0)
     sys.exit(target(settings))
-
-
-def worker_process(settings: Settings) -> int:
-    """What each device's process runs: a whole worker on that device (0 = clean exit)."""
-    from embedq import logs
-    from embedq.worker import build_worker
-
-    logs.configure(settings.log_level, settings.log_json, settings.secrets)
-    try:
-        # A second signal or an expired grace period ends the process inside the worker.
-        work = build_worker(settings)
-        work.install_signal_handlers()
-        work.run()
-    except ConfigError as exc:
-        log.error("config_error", error=str(exc))
-        return 2
-    return 0

@@ -8,17 +8,16 @@ this boundary (``embedq.redis_connection.translated``), so callers only see embe
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from importlib.resources import files
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
 import structlog
 
 from embedq.config import Settings
-from embedq.errors import ConfigError
+from embedq.dlq import DeadLetterQueue
+from embedq.entries import Entry, as_entries, entry_order, load_script, pairs, text
 from embedq.keys import Keys, partition_streams
 from embedq.lag import ConsumerInfo, LagInfo
 from embedq.redis_connection import connect, is_cluster, translated
@@ -26,31 +25,6 @@ from embedq.redis_connection import connect, is_cluster, translated
 log = structlog.get_logger("embedq.stream")
 
 T = TypeVar("T")
-
-RawEntry = tuple[bytes, dict[bytes, bytes] | None]
-
-
-def _load_script(name: str) -> str:
-    return (files("embedq") / "lua" / name).read_text(encoding="utf-8")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A stream entry as read: its id and raw fields (empty when the payload was deleted)."""
-
-    entry_id: str
-    fields: dict[bytes, bytes] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Entries for one partition stream, flattened for ``enqueue.lua``, and the source
-    position of the last of them."""
-
-    stream: str
-    position: int
-    values: list[str]
-
 
 @dataclass(frozen=True)
 class Claimed:
@@ -61,16 +35,6 @@ class Claimed:
     deleted_ids: list[str]
 
 
-def _text(value: bytes | str | None) -> str | None:
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _entries(raw: Iterable[RawEntry]) -> list[Entry]:
-    return [Entry(entry_id=eid.decode(), fields=dict(fields or {})) for eid, fields in raw]
-
-
 class Stream:
     """The tasks stream of one consumer group, and its dead-letter stream."""
 
@@ -79,13 +43,11 @@ class Stream:
         self.keys = Keys(stream)
         self.group = group
         self.consumer = consumer
-        self._dead_letter = client.register_script(_load_script("dead_letter.lua"))
-        self._heartbeat = client.register_script(_load_script("heartbeat.lua"))
-        self._enqueue = client.register_script(_load_script("enqueue.lua"))
-        self._trim = client.register_script(_load_script("trim.lua"))
-        self._dlq_retry = client.register_script(_load_script("dlq_retry.lua"))
+        self.dlq = DeadLetterQueue(client, self.keys, group, consumer)
+        self._heartbeat = client.register_script(load_script("heartbeat.lua"))
+        self._trim = client.register_script(load_script("trim.lua"))
         self._delete_idle_consumers = client.register_script(
-            _load_script("delete_idle_consumers.lua")
+            load_script("delete_idle_consumers.lua")
         )
 
     # -- group lifecycle -------------------------------------------------------------
@@ -133,7 +95,7 @@ class Stream:
                 self.group, self.consumer, {self.keys.stream: after}, count=count
             ),
         )
-        return _entries(reply[0][1]) if reply else []
+        return as_entries(reply[0][1]) if reply else []
 
     def read_new(self, count: int, block_ms: int) -> list[Entry]:
         """Up to ``count`` never-delivered entries, waiting up to ``block_ms``."""
@@ -147,7 +109,7 @@ class Stream:
                 block=block_ms if block_ms > 0 else None,
             ),
         )
-        return _entries(reply[0][1]) if reply else []
+        return as_entries(reply[0][1]) if reply else []
 
     def autoclaim(self, min_idle_ms: int, cursor: str = "0-0", count: int = 100) -> Claimed:
         """Take over entries idle longer than ``min_idle_ms`` from any consumer.
@@ -169,9 +131,9 @@ class Stream:
             )
 
         reply = self._with_group("XAUTOCLAIM", call)
-        next_cursor = _text(reply[0]) or "0-0"
+        next_cursor = text(reply[0]) or "0-0"
         claimed = [
-            Entry(entry_id=eid.decode(), fields=_pairs(fields))
+            Entry(entry_id=eid.decode(), fields=pairs(fields))
             for eid, fields in reply[1]
             if eid is not None
         ]
@@ -190,7 +152,7 @@ class Stream:
             )
         wanted = set(entry_ids)
         for row in rows:
-            eid = _text(row["message_id"]) or ""
+            eid = text(row["message_id"]) or ""
             if eid in wanted:
                 counts[eid] = int(row["times_delivered"])
         return counts
@@ -208,34 +170,6 @@ class Stream:
             acked, _ = pipe.execute()
         return int(acked)
 
-    def dead_letter(self, entry: Entry, reason: str, error: str = "", deliveries: int = 1) -> bool:
-        """Copy ``entry`` to the dead-letter stream with why, and ack it: one atomic script."""
-        args: list[bytes | str | int] = [self.group, entry.entry_id]
-        for name, value in entry.fields.items():
-            args += [name, value]
-        args += [
-            "_dlq_reason",
-            reason,
-            "_dlq_error",
-            error[:2000],
-            "_dlq_source_id",
-            entry.entry_id,
-            "_dlq_stream",
-            self.keys.stream,
-            "_dlq_deliveries",
-            deliveries,
-            "_dlq_consumer",
-            self.consumer,
-            "_dlq_at_ms",
-            int(time.time() * 1000),
-        ]
-        with translated("dead-letter"):
-            return bool(
-                self._dead_letter(
-                    keys=[self.keys.stream, self.keys.dlq, self.keys.errors], args=args
-                )
-            )
-
     def heartbeat(self, entry_ids: Sequence[str]) -> list[str]:
         """Reset idle time of the entries still owned by this consumer; returns those ids."""
         if not entry_ids:
@@ -244,7 +178,7 @@ class Stream:
             owned = self._heartbeat(
                 keys=[self.keys.stream], args=[self.group, self.consumer, *entry_ids]
             )
-        return [_text(o) or "" for o in owned]
+        return [text(o) or "" for o in owned]
 
     # -- last errors: why an entry that may later be dead-lettered did not get through ---
 
@@ -290,199 +224,7 @@ class Stream:
                 keys=[self.keys.stream], args=[self.group, min_idle_ms, self.consumer]
             ),
         )
-        return [_text(name) or "" for name in removed]
-
-    # -- dead-letter stream --------------------------------------------------------------
-
-    def dlq_length(self) -> int:
-        with translated("XLEN dlq"):
-            return int(self.client.xlen(self.keys.dlq))
-
-    def dlq_entries(self, start: str = "-", count: int = 100) -> list[Entry]:
-        """Dead-letter entries from ``start`` (inclusive), oldest first."""
-        with translated("XRANGE dlq"):
-            raw: Any = self.client.xrange(self.keys.dlq, min=start, max="+", count=count)
-        return _entries(raw)
-
-    def dlq_entry(self, dlq_id: str) -> Entry | None:
-        with translated("XRANGE dlq"):
-            raw: Any = self.client.xrange(self.keys.dlq, min=dlq_id, max=dlq_id)
-        found = _entries(raw)
-        return found[0] if found else None
-
-    def dlq_last_id(self) -> str | None:
-        with translated("XREVRANGE dlq"):
-            raw: Any = self.client.xrevrange(self.keys.dlq, count=1)
-        return raw[0][0].decode() if raw else None
-
-    def dlq_retry(self, dlq_ids: Sequence[str]) -> dict[str, str]:
-        """Re-enqueue the original fields of these dead-letter entries and remove them from
-        the dead-letter stream, atomically. Returns dead-letter id -> new entry id for each
-        one sent back (ids not found, or with no original fields, are absent)."""
-        if not dlq_ids:
-            return {}
-        with translated("dlq retry"):
-            flat: Any = self._dlq_retry(keys=[self.keys.stream, self.keys.dlq], args=list(dlq_ids))
-        pairs = [(_text(flat[i]) or "", _text(flat[i + 1]) or "") for i in range(0, len(flat), 2)]
-        return {old: new for old, new in pairs if new}
-
-    def dlq_delete(self, dlq_ids: Sequence[str]) -> int:
-        if not dlq_ids:
-            return 0
-        with translated("XDEL dlq"):
-            return int(self.client.xdel(self.keys.dlq, *dlq_ids))
-
-    def dlq_purge(self) -> int:
-        """Delete the whole dead-letter stream; returns how many entries it held."""
-        with translated("purge dlq"):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xlen(self.keys.dlq)
-            pipe.delete(self.keys.dlq)
-            length, _ = pipe.execute()
-        return int(length)
-
-    # -- producing -------------------------------------------------------------------
-
-    def add(self, rows: Iterable[dict[str, str]], chunk: int = 1000) -> int:
-        """XADD every row, pipelined ``chunk`` at a time; never trims. Returns the count."""
-        sent = 0
-        pipe = self.client.pipeline(transaction=False)
-        pending = 0
-        with translated("XADD"):
-            for row in rows:
-                pipe.xadd(self.keys.stream, row)  # type: ignore[arg-type]
-                pending += 1
-                if pending >= chunk:
-                    pipe.execute()
-                    sent += pending
-                    pending = 0
-            if pending:
-                pipe.execute()
-                sent += pending
-        return sent
-
-    def send_batches(self, job: str, batches: Sequence[Batch]) -> int:
-        """Each batch's entries and its resume position, one atomic script call per
-        partition stream. Returns the number of entries added."""
-        added = 0
-        with translated("enqueue"):
-            for batch in batches:
-                keys = Keys(batch.stream)
-                added += int(
-                    self._enqueue(
-                        keys=[keys.stream, keys.sent(job) if job else keys.stream],
-                        args=[job, batch.position, *batch.values],
-                    )
-                )
-        return added
-
-    # -- jobs ------------------------------------------------------------------------
-
-    def start_job(self, job: str, source: str, partitions: int, total: int | None) -> None:
-        """Register ``job`` (or touch it again on a resume); ``started_ms`` is kept."""
-        now_ms = int(time.time() * 1000)
-        key = self.keys.job(job)
-        with translated("start job"):
-            before = self.client.hget(key, "partitions")
-        if before is not None and int(before) != partitions:
-            # Positions are kept per partition stream: another count would resend records.
-            raise ConfigError(
-                f"job {job} was started with --partitions {int(before)}; resume it with the "
-                f"same count, or start a new job"
-            )
-        fields: dict[str, str | int] = {
-            "source": source,
-            "partitions": partitions,
-            "state": "sending",
-            "updated_ms": now_ms,
-        }
-        if total is not None:
-            fields["total"] = total
-        # Not a MULTI: the index and the job hash sit on different cluster slots.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(self.keys.jobs, {job: now_ms}, nx=True)
-        pipe.hsetnx(key, "started_ms", now_ms)
-        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-        with translated("start job"):
-            pipe.execute()
-
-    def finish_job(self, job: str) -> None:
-        now_ms = int(time.time() * 1000)
-        with translated("finish job"):
-            self.client.hset(
-                self.keys.job(job),
-                mapping={"state": "sent", "updated_ms": now_ms, "finished_ms": now_ms},
-            )
-
-    def job_positions(self, job: str, streams: Sequence[str]) -> dict[str, int]:
-        """The last source position ``job`` sent to each stream (-1: nothing yet)."""
-        pipe = self.client.pipeline(transaction=False)
-        for stream in streams:
-            pipe.hget(Keys(stream).sent(job), "position")
-        with translated("job positions"):
-            found = pipe.execute()
-        return {s: -1 if p is None else int(p) for s, p in zip(streams, found, strict=True)}
-
-    def job_ids(self) -> list[str]:
-        with translated("ZRANGE jobs"):
-            found: Any = self.client.zrange(self.keys.jobs, 0, -1)
-        return [_text(j) or "" for j in found]
-
-    def job_state(self, job: str) -> dict[str, str] | None:
-        """The job's hash plus ``enqueued`` summed over its partitions; None if unknown."""
-        with translated("job state"):
-            raw: Any = self.client.hgetall(self.keys.job(job))
-            if not raw:
-                return None
-            state = {_text(k) or "": _text(v) or "" for k, v in raw.items()}
-            streams = partition_streams(self.keys.base, int(state.get("partitions", "1")))
-            pipe = self.client.pipeline(transaction=False)
-            for stream in streams:
-                pipe.hget(Keys(stream).sent(job), "enqueued")
-            state["enqueued"] = str(sum(int(n or 0) for n in pipe.execute()))
-        return state
-
-    def record_embedded(self, entries: Sequence[Entry], model: str) -> None:
-        """After an ack: count entries per job, and remember the content hashes the
-        producer sent (``--dedup``) as embedded with ``model``. Counts are at-least-once:
-        a crash between the ack and this call loses a few, a redelivery counts twice."""
-        per_job: dict[str, int] = {}
-        hashes = []
-        for entry in entries:
-            raw_job = entry.fields.get(b"job")
-            if raw_job:
-                name = raw_job.decode("utf-8", "replace")
-                per_job[name] = per_job.get(name, 0) + 1
-            digest = entry.fields.get(b"text_hash")
-            if digest:
-                hashes.append(digest)
-        if not per_job and not hashes:
-            return
-        now_ms = int(time.time() * 1000)
-        pipe = self.client.pipeline(transaction=False)
-        for job, count in per_job.items():
-            key = self.keys.job(job)
-            pipe.hincrby(key, "embedded", count)
-            pipe.hsetnx(key, "embedded_first_ms", now_ms)
-            pipe.hset(key, "embedded_last_ms", now_ms)
-        if hashes:
-            pipe.sadd(self.keys.dedup(model), *hashes)
-        with translated("record embedded"):
-            pipe.execute()
-
-    def record_dead_lettered(self, entry: Entry) -> None:
-        job = entry.fields.get(b"job")
-        if job:
-            with translated("record dead-lettered"):
-                self.client.hincrby(self.keys.job(job.decode("utf-8", "replace")), "dead_lettered")
-
-    def known_hashes(self, model: str, hashes: Sequence[bytes]) -> list[bool]:
-        """Which content hashes were already embedded with ``model`` (one SMISMEMBER)."""
-        if not hashes:
-            return []
-        with translated("SMISMEMBER"):
-            found = self.client.smismember(self.keys.dedup(model), list(hashes))
-        return [bool(f) for f in found]
+        return [text(name) or "" for name in removed]
 
     # -- trimming --------------------------------------------------------------------
 
@@ -491,7 +233,7 @@ class Stream:
         Returns how many entries went and the MINID used (None: nothing was safe)."""
         with translated("trim"):
             trimmed, minid = self._trim(keys=[self.keys.stream])
-        return int(trimmed), _text(minid) or None
+        return int(trimmed), text(minid) or None
 
     # -- inspection ------------------------------------------------------------------
 
@@ -520,12 +262,12 @@ class Stream:
                 groups = self.client.xinfo_groups(self.keys.stream)
             except redis.ResponseError:  # no such key
                 groups = []
-            group = next((g for g in groups if _text(g["name"]) == self.group), None)
+            group = next((g for g in groups if text(g["name"]) == self.group), None)
             consumers: list[ConsumerInfo] = []
             if group is not None:
                 consumers = [
                     ConsumerInfo(
-                        name=_text(c["name"]) or "",
+                        name=text(c["name"]) or "",
                         pending=int(c["pending"]),
                         idle_ms=int(c["idle"]),
                     )
@@ -552,26 +294,12 @@ class Stream:
             length=int(length),
             lag=None if lag is None else int(lag),
             pending=int(group["pending"]),
-            last_delivered_id=_text(group.get("last-delivered-id")),
+            last_delivered_id=text(group.get("last-delivered-id")),
             entries_read=None if entries_read is None else int(entries_read),
             consumers=consumers,
             dlq_length=int(dlq_length),
             group_exists=True,
         )
-
-
-def _pairs(fields: Any) -> dict[bytes, bytes]:
-    """XAUTOCLAIM via execute_command returns fields as a flat list (or None if deleted)."""
-    if not fields:
-        return {}
-    if isinstance(fields, dict):
-        return dict(fields)
-    return {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
-
-
-def entry_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def open_stream(settings: Settings) -> Stream:
@@ -623,7 +351,7 @@ def read_new_many(
         )
 
     reply: Any = first._with_group("XREADGROUP >", call, siblings=lanes[1:])
-    return [(by_key[_text(key) or ""], _entries(raw)) for key, raw in (reply or []) if raw]
+    return [(by_key[text(key) or ""], as_entries(raw)) for key, raw in (reply or []) if raw]
 
 
 def _read_each(

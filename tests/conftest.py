@@ -15,6 +15,7 @@ import redis
 
 from embedq.config import Settings
 from embedq.encoder import Encoder
+from embedq.launch import assemble
 from embedq.redis_connection import connect
 from embedq.sink import Sink, open_sink
 from embedq.stream import Stream
@@ -108,25 +109,22 @@ def make_worker(
 
     def make(**changes: Any) -> Worker:
         s = settings.replace(**changes)
-        return Worker(s, Stream(redis_client, s.stream, s.group, s.consumer), encoder, sink)
+        return assemble(s, Stream(redis_client, s.stream, s.group, s.consumer), encoder, sink)
 
     return make
 
 
-# -- fault-handling work: real servers and worker processes (see tests/fault_fixtures.py) --
+# -- fault-handling work: real servers (embedq.bench.servers) and worker processes -----
 
-from .fault_fixtures import (  # noqa: E402
-    MilvusLiteServer,
-    MilvusStandalone,
-    RedisServer,
-    WorkerProcess,
-)
+from embedq.bench.servers import MilvusLiteServer, MilvusStandalone, RedisServer  # noqa: E402
+
+from .fault_fixtures import WorkerProcess  # noqa: E402
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own (AOF, appendfsync always) that it may kill."""
-    server = RedisServer(tmp_path / "redis")
+    server = RedisServer(tmp_path / "redis", appendonly=True)
     server.start()
     yield server
     server.stop()

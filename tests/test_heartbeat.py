@@ -77,7 +77,7 @@ def test_a_crashed_stage_stops_the_worker_and_acks_nothing(
     worker = make_worker()
     broken = BrokenSink(sink.uri, "", sink.collection, timeout_s=5)
     broken._client = sink.client  # same Milvus Lite handle: one process per file
-    worker.sink = broken
+    worker.sink = worker.settler.sink = broken
     with capture_logs() as logs, pytest.raises(StageCrashed, match="bug in the sink"):
         worker.run()
     assert any(e["event"] == "stage_crashed" and e["stage"] == "writer" for e in logs)

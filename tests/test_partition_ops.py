@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from embedq.bench.servers import free_port
 from embedq.dlq import iter_dead_letters, locate, purge, retry, show
 from embedq.errors import ConfigError
 from embedq.keys import partition_for, partition_streams
 from embedq.stream import Stream
 
 from .conftest import REDIS_URL, corpus_rows
-from .servers import free_port, http_get, wait_for
+from .servers import http_get, wait_for
 from .test_cli import embedq
 from .test_ops import samples_of, value
 
@@ -158,7 +159,7 @@ def test_the_exporter_reports_every_partition(
 def test_a_bare_dead_letter_id_in_two_partitions_must_be_named_with_its_partition(
     redis_client: redis.Redis, stream_name: str
 ) -> None:
-    lanes = [Stream(redis_client, s, "g", "-") for s in partition_streams(stream_name, 4)]
+    lanes = [Stream(redis_client, s, "g", "-").dlq for s in partition_streams(stream_name, 4)]
     # Two partitions dead-lettering in the same millisecond get the same entry id.
     for lane, doc in ((1, "a"), (3, "b")):
         redis_client.xadd(

@@ -14,16 +14,18 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
+from embedq.bench.servers import RedisServer
 from embedq.config import Settings, SettingsError
 from embedq.encoder import Encoder
+from embedq.jobs import JobLedger
 from embedq.keys import Keys, hash_tag, key_slot, partition_for, partition_streams
+from embedq.launch import assemble
 from embedq.producer import Producer
 from embedq.sink import Sink
 from embedq.stream import Stream
 from embedq.worker import Worker
 
 from .conftest import REDIS_URL, corpus_rows
-from .servers import RedisServer, free_port
 from .test_cli import embedq
 
 
@@ -32,17 +34,9 @@ def cluster_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Red
     """A redis-server in cluster mode: even alone, with no slots assigned, it answers
     CLUSTER KEYSLOT with the slot rule every cluster node applies."""
     data = tmp_path_factory.mktemp("cluster")
-    # The bus port defaults to port + 10000, which overflows for free ports above 55535
-    # (redis-server then refuses to start), so it gets a free port of its own.
-    server = RedisServer(
-        data,
-        "--cluster-enabled",
-        "yes",
-        "--cluster-port",
-        str(free_port()),
-        "--cluster-config-file",
-        str(data / "nodes.conf"),
-    )
+    # cluster=True gives the bus port a free port of its own: the default, port + 10000,
+    # overflows for free ports above 55535 (redis-server then refuses to start).
+    server = RedisServer(data, cluster=True).start()
     client = server.client()
     try:
         yield client
@@ -161,7 +155,7 @@ def test_four_partitions_drain_with_one_worker(
     stats = make_worker(partitions=4).run()
     assert stats.texts == 300
     assert_drained(settings, sink, ids)
-    job = Stream(redis_client, settings.stream, "g", "-").job_state("part")
+    job = JobLedger(redis_client, settings.stream).state("part")
     assert job is not None and (job["enqueued"], job["embedded"]) == ("300", "300")
 
 
@@ -177,7 +171,7 @@ def test_four_partitions_drain_with_two_workers(
     # the first worker take all 400 entries in one read.
     s = settings.replace(partitions=4, read_count=16)
     workers = [
-        Worker(s.replace(consumer=name), Stream(redis_client, s.stream, "g", name), enc, sink)
+        assemble(s.replace(consumer=name), Stream(redis_client, s.stream, "g", name), enc, sink)
         for name, enc in (("w1", encoder), ("w2", second_encoder))
     ]
     # Open the shared Lite client before the threads do (it is created on first use).

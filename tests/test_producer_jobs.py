@@ -19,7 +19,7 @@ import redis
 
 from embedq.config import Settings
 from embedq.encoder import Encoder
-from embedq.jobs import get_job
+from embedq.jobs import JobLedger, get_job
 from embedq.keys import partition_streams
 from embedq.producer import Producer
 from embedq.sink import Sink
@@ -84,7 +84,7 @@ def test_killed_enqueue_resumes_and_sends_every_record_exactly_once(
 
     ids = sent_ids(redis_client, streams)
     assert len(ids) == total and set(ids) == {r["id"] for r in rows}  # no gap, no resend
-    job = get_job(Stream(redis_client, stream_name, "g", "-"), "J")
+    job = get_job(JobLedger(redis_client, stream_name), "J")
     assert job is not None and (job.enqueued, job.state, job.partitions) == (
         total,
         "sent",
@@ -137,7 +137,7 @@ def test_max_lag_holds_the_stream_still_until_a_worker_drains_it(
     assert "backpressure_resumed" in events
     assert sink.count() == 600
 
-    job = get_job(Stream(redis_client, settings.stream, "g", "-"), "bp")
+    job = get_job(JobLedger(redis_client, settings.stream), "bp")
     assert job is not None
     assert (job.enqueued, job.embedded, job.dead_lettered, job.state) == (600, 600, 0, "done")
     listed = embedq("jobs", "--json", env=env)

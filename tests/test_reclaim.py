@@ -11,9 +11,10 @@ import redis
 from structlog.testing import capture_logs
 
 from embedq.dlq import iter_dead_letters, purge, retry, show
+from embedq.entries import Entry
 from embedq.reclaimer import Reclaimer, run_reclaim
 from embedq.sink import Sink
-from embedq.stream import Entry, Stream
+from embedq.stream import Stream
 from embedq.worker import Worker
 
 from .conftest import corpus_rows
@@ -29,7 +30,7 @@ def reclaimer(
     stream: Stream, max_deliveries: int = 5, idle_delete_s: float = 600, min_idle_s: float = 0
 ) -> Reclaimer:
     def dead_letter(entry: Entry, reason: str, error: str, deliveries: int) -> None:
-        stream.dead_letter(entry, reason, error, deliveries)
+        stream.dlq.move(entry, reason, error, deliveries)
 
     return Reclaimer(
         stream,
@@ -84,7 +85,7 @@ def test_history_read_of_a_deleted_entry_is_dead_lettered_not_a_crash(
     make_worker().run()  # same consumer: re-reads its own pending list first
 
     assert sink.count() == 4
-    dead = list(iter_dead_letters([worker.stream]))
+    dead = list(iter_dead_letters([worker.stream.dlq]))
     assert [(d.reason, d.source_id) for d in dead] == [("payload_deleted", ids[2])]
     assert worker.stream.group_pending() == 0
 
@@ -104,7 +105,7 @@ def test_past_max_deliveries_an_entry_is_dead_lettered_with_the_last_recorded_er
         kept = reclaimer(third, max_deliveries=2).step()  # delivery 3: past the limit
 
     assert kept == []
-    letters = {d.source_id: d for d in iter_dead_letters([third])}
+    letters = {d.source_id: d for d in iter_dead_letters([third.dlq])}
     assert set(letters) == set(ids)
     assert letters[ids[0]].reason == "max_deliveries"
     assert letters[ids[0]].deliveries == 3
@@ -202,9 +203,9 @@ def test_dlq_retry_sends_original_fields_back_and_removes_the_dead_letter(
     redis_client.xadd(stream_name, {"id": "a", "text": b"caf\xe9", "meta": "{}"})
     redis_client.xadd(stream_name, {"id": "b", "text": "  "})
     first, second = stream.read_new(10, 0)
-    stream.dead_letter(first, "invalid_utf8", "text is not valid UTF-8")
-    stream.dead_letter(second, "empty_text", "blank")
-    lanes = [stream]
+    stream.dlq.move(first, "invalid_utf8", "text is not valid UTF-8")
+    stream.dlq.move(second, "empty_text", "blank")
+    lanes = [stream.dlq]
     letters = list(iter_dead_letters(lanes))
     assert [d.reason for d in letters] == ["invalid_utf8", "empty_text"]
     assert show(lanes, letters[0].dlq_id) == letters[0]
@@ -218,7 +219,7 @@ def test_dlq_retry_sends_original_fields_back_and_removes_the_dead_letter(
     assert back[0][1] == {b"id": b"a", b"text": b"caf\xe9", b"meta": b"{}"}  # bytes kept
     assert [d.dlq_id for d in iter_dead_letters(lanes)] == [letters[1].dlq_id]
     assert purge(lanes) == 1
-    assert stream.dlq_length() == 0
+    assert stream.dlq.length() == 0
 
 
 def test_reclaim_once_makes_one_full_pass_and_processes_what_it_claims(

@@ -24,11 +24,11 @@ from embedq.batching import (
     CUDA_MAX_BATCH_TOKENS,
     batch_limits,
     plan_batches,
-    resolve_batch_settings,
 )
 from embedq.config import Settings, SettingsError
 from embedq.encoder import Encoder, attention_for, resolve_dtype
 from embedq.errors import ConfigError
+from embedq.launch import assemble, resolve_batch_settings
 from embedq.replicas import (
     parse_devices,
     replicas_for,
@@ -38,7 +38,6 @@ from embedq.replicas import (
 )
 from embedq.sink import Sink
 from embedq.stream import Stream
-from embedq.worker import Worker
 from tests.conftest import corpus_rows
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -133,7 +132,7 @@ def test_a_worker_with_three_replicas_shares_the_weights_and_writes_the_same_vec
     counted = [CountingReplica(e) for e in (encoder, *replicas)]
     # Small batches, so the three model threads each get several.
     s = settings.replace(max_batch_rows=4, read_count=32)
-    worker = Worker(s, Stream(redis_client, s.stream, "g", "c1"), counted, sink)  # type: ignore[arg-type]
+    worker = assemble(s, Stream(redis_client, s.stream, "g", "c1"), counted, sink)  # type: ignore[arg-type]
     assert worker.run().texts == 96
 
     assert all(c.calls > 0 for c in counted), [c.calls for c in counted]

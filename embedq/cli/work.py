@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 import click
@@ -19,7 +18,6 @@ from embedq.cli.options import (
     run_guarded,
     setting,
 )
-from embedq.config import Settings
 
 
 @click.command()
@@ -93,23 +91,11 @@ def worker(**options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        from embedq.health import reachable
-        from embedq.metrics import WorkerMetrics
-        from embedq.worker import Worker, build_worker
+        from embedq.launch import run_device_workers, run_worker
 
         if settings.devices:
             return run_device_workers(settings)
-        metrics, booted = WorkerMetrics(), list[Worker]()
-        server = _worker_metrics_server(settings, metrics, booted)
-        work = build_worker(settings, metrics)
-        booted.append(work)
-        if server is not None:
-            server.require("milvus", reachable(work.sink.ping))
-            enc = work.encoder
-            metrics.describe_model(enc.name, enc.device, _dtype(enc.dtype), enc.dimension)
-        work.install_signal_handlers()
-        stats = work.run()
-        summary = stats.as_dict()
+        summary = run_worker(settings).as_dict()
         click.echo(
             f"embedded {summary['texts']} texts in {summary['elapsed_s']} s "
             f"({summary['texts_per_s']} texts/s), {summary['dead_lettered']} dead-lettered"
@@ -117,38 +103,6 @@ def worker(**options: Any) -> None:
         return 0
 
     run_guarded(body)
-
-
-def run_device_workers(settings: Settings) -> int:
-    """``--devices``: one worker process per listed device, supervised here."""
-    from embedq.replicas import parse_devices, run_per_device, settings_per_device, worker_process
-
-    per_device = settings_per_device(settings, parse_devices(settings.devices))
-    return run_per_device(per_device, worker_process, grace_s=settings.grace_s + 5)
-
-
-def _dtype(dtype: object) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _worker_metrics_server(settings: Settings, metrics: Any, booted: list[Any]) -> Any:
-    """Start the worker's /metrics, /healthz, /readyz before the model loads (0: none).
-
-    /readyz stays 503 until ``booted`` holds the worker, and again once it is stopping.
-    """
-    if not settings.metrics_port:
-        return None
-    from embedq.health import serve_worker_metrics
-    from embedq.stream import open_streams
-
-    return serve_worker_metrics(
-        metrics,
-        settings.metrics_port,
-        # Ready while the pipeline runs: not while loading, stopping, or after a stage crashed.
-        ready=lambda: bool(booted) and booted[0].ready,
-        # Its own client: a scrape must not queue behind the worker's blocked XREADGROUP.
-        streams=open_streams(settings.replace(block_ms=0)),
-    )
 
 
 @click.command()
@@ -163,26 +117,9 @@ def reclaim(once: bool, **options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        from embedq.reclaimer import run_reclaim_all
-        from embedq.worker import build_worker
+        from embedq.launch import run_reclaim
 
-        # One model: reclaimed entries are processed in this thread, one batch at a time.
-        work = build_worker(settings.replace(replicas=1))
-        work.install_signal_handlers()
-        work.prepare()
-        work.heartbeat.start()  # keeps what this process took while it works on it
-        try:
-            summary = run_reclaim_all(
-                [
-                    (work.reclaimers[lane.keys.stream], partial(work.process, lane=lane))
-                    for lane in work.lanes
-                ],
-                once=once,
-                interval_s=settings.reclaim_interval_s,
-                stop=work.stop_requested,
-            )
-        finally:
-            work.heartbeat.stop()
+        summary = run_reclaim(settings, once=once)
         log.info("reclaim_done", **dataclasses.asdict(summary))
         click.echo(
             f"reclaimed {summary.claimed} entries ({summary.dead_lettered} dead-lettered, "

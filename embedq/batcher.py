@@ -1,0 +1,114 @@
+"""From a window of stream entries to batches for the model.
+
+``Batcher.batches`` checks each entry against the contract (bad ones are dead-lettered with
+their reason), lets the latest entry for an id supersede older ones in the same window,
+tokenizes (truncating at the model's limit, or dead-lettering with ``--on-overlong
+reject``) and packs token-budget batches of similar length (``embedq.batching``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from embedq.batching import plan_batches
+from embedq.encoder import Encoder, Tokenized
+from embedq.entries import Entry
+from embedq.errors import EncodeFailed, PoisonInput
+from embedq.metrics import WorkerMetrics
+from embedq.pipeline import Batch, Item, Stats
+from embedq.records import Limits, decode
+from embedq.stream import Stream
+
+DeadLetter = Callable[[Stream, Entry, str, str], None]
+Reject = Callable[[Item, str, str], None]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a window becomes batches; limits already resolved for the device."""
+
+    limits: Limits
+    max_batch_tokens: int
+    max_batch_rows: int
+    reject_overlong: bool
+
+
+class Batcher:
+    def __init__(
+        self,
+        encoder: Encoder,
+        policy: BatchPolicy,
+        *,
+        dead_letter: DeadLetter,
+        reject: Reject,
+        metrics: WorkerMetrics,
+        stats: Stats,
+    ) -> None:
+        self.encoder = encoder
+        self.policy = policy
+        self.dead_letter = dead_letter
+        self.reject = reject
+        self.metrics = metrics
+        self.stats = stats
+        self._seq = itertools.count()  # batches are numbered in read order, across windows
+
+    def batches(self, stream: Stream, entries: Sequence[Entry]) -> list[Batch]:
+        """Contract checks, supersession and tokenization; poison entries leave here."""
+        items = self._decode(stream, entries)
+        kept = [
+            item
+            for item, tok in zip(items, self._tokenize(items), strict=True)
+            if tok is not None and self._admit(item, tok)
+        ]
+        plan = plan_batches(
+            [len(i.ids) for i in kept], self.policy.max_batch_tokens, self.policy.max_batch_rows
+        )
+        return [Batch(seq=next(self._seq), items=[kept[i] for i in indices]) for indices in plan]
+
+    def _decode(self, stream: Stream, entries: Sequence[Entry]) -> list[Item]:
+        latest: dict[str, Item] = {}
+        for entry in entries:
+            try:
+                record = decode(entry.fields, self.policy.limits)
+            except PoisonInput as bad:
+                self.dead_letter(stream, entry, bad.reason, bad.detail)
+                continue
+            item = Item(stream=stream, entry=entry, record=record)
+            previous = latest.pop(record.id, None)
+            if previous is not None:
+                # The same id twice in one window: the later entry wins and the earlier one is
+                # acked with it, so an old text never overwrites a newer one out of order.
+                item.superseded = [*previous.superseded, previous.entry]
+            latest[record.id] = item
+        return list(latest.values())
+
+    def _admit(self, item: Item, tok: Tokenized) -> bool:
+        if tok.truncated:
+            if self.policy.reject_overlong:
+                self.reject(
+                    item,
+                    "overlong",
+                    f"text exceeds the model's {self.encoder.max_seq_length} tokens",
+                )
+                return False
+            self.stats.add(truncated=1)
+            self.metrics.truncated.inc()
+        item.ids = tok.ids
+        return True
+
+    def _tokenize(self, items: list[Item]) -> list[Tokenized | None]:
+        try:
+            return list(self.encoder.tokenize([i.record.text for i in items]))
+        except EncodeFailed:
+            pass
+        # One text breaks the tokenizer: find it, keep the others.
+        out: list[Tokenized | None] = []
+        for item in items:
+            try:
+                out.append(self.encoder.tokenize([item.record.text])[0])
+            except EncodeFailed as exc:
+                self.reject(item, "encode_failed", str(exc))
+                out.append(None)
+        return out

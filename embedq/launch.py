@@ -1,0 +1,241 @@
+"""The composition root: everything a worker runs on is resolved and built here, once.
+
+``resolve_runtime`` decides device, dtype, batch limits and model replicas from the
+settings and the machine (as infinity's loading strategy does); ``assemble`` wires a worker
+from its stream, encoders and sink (heartbeat, reclaimers, batcher, settler, retries);
+``build_worker`` opens those from settings. The CLI calls ``run_worker``, ``run_reclaim``
+and ``run_device_workers``; nothing else wires.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import structlog
+
+from embedq import logs
+from embedq.backoff import Retrier, dependency
+from embedq.batcher import Batcher, BatchPolicy
+from embedq.batching import batch_limits
+from embedq.config import Settings
+from embedq.encoder import Encoder, resolve_device
+from embedq.errors import ConfigError, ExitCode, InfrastructureError
+from embedq.heartbeat import Heartbeat, InFlight
+from embedq.jobs import JobLedger
+from embedq.metrics import WorkerMetrics
+from embedq.pipeline import Stats
+from embedq.reclaimer import Reclaimer, ReclaimSummary
+from embedq.records import Limits
+from embedq.replicas import (
+    parse_devices,
+    replicas_for,
+    run_per_device,
+    settings_per_device,
+    share_cpu_threads,
+)
+from embedq.settler import Settler
+from embedq.sink import Sink, open_sink
+from embedq.stream import Stream, open_stream, partition_lanes
+from embedq.worker import Parts, Worker
+
+log = structlog.get_logger("embedq.launch")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the settings leave to the machine, decided once."""
+
+    device: str
+    max_batch_tokens: int
+    max_batch_rows: int
+    replicas: int
+
+
+def resolve_runtime(settings: Settings, device: str | None = None) -> Runtime:
+    """Device, batch limits (0 = the device's default) and replica count (0 = auto)."""
+    import torch
+
+    device = device or resolve_device(settings.device)
+    tokens, rows = batch_limits(device, settings.max_batch_tokens, settings.max_batch_rows)
+    replicas = replicas_for(device, settings.replicas, torch.get_num_threads())
+    return Runtime(device, tokens, rows, replicas)
+
+
+def resolve_batch_settings(settings: Settings) -> Settings:
+    """``settings`` with "auto" batch limits replaced by the device's defaults."""
+    if settings.max_batch_tokens and settings.max_batch_rows:
+        return settings
+    runtime = resolve_runtime(settings)
+    return settings.replace(
+        max_batch_tokens=runtime.max_batch_tokens, max_batch_rows=runtime.max_batch_rows
+    )
+
+
+def load_encoders(settings: Settings) -> list[Encoder]:
+    """The model, once, and a replica per extra model thread (weights shared)."""
+    first = Encoder(settings.model, settings.device, settings.dtype)
+    runtime = resolve_runtime(settings, first.device)
+    if first.device == "cpu" and runtime.replicas > 1:
+        share = share_cpu_threads(runtime.replicas)
+        log.info("cpu_threads_shared", replicas=runtime.replicas, threads_each=share)
+    # Each replica gets its own model thread in the pipeline and, on CUDA, its own stream.
+    return [first] + [first.replica() for _ in range(runtime.replicas - 1)]
+
+
+def fault_injector(point: str) -> Callable[[str], None]:
+    """Tests' ``--fault-point``: SIGKILL this process when it reaches ``point``.
+
+    A real kill at an exact stage is the only way to prove that a crash there loses and
+    duplicates nothing. With no point set, a no-op.
+    """
+
+    def reached(where: str) -> None:
+        if point and where == point:
+            log.warning("fault_injected", point=where)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return reached
+
+
+def assemble(
+    settings: Settings,
+    stream: Stream,
+    encoders: Encoder | Sequence[Encoder],
+    sink: Sink,
+    metrics: WorkerMetrics | None = None,
+) -> Worker:
+    """A worker around ``stream`` (and its partitions), ``encoders`` and ``sink``."""
+    encoders = [encoders] if isinstance(encoders, Encoder) else list(encoders)
+    runtime = resolve_runtime(settings, encoders[0].device)
+    settings = settings.replace(
+        max_batch_tokens=runtime.max_batch_tokens, max_batch_rows=runtime.max_batch_rows
+    )
+    metrics = metrics or WorkerMetrics()
+    partitions = partition_lanes(stream, settings.partitions)
+    stats, in_flight, stop = Stats(), InFlight(on_change=metrics.in_flight.set), threading.Event()
+    crash: list[BaseException] = []
+
+    def failed(_action: str, exc: InfrastructureError) -> None:
+        metrics.errors.labels(kind=dependency(exc)).inc()
+
+    retrying = Retrier(on_failure=failed, give_up=lambda: bool(crash))
+    fault_point = fault_injector(settings.fault_point)
+    settler = Settler(
+        sink,
+        JobLedger(stream.client, stream.keys.stream),
+        encoders[0].name,
+        retrying=retrying,
+        in_flight=in_flight,
+        metrics=metrics,
+        stats=stats,
+        fault_point=fault_point,
+    )
+    policy = BatchPolicy(
+        limits=Limits(settings.max_text_bytes, settings.max_meta_bytes),
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_rows=settings.max_batch_rows,
+        reject_overlong=settings.on_overlong == "reject",
+    )
+    batcher = Batcher(
+        encoders[0],
+        policy,
+        dead_letter=settler.dead_letter,
+        reject=settler.reject,
+        metrics=metrics,
+        stats=stats,
+    )
+    reclaimers = {
+        s.keys.stream: Reclaimer(
+            s,
+            min_idle_s=settings.min_idle_s,
+            max_deliveries=settings.max_deliveries,
+            count=settings.read_count,
+            dead_letter=partial(settler.dead_letter, s),
+            consumer_idle_delete_s=settings.consumer_idle_delete_s,
+        )
+        for s in partitions
+    }
+    heartbeat = Heartbeat(
+        partitions, in_flight, interval_s=max(0.2, min(10.0, settings.min_idle_s / 4))
+    )
+    return Worker(
+        Parts(
+            settings=settings,
+            partitions=partitions,
+            encoders=encoders,
+            sink=sink,
+            metrics=metrics,
+            in_flight=in_flight,
+            heartbeat=heartbeat,
+            reclaimers=reclaimers,
+            batcher=batcher,
+            settler=settler,
+            retrying=retrying,
+            stats=stats,
+            stop_requested=stop,
+            crash=crash,
+            fault_point=fault_point,
+        )
+    )
+
+
+def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Worker:
+    """A worker wired from settings: stream, model (and replicas), sink."""
+    return assemble(
+        settings, open_stream(settings), load_encoders(settings), open_sink(settings), metrics
+    )
+
+
+def run_worker(settings: Settings) -> Stats:
+    """``embedq worker``: the metrics server first (probes answer while the model loads),
+    then the worker, until it stops."""
+    from embedq.health import reachable, serve_worker_metrics
+    from embedq.stream import open_streams
+
+    metrics, booted = WorkerMetrics(), list[Worker]()
+    server = None
+    if settings.metrics_port:
+        server = serve_worker_metrics(
+            metrics,
+            settings.metrics_port,
+            # Ready while the pipeline runs: not loading, stopping, or after a stage crashed.
+            ready=lambda: bool(booted) and booted[0].ready,
+            # Its own client: a scrape must not queue behind the worker's blocked XREADGROUP.
+            streams=open_streams(settings.replace(block_ms=0)),
+        )
+    work = build_worker(settings, metrics)
+    booted.append(work)
+    if server is not None:
+        server.require("milvus", reachable(work.sink.ping))
+    work.install_signal_handlers()
+    return work.run()
+
+
+def run_reclaim(settings: Settings, *, once: bool) -> ReclaimSummary:
+    """``embedq reclaim``: one model, reclaimed entries processed one batch at a time."""
+    work = build_worker(settings.replace(replicas=1))
+    work.install_signal_handlers()
+    return work.reclaim(once=once)
+
+
+def run_device_workers(settings: Settings) -> int:
+    """``--devices``: one worker process per listed device, supervised here."""
+    per_device = settings_per_device(settings, parse_devices(settings.devices))
+    return run_per_device(per_device, worker_process, grace_s=settings.grace_s + 5)
+
+
+def worker_process(settings: Settings) -> int:
+    """What each device's process runs: a whole worker on that device."""
+    logs.configure(settings.log_level, settings.log_json, settings.secrets)
+    try:
+        # A second signal or an expired grace period ends the process inside the worker.
+        run_worker(settings.replace(metrics_port=0))
+    except ConfigError as exc:
+        log.error("config_error", error=str(exc))
+        return int(ExitCode.USAGE)
+    return int(ExitCode.OK)

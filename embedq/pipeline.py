@@ -1,0 +1,102 @@
+"""What flows between the worker's stages: items, batches, the end marker, and counts.
+
+An ``Item`` is one decoded entry on its way through the pipeline (with the partition
+stream it came from, and older entries for the same id that it supersedes). A ``Batch`` is
+the items that go through the model together; ``seq`` keeps writes in read order. The
+stage queues carry ``Batch | End``: ``END`` tells the next stage that nothing follows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from embedq.entries import Entry
+from embedq.records import Record
+from embedq.stream import Stream
+
+
+@dataclass
+class Item:
+    """One decoded entry, with the stream it came from."""
+
+    stream: Stream
+    entry: Entry
+    record: Record
+    ids: list[int] = field(default_factory=list)  # token ids, once tokenized
+    superseded: list[Entry] = field(default_factory=list)  # older entries for the same id
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [*self.superseded, self.entry]
+
+
+@dataclass
+class Batch:
+    """Items that go through the model together; ``seq`` keeps writes in read order."""
+
+    seq: int
+    items: list[Item]
+    vectors: npt.NDArray[np.float32] | None = None
+    tokens: int = 0
+    padded_tokens: int = 0
+    encode_s: float = 0.0
+    parts: list[Batch] = field(default_factory=list)  # set when the model split the batch
+    created_at: float = field(default_factory=time.perf_counter)  # for latency to the ack
+
+
+class End:
+    """The end-of-stream marker a stage puts on its output queue when it stops."""
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END: Final = End()
+
+Stage = Batch | End
+
+
+@dataclass
+class Stats:
+    """What a worker did, for its exit line and its ``worker_stopped`` log."""
+
+    texts: int = 0
+    tokens: int = 0
+    batches: int = 0
+    dead_lettered: int = 0
+    truncated: int = 0
+    reclaimed: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def restart(self) -> None:
+        """Zero the counters and the clock (a worker's run starts here)."""
+        with self._lock:
+            for name in ("texts", "tokens", "batches", "dead_lettered", "truncated", "reclaimed"):
+                setattr(self, name, 0)
+            self.started_at = time.monotonic()
+
+    def add(self, **counts: int) -> None:
+        """Add to counters from any stage thread."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started_at, 1e-9)
+        return {
+            "texts": self.texts,
+            "tokens": self.tokens,
+            "batches": self.batches,
+            "dead_lettered": self.dead_lettered,
+            "truncated": self.truncated,
+            "reclaimed": self.reclaimed,
+            "elapsed_s": round(elapsed, 3),
+            "texts_per_s": round(self.texts / elapsed, 1),
+        }

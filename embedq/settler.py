@@ -1,0 +1,205 @@
+"""Settling batches: write to Milvus, then ack; dead-letter what can never be written.
+
+The settler is the only place that decides an entry's fate once it was read:
+
+* ``settle``: upsert a batch's rows and only then XACK its entries (per partition stream);
+  Milvus or Redis unreachable means retry with backoff, nothing acked or dead-lettered.
+* ``isolate``: when a call fails for a batch, split it in halves until the failing item is
+  alone; only that one is dead-lettered. One implementation serves the model's failures
+  (``EncodeFailed``) and Milvus's row rejections (``SinkRejected``).
+* ``dead_letter`` / ``reject``: move an entry to its dead-letter stream with a reason (and
+  ack the entries an item superseded), then count it for its job.
+
+It receives what it needs (the sink, the retrier, the in-flight set, the job ledger, the
+metrics) and never calls back into the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from embedq.backoff import Retrier
+from embedq.entries import Entry
+from embedq.errors import EmbedqError, InfrastructureError, SinkRejected
+from embedq.heartbeat import InFlight
+from embedq.jobs import JobLedger
+from embedq.metrics import WorkerMetrics
+from embedq.pipeline import Batch, Item, Stats
+from embedq.sink import Row, Sink
+from embedq.stream import Stream
+
+log = structlog.get_logger("embedq.settler")
+
+R = TypeVar("R")
+E = TypeVar("E", bound=EmbedqError)
+
+FaultPoint = Callable[[str], None]
+
+
+def isolate(
+    items: list[Item],
+    attempt: Callable[[list[Item]], R],
+    failure: type[E],
+    on_split: Callable[[int, E], None] | None = None,
+) -> Iterator[tuple[list[Item], R | E]]:
+    """Run ``attempt`` on ``items``; when it raises ``failure``, split the items in halves
+    and try each, until the failing ones are alone. Yields each group that went through
+    with its result, and each lone culprit (a list of one) with its error, in order."""
+    try:
+        yield items, attempt(items)
+        return
+    except failure as exc:
+        if len(items) == 1:
+            yield items, exc
+            return
+        if on_split is not None:
+            on_split(len(items), exc)
+    half = len(items) // 2
+    yield from isolate(items[:half], attempt, failure, on_split)
+    yield from isolate(items[half:], attempt, failure, on_split)
+
+
+class Settler:
+    def __init__(
+        self,
+        sink: Sink,
+        ledger: JobLedger,
+        model_name: str,
+        *,
+        retrying: Retrier,
+        in_flight: InFlight,
+        metrics: WorkerMetrics,
+        stats: Stats,
+        fault_point: FaultPoint = lambda _point: None,
+    ) -> None:
+        self.sink = sink
+        self.ledger = ledger
+        self.model_name = model_name
+        self.retrying = retrying
+        self.in_flight = in_flight
+        self.metrics = metrics
+        self.stats = stats
+        self.fault_point = fault_point
+
+    # -- write, then ack -----------------------------------------------------------------
+
+    def settle(self, batch: Batch) -> None:
+        """Write every part of ``batch`` that has vectors, then ack it."""
+        for part in batch.parts:
+            self.settle(part)
+        if not batch.items or batch.vectors is None:
+            return
+        vectors = dict(zip((id(i) for i in batch.items), batch.vectors, strict=True))
+        started = time.perf_counter()
+        for items, outcome in isolate(
+            batch.items,
+            lambda group: self._write(group, [vectors[id(i)] for i in group], batch),
+            SinkRejected,
+            on_split=lambda _n, _exc: self.metrics.errors.labels(kind="sink_rejected").inc(),
+        ):
+            if isinstance(outcome, SinkRejected):
+                self.metrics.errors.labels(kind="sink_rejected").inc()
+                self.reject(items[0], "sink_rejected", str(outcome))
+                continue
+            written = time.perf_counter()
+            self.fault_point("after_write")
+            self.ack(items)
+            acked = time.perf_counter()
+            self._count(batch, items, write_s=written - started, ack_s=acked - written)
+            started = time.perf_counter()
+
+    def _write(
+        self, items: list[Item], vectors: Sequence[npt.NDArray[np.float32]], batch: Batch
+    ) -> int:
+        rows = [
+            Row(id=i.record.id, vector=v, text=i.record.text, meta=i.record.meta)
+            for i, v in zip(items, vectors, strict=True)
+        ]
+        return self.retrying(
+            "upsert", lambda: self.sink.upsert(rows), on_error=lambda e: self.record_error(items, e)
+        )
+
+    def _count(self, batch: Batch, items: list[Item], *, write_s: float, ack_s: float) -> None:
+        whole = len(items) == len(batch.items)  # token counts are per forward pass
+        tokens = batch.tokens if whole else 0
+        self.metrics.stage_seconds.labels(stage="write").observe(write_s)
+        self.metrics.stage_seconds.labels(stage="ack").observe(ack_s)
+        self.metrics.texts.inc(len(items))
+        self.metrics.tokens.inc(tokens)
+        self.metrics.padded_tokens.inc(batch.padded_tokens if whole else 0)
+        self.metrics.batches.inc()
+        self.stats.add(texts=len(items), tokens=tokens, batches=1)
+        log.debug(
+            "batch_done",
+            count=len(items),
+            tokens=batch.tokens,
+            padded_tokens=batch.padded_tokens,
+            encode_ms=round(batch.encode_s * 1000, 1),
+            write_ms=round(write_s * 1000, 1),
+            ack_ms=round(ack_s * 1000, 1),
+            latency_ms=round((time.perf_counter() - batch.created_at) * 1000, 1),
+        )
+
+    def ack(self, items: Sequence[Item]) -> None:
+        """XACK the items' entries (per partition stream), then count them for their jobs."""
+        for stream, entries in _by_stream(items).items():
+            ids = [e.entry_id for e in entries]
+            # Out of the heartbeat's set first: an acked entry must not look "lost" to it.
+            self.in_flight.discard((stream.keys.stream, i) for i in ids)
+            self.retrying("ack", partial(stream.ack, ids))
+            self.retrying(
+                "job progress", partial(self.ledger.record_embedded, entries, self.model_name)
+            )
+
+    # -- dead letters --------------------------------------------------------------------
+
+    def dead_letter(
+        self, stream: Stream, entry: Entry, reason: str, error: str, deliveries: int = 1
+    ) -> None:
+        """Move ``entry`` to ``stream``'s dead-letter stream with why (and ack it)."""
+        moved = self.retrying(
+            "dead-letter", lambda: stream.dlq.move(entry, reason, error, deliveries)
+        )
+        self.in_flight.discard([(stream.keys.stream, entry.entry_id)])
+        if moved:
+            self.stats.add(dead_lettered=1)
+            self.metrics.dead_lettered.labels(reason=reason).inc()
+            self.retrying("job progress", lambda: self.ledger.record_dead_lettered(entry))
+        log.warning(
+            "dead_lettered",
+            entry_id=entry.entry_id,
+            stream=stream.keys.stream,
+            reason=reason,
+            error=error[:300],
+            moved=moved,
+        )
+
+    def reject(self, item: Item, reason: str, error: str) -> None:
+        """Dead-letter ``item``'s entry; the older entries it superseded are acked with it."""
+        self.dead_letter(item.stream, item.entry, reason, error)
+        if item.superseded:
+            ids = [e.entry_id for e in item.superseded]
+            self.in_flight.discard((item.stream.keys.stream, i) for i in ids)
+            self.retrying("ack", lambda: item.stream.ack(ids))
+
+    def record_error(self, items: Sequence[Item], error: str) -> None:
+        """Why these entries are late, for a reclaimer that dead-letters them later."""
+        for stream, entries in _by_stream(items).items():
+            # Redis may be down too; the error is only a hint.
+            with contextlib.suppress(InfrastructureError):
+                stream.record_error([e.entry_id for e in entries], error)
+
+
+def _by_stream(items: Sequence[Item]) -> dict[Stream, list[Entry]]:
+    grouped: dict[Stream, list[Entry]] = {}
+    for item in items:
+        grouped.setdefault(item.stream, []).extend(item.entries)
+    return grouped

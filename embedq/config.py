@@ -14,15 +14,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from embedq.errors import SettingsError
 from embedq.keys import hash_tag
 
 ENV_PREFIX = "EMBEDQ_"
 
 Overlong = Literal["truncate", "reject"]
 
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot work; the message says which and why."""
+# SettingsError lives with the other errors (embedq.errors); it is imported from here too.
+__all__ = [
+    "ENV_PREFIX",
+    "Overlong",
+    "Settings",
+    "SettingsError",
+    "default_consumer_name",
+    "dsn_secrets",
+    "redact_url",
+]
 
 
 def default_consumer_name() -> str:

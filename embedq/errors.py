@@ -1,14 +1,35 @@
-"""A small error hierarchy that says what to do with a failure.
+"""A small error hierarchy that says what to do with a failure, and the exit codes it maps to.
 
 * ``PoisonInput``: the entry itself is bad; dead-letter it with ``reason``, never retry.
 * ``InfrastructureError``: Redis or Milvus is unreachable or slow; ack nothing, back off, retry.
 * ``ConfigError``: the operator must change something (model path, dimension, a locked
-  Milvus Lite file); the process stops with a one-line message.
+  Milvus Lite file, a setting: ``SettingsError``); the process stops with a one-line message.
 
-Library exceptions (redis, pymilvus, torch) are translated where they enter embedq.
+Library exceptions (redis, pymilvus, torch) are translated where they enter embedq, by their
+type or error code (``embedq.redis_connection.translated``, ``embedq.milvus_errors.translated``).
+A command body that fails with one of these exits with the ``ExitCode`` its kind names
+(``embedq.cli.options.run_guarded``).
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What an ``embedq`` process's exit status means; the README's "Exit codes" lists them.
+
+    Kubernetes and scripts tell "misconfigured" (2: fix the settings, restarting will not
+    help) from "cannot connect" (3: a dependency is down, a restart later may) from
+    "crashed" (1) by these alone, as with dramatiq's ``RET_CONNECT``.
+    """
+
+    OK = 0  # done: the command did its work (`worker --drain`: nothing left to do)
+    CRASHED = 1  # an unexpected error or a dead pipeline stage; the worker stopped
+    NOT_FOUND = 1  # `job ID`, `dlq show`, `dlq retry IDS`: what was asked for is not there
+    USAGE = 2  # bad flags or settings, or something else the operator must fix (ConfigError)
+    CONNECT = 3  # Redis or Milvus cannot be reached (at start: the worker retries once running)
+    INTERRUPTED = 130  # `enqueue` stopped by Ctrl-C (128 + SIGINT, the shell's convention)
 
 
 class EmbedqError(Exception):
@@ -17,6 +38,13 @@ class EmbedqError(Exception):
 
 class ConfigError(EmbedqError):
     """Something the operator must fix; the message says what."""
+
+
+class SettingsError(ConfigError, ValueError):
+    """A setting has a value that cannot work; the message says which and why.
+
+    Also a ``ValueError``, which is what an invalid value is to Python callers.
+    """
 
 
 class InfrastructureError(EmbedqError):
@@ -28,7 +56,8 @@ class QueueUnavailable(InfrastructureError):
 
 
 class SinkUnavailable(InfrastructureError):
-    """Milvus is unreachable, timing out or refusing writes for now."""
+    """Milvus is unreachable, timing out, over a rate limit or quota, or refusing writes
+    for now."""
 
 
 class PoisonInput(EmbedqError):
@@ -49,4 +78,14 @@ class SinkRejected(EmbedqError):
 
 
 class StageCrashed(EmbedqError):
-    """A worker pipeline thread died on an unexpected error; the worker stops (exit 1)."""
+    """A worker pipeline thread died on an unexpected error; the worker stops
+    (``ExitCode.CRASHED``)."""
+
+
+def exit_code_for(exc: EmbedqError) -> ExitCode:
+    """The exit status of a command that stopped on ``exc``."""
+    if isinstance(exc, ConfigError):
+        return ExitCode.USAGE
+    if isinstance(exc, InfrastructureError):
+        return ExitCode.CONNECT
+    return ExitCode.CRASHED

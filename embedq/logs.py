@@ -41,8 +41,19 @@ class SecretScrubber:
         return event
 
 
+# The scrubber of the last ``configure``: ``redact`` applies it to text printed outside logs.
+_scrubber = SecretScrubber(())
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret ``configure`` was given replaced by ``***``."""
+    return str(_scrubber.scrub(text))
+
+
 def configure(level: str = "info", json: bool | None = None, secrets: Iterable[str] = ()) -> None:
     """Logs go to stderr (stdout is for command output such as ``lag --json``)."""
+    global _scrubber  # noqa: PLW0603 -- one process, one set of secrets, set at the entry point
+    _scrubber = SecretScrubber(secrets)
     if json is None:
         json = not sys.stderr.isatty()
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -55,7 +66,7 @@ def configure(level: str = "info", json: bool | None = None, secrets: Iterable[s
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            SecretScrubber(secrets),
+            _scrubber,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -34,9 +34,21 @@ def is_cluster(client: redis.Redis) -> bool:
     return isinstance(client, redis.RedisCluster)
 
 
+# Replies that mean "not now": a replica still loading its dataset (LOADING, a
+# ConnectionError subclass), a master that lost its link (MASTERDOWN), a cluster that is
+# resharding or failing over (CLUSTERDOWN, TRYAGAIN). redis-py parses each into its own
+# type, with the code stripped from the message, so the type is what tells.
+_NOT_READY = (
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ClusterDownError,  # MasterDownError is one too
+    redis.exceptions.TryAgainError,
+)
+
+
 @contextmanager
 def translated(action: str) -> Iterator[None]:
-    """Turn redis-py's connection failures into ``QueueUnavailable`` (no URL, no secrets)."""
+    """Turn redis-py's exceptions into ``QueueUnavailable`` (retry later) or ``ConfigError``
+    (credentials, permissions, cluster mode), by type; no URL, no secrets in messages."""
     try:
         yield
     except redis.AuthenticationError:
@@ -44,6 +56,8 @@ def translated(action: str) -> Iterator[None]:
         raise ConfigError(
             "redis rejected the credentials (check the password or ACL user)"
         ) from None
+    except _NOT_READY as exc:
+        raise QueueUnavailable(f"redis not ready during {action}: {type(exc).__name__}") from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise QueueUnavailable(f"redis unavailable during {action}: {type(exc).__name__}") from None
     except redis.exceptions.NoPermissionError:
@@ -57,13 +71,6 @@ def translated(action: str) -> Iterator[None]:
             f"redis answered MOVED during {action}: the server is a Redis Cluster node; "
             "pass --redis-cluster (EMBEDQ_REDIS_CLUSTER=1)"
         ) from None
-    except redis.ResponseError as exc:
-        message = str(exc)
-        if message.startswith(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")):
-            raise QueueUnavailable(f"redis not ready during {action}: {message[:60]}") from None
-        if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-            raise ConfigError(f"redis refused {action}: {message.split(' ', 1)[0]}") from None
-        raise
     except redis.exceptions.RedisClusterException as exc:
         if "not enabled" in str(exc):  # "Cluster mode is not enabled on this node"
             raise ConfigError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,8 @@ import numpy.typing as npt
 import structlog
 
 from embedq.config import Settings
-from embedq.errors import ConfigError, SinkRejected, SinkUnavailable
+from embedq.errors import ConfigError, SinkRejected
+from embedq.milvus_errors import translated
 
 log = structlog.get_logger("embedq.sink")
 
@@ -54,83 +54,6 @@ def _cut_utf8(text: str, limit: int) -> str:
     if len(raw) <= limit:
         return text
     return raw[:limit].decode("utf-8", "ignore")
-
-
-_UNAVAILABLE_MARKERS = (
-    "fail connecting",
-    "unavailable",
-    "deadline",
-    "timeout",
-    "timed out",
-    "connection",
-    "not ready",
-    "closed channel",
-    "rate limit",
-    "server is not",
-    "shutting down",
-)
-
-
-def _refused_credentials(exc: BaseException) -> bool:
-    """True when a gRPC error under ``exc`` says UNAUTHENTICATED or PERMISSION_DENIED.
-
-    pymilvus reports a wrong token at connect time as "Fail connecting to server ...
-    illegal connection params or server unavailable" (seen with Milvus 2.3.5 and
-    authorization on); only the gRPC status in its cause tells it from an outage.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        code = getattr(cause, "code", None)
-        if callable(code) and type(cause).__module__.startswith("grpc"):
-            name = getattr(code(), "name", "")
-            if name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-@contextmanager
-def translated(action: str) -> Iterator[None]:
-    """pymilvus/grpc errors → SinkUnavailable (retry later) or SinkRejected (bad request)."""
-    from pymilvus.exceptions import MilvusException
-
-    try:
-        yield
-    except (SinkUnavailable, SinkRejected, ConfigError):
-        raise
-    except MilvusException as exc:
-        message = str(getattr(exc, "message", "") or exc)
-        lowered = message.lower()
-        if "open local milvus failed" in lowered:
-            raise ConfigError(
-                "the Milvus Lite database is already open in another process (Milvus Lite "
-                "allows one process per file); run `milvus-lite server` and point every "
-                "worker at it with --milvus-uri http://HOST:PORT"
-            ) from None
-        if (
-            "auth" in lowered
-            or "token" in lowered
-            or "permission" in lowered
-            or "privilege" in lowered
-            or _refused_credentials(exc)
-        ):
-            raise ConfigError(
-                f"Milvus refused {action}: authentication failed (check --milvus-token)"
-            ) from None
-        if any(marker in lowered for marker in _UNAVAILABLE_MARKERS):
-            raise SinkUnavailable(f"milvus unavailable during {action}: {message[:200]}") from None
-        raise SinkRejected(f"milvus rejected {action}: {message[:300]}") from None
-    except (ConnectionError, TimeoutError, OSError) as exc:
-        raise SinkUnavailable(f"milvus unavailable during {action}: {type(exc).__name__}") from None
-    except Exception as exc:
-        # grpc raises its own RpcError types for transport failures.
-        if type(exc).__module__.startswith("grpc"):
-            raise SinkUnavailable(
-                f"milvus unavailable during {action}: {type(exc).__name__}"
-            ) from None
-        raise
 
 
 class Sink:
@@ -176,8 +99,6 @@ class Sink:
 
         With ``create=False`` (readers such as ``embedq search``) a missing collection is a
         ``ConfigError`` instead."""
-        from pymilvus import DataType
-
         client = self.client
         with translated("describe collection"):
             exists = client.has_collection(self.collection, timeout=self.timeout_s)
@@ -195,27 +116,7 @@ class Sink:
                 f"collection {self.collection} does not exist at {self.uri} "
                 "(no worker has written to it yet; check --collection)"
             )
-        schema = client.create_schema(
-            auto_id=False,
-            enable_dynamic_field=False,
-            description=f"embedq model={model_name} dim={dimension}",
-        )
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
-        if self.store_text:
-            schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
-        schema.add_field("meta", DataType.JSON)
-        index = client.prepare_index_params()
-        if is_lite(self.uri):
-            # Milvus Lite searches exactly; FLAT is what it runs best.
-            index.add_index("vector", index_type="FLAT", metric_type="COSINE")
-        else:
-            index.add_index(
-                "vector",
-                index_type="HNSW",
-                metric_type="COSINE",
-                params={"M": 16, "efConstruction": 200},
-            )
+        schema, index = self._schema(dimension, model_name), self._index()
         try:
             with translated("create collection"):
                 client.create_collection(
@@ -237,6 +138,36 @@ class Sink:
             index="FLAT" if is_lite(self.uri) else "HNSW",
         )
         return True
+
+    def _schema(self, dimension: int, model_name: str) -> Any:
+        """id (primary key), vector, text (unless not stored) and meta; nothing dynamic."""
+        from pymilvus import DataType
+
+        schema = self.client.create_schema(
+            auto_id=False,
+            enable_dynamic_field=False,
+            description=f"embedq model={model_name} dim={dimension}",
+        )
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+        if self.store_text:
+            schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
+        schema.add_field("meta", DataType.JSON)
+        return schema
+
+    def _index(self) -> Any:
+        """Cosine over the vector: FLAT on Milvus Lite, which searches exactly, else HNSW."""
+        index = self.client.prepare_index_params()
+        if is_lite(self.uri):
+            index.add_index("vector", index_type="FLAT", metric_type="COSINE")
+        else:
+            index.add_index(
+                "vector",
+                index_type="HNSW",
+                metric_type="COSINE",
+                params={"M": 16, "efConstruction": 200},
+            )
+        return index
 
     def _check_existing(self, info: dict[str, Any], dimension: int, model_name: str) -> None:
         vector = next((f for f in info["fields"] if f["name"] == "vector"), None)

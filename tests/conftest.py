@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from embedq.config import Settings
-from embedq.encoder import Encoder
+from embedq.encoder import Encoder, packaged_model_dir
 from embedq.launch import assemble
 from embedq.redis_connection import connect
 from embedq.sink import Sink, open_sink
@@ -194,3 +195,39 @@ def milvus_server_factory(
     yield factory
     for server in servers.values():
         server.stop()
+
+
+# A tiny real BERT (random weights, one layer, 64 positions) whose embedding table has 30000
+# rows while its tokenizer, the packaged all-MiniLM-L6-v2 one, knows 30522 tokens: torch
+# raises in the forward pass of any batch holding a token id of 30000 or more (see
+# tests/test_dead_letters.py), so a model failure on one text is real, not faked.
+EMBEDDING_ROWS = 30000
+MAX_POSITIONS = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    source = packaged_model_dir()
+    assert source is not None, "the packaged model provides the tokenizer files"
+    target = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=EMBEDDING_ROWS,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=MAX_POSITIONS,
+    )
+    BertModel(config).save_pretrained(target)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model: Path) -> Encoder:
+    return Encoder(str(tiny_model), device="cpu")

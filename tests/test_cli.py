@@ -156,7 +156,7 @@ def test_env_vars_fill_settings_and_flags_override_them(tmp_path: Path) -> None:
     result = embedq("worker", "--help", env={"EMBEDQ_MAX_DELIVERIES": "9"})
     assert "EMBEDQ_MAX_DELIVERIES" not in result.stdout or result.returncode == 0
     bad = embedq("lag", env={"EMBEDQ_REDIS_URL": "redis://127.0.0.1:1/0"})
-    assert bad.returncode == 1 and "redis unavailable" in bad.stderr
+    assert bad.returncode == 3 and "redis unavailable" in bad.stderr  # ExitCode.CONNECT
     unsafe = embedq("worker", "--milvus-timeout", "120", "--min-idle", "60")
     assert unsafe.returncode == 2 and "shorter than min_idle_s" in unsafe.stderr
 
@@ -166,7 +166,7 @@ def test_redis_password_never_appears_in_output(stream_name: str) -> None:
     result = embedq(
         "lag", "--log-level", "debug", env={"EMBEDQ_REDIS_URL": url, "EMBEDQ_STREAM": stream_name}
     )
-    assert result.returncode == 1
+    assert result.returncode == 3  # ExitCode.CONNECT
     assert "hunter2-secret" not in result.stderr + result.stdout
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,42 +24,12 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.encoder import Encoder, packaged_model_dir
+from embedq.encoder import Encoder
 from embedq.sink import Sink
 
-from .conftest import REDIS_URL, corpus_rows
+from .conftest import EMBEDDING_ROWS, REDIS_URL, corpus_rows
 
-EMBEDDING_ROWS = 30000
-MAX_POSITIONS = 64
 RAISES = "the velocity xⁿ grows"  # "##ⁿ" is token 30080: past the embedding table
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel
-
-    source = packaged_model_dir()
-    assert source is not None, "the packaged model provides the tokenizer files"
-    target = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=EMBEDDING_ROWS,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_POSITIONS,
-    )
-    BertModel(config).save_pretrained(target)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(source / name, target / name)
-    return target
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder(tiny_model: Path) -> Encoder:
-    return Encoder(str(tiny_model), device="cpu")
 
 
 def good_rows(encoder: Encoder, n: int) -> list[dict[str, Any]]:

@@ -145,7 +145,7 @@ def test_an_acl_user_without_write_rights_gets_noperm_not_a_crash(tls_redis: Red
 def test_rediss_without_the_ca_fails_without_leaking_the_password(tls_redis: RedisServer) -> None:
     url = tls_url(tls_redis, f":{DEFAULT_PASSWORD}", with_ca=False)
     code, out, err = run_embedq("lag", env={"EMBEDQ_REDIS_URL": url})
-    assert code == 1 and "redis unavailable" in err and "Traceback" not in err
+    assert code == 3 and "redis unavailable" in err and "Traceback" not in err  # CONNECT
     assert_no_secret(out, err)
     ok = tls_url(tls_redis, f":{DEFAULT_PASSWORD}")
     code, out, err = run_embedq("init", "--stream", "secure:default", env={"EMBEDQ_REDIS_URL": ok})

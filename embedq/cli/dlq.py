@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from embedq.cli.options import build_settings, common, log, run_guarded
+from embedq.errors import ExitCode
 
 if TYPE_CHECKING:
-    from embedq.stream import Stream
+    from embedq.dlq import DeadLetterQueue
 
 
 @click.group()
@@ -22,13 +23,13 @@ def dlq() -> None:
     """
 
 
-def _open_lanes(options: dict[str, Any]) -> list[Stream]:
+def _open_lanes(options: dict[str, Any]) -> list[DeadLetterQueue]:
     from embedq.stream import open_streams
 
-    return open_streams(build_settings(options))
+    return [stream.dlq for stream in open_streams(build_settings(options))]
 
 
-def _where(lanes: Sequence[Stream]) -> str:
+def _where(lanes: Sequence[DeadLetterQueue]) -> str:
     """The dead-letter stream(s), for a closing line."""
     return lanes[0].keys.dlq if len(lanes) == 1 else f"{len(lanes)} partition dead-letter streams"
 
@@ -51,7 +52,7 @@ def dlq_list(reason: str | None, limit: int, as_json: bool, **options: Any) -> N
         if as_json:
             for letter in letters:
                 click.echo(json.dumps(letter.summary(), ensure_ascii=False))
-            return 0
+            return ExitCode.OK
         width = 20 if len(lanes) == 1 else 24
         click.echo(f"{'dlq id':<{width}} {'reason':<16} {'deliv':>5} {'age':>9}  id")
         for letter in letters:
@@ -59,9 +60,9 @@ def dlq_list(reason: str | None, limit: int, as_json: bool, **options: Any) -> N
                 f"{letter.ref:<{width}} {letter.reason:<16} {letter.deliveries:>5} "
                 f"{letter.age_s():>8.0f}s  {letter.doc_id[:60]}"
             )
-        total = sum(lane.dlq_length() for lane in lanes)
+        total = sum(lane.length() for lane in lanes)
         click.echo(f"{len(letters)} shown, {total} in {_where(lanes)}")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)
 
@@ -80,17 +81,17 @@ def dlq_show(dlq_id: str, as_json: bool, **options: Any) -> None:
         letter = show(lanes, dlq_id)
         if letter is None:
             click.echo(f"embedq: no entry {dlq_id} in {_where(lanes)}", err=True)
-            return 1
+            return ExitCode.NOT_FOUND
         data = letter.as_dict()
         if as_json:
             click.echo(json.dumps(data, ensure_ascii=False))
-            return 0
+            return ExitCode.OK
         for key, value in data.items():
             if key != "fields":
                 click.echo(f"{key:<12} {value}")
         for key, value in data["fields"].items():
             click.echo(f"field {key:<6} {value[:2000]}")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)
 
@@ -124,7 +125,8 @@ def dlq_retry(
                 err=True,
             )
         click.echo(f"retried {len(sent)} of {len(ids)}")
-        return 1 if dlq_ids and skipped else 0
+        # Named ids that were not sent back: the caller asked for something that is not there.
+        return ExitCode.NOT_FOUND if dlq_ids and skipped else ExitCode.OK
 
     run_guarded(body)
 
@@ -145,6 +147,6 @@ def dlq_purge(dlq_ids: tuple[str, ...], purge_all: bool, **options: Any) -> None
         removed = purge(lanes, None if purge_all else list(dlq_ids))
         log.info("dlq_purged", removed=removed)
         click.echo(f"purged {removed} from {_where(lanes)}")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)

@@ -3,21 +3,22 @@
 Every option is a flag that also reads ``EMBEDQ_<NAME>`` (e.g. ``--redis-url`` and
 ``EMBEDQ_REDIS_URL``); defaults come from ``embedq.config.Settings``. Commands declare
 their options with ``setting(...)`` and the ``common``/``milvus``/``model`` groups, build
-their Settings with ``build_settings`` and run their body under ``run_guarded``.
+their Settings with ``build_settings`` and run their body under ``run_guarded``, which
+turns the body's return value or error into an ``embedq.errors.ExitCode``.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import structlog
 
 from embedq import logs
 from embedq.config import Settings, SettingsError
-from embedq.errors import ConfigError, EmbedqError
+from embedq.errors import EmbedqError, ExitCode, exit_code_for
 
 log = structlog.get_logger("embedq.cli")
 
@@ -153,16 +154,20 @@ def build_settings(options: dict[str, Any]) -> Settings:
     return settings
 
 
-def run_guarded(call: Callable[[], int | None]) -> None:
-    """Config errors become one line and exit 2; nothing prints a secret."""
+def run_guarded(call: Callable[[], int | None]) -> NoReturn:
+    """Run a command body and exit with its code, or with the one its error's kind names.
+
+    ``ConfigError`` (``SettingsError`` included) exits ``USAGE``; an infrastructure error
+    that reaches here (Redis or Milvus unreachable while starting, or during a one-shot
+    command) exits ``CONNECT``; any other ``EmbedqError`` exits ``CRASHED``. Each prints one
+    line, with no traceback and no secret; anything else is a bug and keeps its traceback.
+    """
     try:
         code = call()
-    except ConfigError as exc:
-        log.error("config_error", error=str(exc))
-        click.echo(f"embedq: {exc}", err=True)
-        sys.exit(2)
     except EmbedqError as exc:
-        log.error("failed", error=str(exc))
-        click.echo(f"embedq: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(code or 0)
+        code = exit_code_for(exc)
+        message = logs.redact(str(exc))
+        event = "config_error" if code == ExitCode.USAGE else "failed"
+        log.error(event, error=message, kind=type(exc).__name__, exit_code=int(code))
+        click.echo(f"embedq: {message}", err=True)
+    sys.exit(int(ExitCode.OK if code is None else code))

@@ -1,0 +1,109 @@
+"""In-memory stand-ins for the stream, the job ledger and the sink (dramatiq's StubBroker is
+the model): the settle / batch / split logic runs against them in milliseconds, and the
+failures a real Redis or Milvus can't be made to produce on demand (a row refused after
+the third call, an outage of exactly two calls) are produced here. The real-process tests
+prove the wiring; these prove the decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedq.entries import Entry
+from embedq.errors import SinkRejected, SinkUnavailable
+from embedq.keys import Keys
+from embedq.sink import Row
+
+
+@dataclass
+class StubDeadLetters:
+    stream: StubStream
+    moved: list[tuple[str, str, str]] = field(default_factory=list)  # entry id, reason, error
+
+    def move(self, entry: Entry, reason: str, error: str = "", deliveries: int = 1) -> bool:
+        if entry.entry_id not in self.stream.pending:
+            return False
+        self.stream.pending.discard(entry.entry_id)
+        self.stream.events.append(("dead_letter", entry.entry_id))
+        self.moved.append((entry.entry_id, reason, error))
+        return True
+
+
+class StubStream:
+    """One partition stream of a consumer group: what was delivered, acked, dead-lettered."""
+
+    def __init__(self, name: str = "stub:tasks") -> None:
+        self.keys = Keys(name)
+        self.pending: set[str] = set()
+        self.acked: list[str] = []
+        self.errors: dict[str, str] = {}
+        self.events: list[tuple[str, str]] = []
+        self.dlq = StubDeadLetters(self)
+        self._seq = 0
+
+    def deliver(self, *fields: dict[bytes, bytes]) -> list[Entry]:
+        """New entries, as XREADGROUP would hand them to this consumer."""
+        out = []
+        for f in fields:
+            self._seq += 1
+            entry = Entry(f"1-{self._seq}", f)
+            self.pending.add(entry.entry_id)
+            out.append(entry)
+        return out
+
+    def ack(self, entry_ids: Sequence[str]) -> int:
+        n = 0
+        for eid in entry_ids:
+            self.events.append(("ack", eid))
+            if eid in self.pending:
+                self.pending.discard(eid)
+                self.acked.append(eid)
+                n += 1
+        return n
+
+    def record_error(self, entry_ids: Sequence[str], error: str) -> None:
+        for eid in entry_ids:
+            self.errors[eid] = error
+
+
+class StubLedger:
+    def __init__(self) -> None:
+        self.embedded: list[str] = []
+        self.dead_lettered: list[str] = []
+
+    def record_embedded(self, entries: Sequence[Entry], model: str) -> None:
+        self.embedded += [e.entry_id for e in entries]
+
+    def record_dead_lettered(self, entry: Entry) -> None:
+        self.dead_lettered.append(entry.entry_id)
+
+
+class StubSink:
+    """Rows by id. ``reject(row)`` refuses a row as Milvus refuses invalid data (the whole
+    call fails); ``outages`` makes that many next calls fail as unreachable."""
+
+    collection = "stub"
+
+    def __init__(
+        self, reject: Callable[[Row], bool] = lambda _row: False, events: list[Any] | None = None
+    ) -> None:
+        self.rows: dict[str, Row] = {}
+        self.reject = reject
+        self.outages = 0
+        self.calls = 0
+        self.events = events if events is not None else []
+
+    def upsert(self, rows: Sequence[Row]) -> int:
+        self.calls += 1
+        if self.outages:
+            self.outages -= 1
+            raise SinkUnavailable("milvus unavailable during upsert: stub outage")
+        bad = [r.id for r in rows if self.reject(r)]
+        if bad:
+            raise SinkRejected(f"milvus rejected the upsert: invalid row {bad[0]}")
+        for row in rows:
+            self.rows[row.id] = row
+            self.events.append(("write", row.id))
+        return len(rows)

@@ -1,0 +1,208 @@
+"""The worker's decisions, against in-memory stand-ins (tests/stubs.py) and a tiny real
+model: what is written, acked, split and dead-lettered, in milliseconds. The same paths
+run for real against Redis and Milvus in test_pipeline, test_faults and test_dead_letters.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedq.backoff import Retrier
+from embedq.batcher import Batcher, BatchPolicy
+from embedq.encoder import Encoder
+from embedq.heartbeat import InFlight
+from embedq.metrics import WorkerMetrics
+from embedq.pipeline import Batch, Stats
+from embedq.records import Limits
+from embedq.settler import Settler, isolate
+
+from .stubs import StubLedger, StubSink, StubStream
+
+RAISES = "the velocity xⁿ grows"  # a token past the tiny model's embedding table
+
+
+class Rig:
+    """A batcher and a settler wired as ``embedq.launch.assemble`` wires them."""
+
+    def __init__(self, encoder: Encoder, sink: StubSink, **policy: Any) -> None:
+        self.stream = StubStream()
+        self.sink = sink
+        self.ledger = StubLedger()
+        self.stats = Stats()
+        self.in_flight = InFlight()
+        self.waits: list[float] = []
+        metrics = WorkerMetrics()
+        self.encoder = encoder
+        self.settler = Settler(
+            sink,  # type: ignore[arg-type]
+            self.ledger,  # type: ignore[arg-type]
+            encoder.name,
+            retrying=Retrier(sleep=self.waits.append),
+            in_flight=self.in_flight,
+            metrics=metrics,
+            stats=self.stats,
+        )
+        defaults: dict[str, Any] = {
+            "limits": Limits(),
+            "max_batch_tokens": 4096,
+            "max_batch_rows": 64,
+            "reject_overlong": False,
+        }
+        self.batcher = Batcher(
+            encoder,
+            BatchPolicy(**{**defaults, **policy}),
+            dead_letter=self.settler.dead_letter,
+            reject=self.settler.reject,
+            metrics=metrics,
+            stats=self.stats,
+        )
+
+    def run(self, *rows: dict[str, str]) -> list[str]:
+        """Deliver ``rows`` as entries, then batch, encode (split on failure) and settle them,
+        as the worker's stages do; returns the entry ids."""
+        from embedq.errors import EncodeFailed
+
+        raw = ({k.encode(): v.encode() for k, v in r.items()} for r in rows)
+        entries = self.stream.deliver(*raw)
+        self.in_flight.add((self.stream.keys.stream, e.entry_id) for e in entries)
+        for batch in self.batcher.batches(self.stream, entries):  # type: ignore[arg-type]
+            for items, out in isolate(
+                batch.items, lambda g: self.encoder.forward([i.ids for i in g]), EncodeFailed
+            ):
+                if isinstance(out, EncodeFailed):
+                    self.settler.reject(items[0], "encode_failed", str(out))
+                    continue
+                self.settler.settle(Batch(seq=batch.seq, items=items, vectors=out.vectors))
+        return [e.entry_id for e in entries]
+
+    def reasons(self) -> dict[str, str]:
+        return {eid: reason for eid, reason, _ in self.stream.dlq.moved}
+
+
+def rows(n: int, prefix: str = "doc") -> list[dict[str, str]]:
+    return [{"id": f"{prefix}-{i}", "text": f"text number {i} about sheep"} for i in range(n)]
+
+
+def test_rows_are_written_before_their_entries_are_acked(tiny_encoder: Encoder) -> None:
+    events: list[Any] = []
+    rig = Rig(tiny_encoder, StubSink(events=events))
+    rig.stream.events = events
+    ids = rig.run(*rows(10))
+    assert sorted(rig.stream.acked) == sorted(ids) and not rig.stream.pending
+    assert set(rig.sink.rows) == {f"doc-{i}" for i in range(10)}
+    first_ack = next(i for i, e in enumerate(events) if e[0] == "ack")
+    assert all(e[0] == "write" for e in events[:first_ack]) and len(events[:first_ack]) == 10
+    assert rig.ledger.embedded and rig.stats.texts == 10 and not rig.stream.dlq.moved
+
+
+def test_an_outage_is_retried_and_nothing_is_acked_or_dead_lettered_meanwhile(
+    tiny_encoder: Encoder,
+) -> None:
+    sink = StubSink()
+    sink.outages = 3
+    rig = Rig(tiny_encoder, sink)
+    ids = rig.run(*rows(5))
+    assert len(rig.waits) == 3  # three backoffs, then the write went through
+    assert all(0 < w <= 30 for w in rig.waits)
+    assert sorted(rig.stream.acked) == sorted(ids) and not rig.stream.dlq.moved
+    # Why they were late is recorded for a reclaimer that may dead-letter them later.
+    assert set(rig.stream.errors) == set(ids)
+
+
+def test_a_row_milvus_refuses_is_isolated_and_only_it_is_dead_lettered(
+    tiny_encoder: Encoder,
+) -> None:
+    rig = Rig(tiny_encoder, StubSink(reject=lambda row: row.id == "doc-13"))
+    ids = rig.run(*rows(40))
+    assert set(rig.sink.rows) == {f"doc-{i}" for i in range(40)} - {"doc-13"}
+    assert list(rig.reasons().values()) == ["sink_rejected"]
+    assert len(rig.stream.acked) == 39 and not rig.stream.pending
+    assert rig.ledger.dead_lettered == [ids[13]] and rig.stats.dead_lettered == 1
+
+
+def test_a_text_the_model_raises_on_is_isolated_and_the_rest_is_written(
+    tiny_encoder: Encoder,
+) -> None:
+    rig = Rig(tiny_encoder, StubSink())
+    batch = rows(12)
+    batch[5] = {"id": "bad", "text": RAISES}
+    ids = rig.run(*batch)
+    assert rig.reasons() == {ids[5]: "encode_failed"}
+    assert "bad" not in rig.sink.rows and len(rig.sink.rows) == 11
+    assert not rig.stream.pending
+
+
+def test_poison_entries_are_dead_lettered_with_their_reason_and_never_reach_the_sink(
+    tiny_encoder: Encoder,
+) -> None:
+    rig = Rig(tiny_encoder, StubSink(), limits=Limits(max_text_bytes=100, max_meta_bytes=20))
+    ids = rig.run(
+        {"id": "ok", "text": "fine"},
+        {"text": "no id"},
+        {"id": "empty", "text": "   "},
+        {"id": "meta", "text": "x", "meta": "[1, 2]"},
+        {"id": "bigmeta", "text": "x", "meta": json.dumps({"k": "v" * 40})},
+        {"id": "big", "text": "y" * 101},
+    )
+    assert rig.reasons() == {
+        ids[1]: "missing_id",
+        ids[2]: "empty_text",
+        ids[3]: "meta_not_object",
+        ids[4]: "meta_too_large",
+        ids[5]: "text_too_large",
+    }
+    assert list(rig.sink.rows) == ["ok"] and not rig.stream.pending
+
+
+def test_the_latest_entry_for_an_id_in_a_window_wins_and_the_older_is_acked_with_it(
+    tiny_encoder: Encoder,
+) -> None:
+    rig = Rig(tiny_encoder, StubSink())
+    ids = rig.run(
+        {"id": "x", "text": "first version"},
+        {"id": "y", "text": "other"},
+        {"id": "x", "text": "second version"},
+    )
+    assert rig.sink.rows["x"].text == "second version"
+    assert sorted(rig.stream.acked) == sorted(ids)
+
+
+def test_overlong_texts_are_truncated_or_rejected_as_the_policy_says(
+    tiny_encoder: Encoder,
+) -> None:
+    long_text = " ".join(["sheep"] * (tiny_encoder.max_seq_length + 10))
+    kept = Rig(tiny_encoder, StubSink())
+    kept.run({"id": "long", "text": long_text})
+    assert "long" in kept.sink.rows and kept.stats.truncated == 1
+    rejected = Rig(tiny_encoder, StubSink(), reject_overlong=True)
+    ids = rejected.run({"id": "long", "text": long_text})
+    assert rejected.reasons() == {ids[0]: "overlong"} and not rejected.sink.rows
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64])
+def test_isolate_finds_every_culprit_and_keeps_the_order(size: int) -> None:
+    from embedq.errors import SinkRejected
+
+    bad = {0, size - 1, size // 2}
+
+    def attempt(group: list[int]) -> int:
+        if bad & set(group):
+            raise SinkRejected("no")
+        return len(group)
+
+    out = list(isolate(list(range(size)), attempt, SinkRejected))  # type: ignore[arg-type]
+    flat = [i for group, _ in out for i in group]
+    assert flat == list(range(size))
+    assert {g[0] for g, r in out if isinstance(r, SinkRejected)} == bad
+    assert all(len(g) == 1 for g, r in out if isinstance(r, SinkRejected))
+
+
+def test_vectors_reach_the_sink_unchanged(tiny_encoder: Encoder) -> None:
+    rig = Rig(tiny_encoder, StubSink())
+    rig.run({"id": "a", "text": "sheep in a field"})
+    expected = tiny_encoder.encode(["sheep in a field"])[0]
+    np.testing.assert_allclose(rig.sink.rows["a"].vector, expected, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,7 @@
 """The backlog of a consumer group, as ``embedq lag``, ``top`` and the stream gauges show
-it: one stream's ``LagInfo`` (read by ``Stream.lag``), and partition streams summed."""
+it: one stream's ``LagInfo`` (read by ``Stream.lag``), partition streams merged into one
+(``merge_partitions``), the ``lag --json`` object (``lag_json``) and the text both
+commands print (``describe``, ``consumer_table``)."""
 
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ class LagInfo:
         }
 
 
-def combine_lag(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo:
-    """The lag of partition streams as one: counts summed, ``lag`` None when any
+def merge_partitions(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo:
+    """The lag of partition streams as one ``LagInfo``: counts summed, ``lag`` None when any
     partition's is unknown, each consumer's pending summed and its idle time the least."""
     if len(parts) == 1:
         return parts[0]
@@ -77,10 +79,46 @@ def combine_lag(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo:
     )
 
 
-def combined_lag(base: str, group: str, parts: Sequence[LagInfo]) -> dict[str, Any]:
-    """``embedq lag --json`` over partition streams: the same keys as one stream's, summed
-    by ``combine_lag``, plus each partition under ``partitions``."""
-    info = combine_lag(base, group, parts).as_dict()
+def lag_json(base: str, group: str, parts: Sequence[LagInfo]) -> dict[str, Any]:
+    """The ``embedq lag --json`` object over partition streams: the same keys as one
+    stream's, summed by ``merge_partitions``, plus each partition under ``partitions``."""
+    info = merge_partitions(base, group, parts).as_dict()
     if len(parts) > 1:
         info["partitions"] = [p.as_dict() for p in parts]
     return info
+
+
+def describe(info: LagInfo) -> list[str]:
+    """The stream, group, lag, pending and dead-letter lines of ``lag`` and ``top``."""
+    lines = [f"stream       {info.stream}  (length {info.length})"]
+    if not info.group_exists:
+        lines.append(f"group        {info.group}  (does not exist yet: no worker has started)")
+    else:
+        lag = "unknown (Redis cannot compute it)" if info.lag is None else str(info.lag)
+        lines += [
+            f"group        {info.group}",
+            f"lag          {lag}",
+            f"pending      {info.pending}",
+        ]
+    lines.append(f"dead-letter  {info.dlq_length}")
+    return lines
+
+
+def consumer_table(info: LagInfo) -> list[str]:
+    """One line per consumer (pending entries, idle time) under a header; none without any."""
+    if not info.consumers:
+        return []
+    return [f"{'consumer':<32} {'pending':>8} {'idle':>10}"] + [
+        f"{c.name:<32} {c.pending:>8} {c.idle_ms / 1000:>9.1f}s" for c in info.consumers
+    ]
+
+
+def partition_table(parts: Sequence[LagInfo]) -> list[str]:
+    """One line per partition stream (length, lag, pending, dead letters); none for one."""
+    if len(parts) <= 1:
+        return []
+    lines = [f"{'partition':<40} {'length':>9} {'lag':>9} {'pending':>8} {'dlq':>6}"]
+    for p in parts:
+        shown = "unknown" if p.lag is None else str(p.lag)
+        lines.append(f"{p.stream:<40} {p.length:>9} {shown:>9} {p.pending:>8} {p.dlq_length:>6}")
+    return lines

@@ -1,27 +1,39 @@
-"""Progress of an enqueue run: a bar on a terminal, ``enqueue_progress`` log lines off one."""
+"""Progress and time left: the one ETA rule (``eta_s``) and duration format
+(``format_duration``) that ``enqueue``'s progress, ``embedq top`` and ``embedq jobs`` share,
+and ``Progress``, an enqueue run's bar on a terminal or ``enqueue_progress`` log lines off one.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
-from embedq.producer import Counts
+if TYPE_CHECKING:
+    from embedq.producer import Counts
 
 log = structlog.get_logger("embedq.progress")
 
 BAR_WIDTH = 28
 
 
-def _eta_s(done: int, total: int | None, rate: float) -> float | None:
-    if total is None or rate <= 0:
+def eta_s(remaining: int | None, rate_per_s: float | None) -> float | None:
+    """Seconds until ``remaining`` items are done at ``rate_per_s`` (their net shrink rate).
+
+    0 when nothing remains; None (unknown) when ``remaining`` is unknown or the rate is not
+    positive: a backlog that is not shrinking has no ETA, rather than a wrong one.
+    """
+    if remaining == 0:
+        return 0.0
+    if remaining is None or rate_per_s is None or rate_per_s <= 0:
         return None
-    return max(total - done, 0) / rate
+    return remaining / rate_per_s
 
 
 def format_duration(seconds: float | None) -> str:
+    """``45s``, ``2m05s``, ``1h02m``; ``?`` for an unknown duration."""
     if seconds is None:
         return "?"
     seconds = int(seconds)
@@ -57,7 +69,8 @@ class Progress:
             return
         self._last = now
         rate = counts.position / max(counts.elapsed_s, 1e-9)
-        eta = _eta_s(counts.position, self.total, rate)
+        remaining = None if self.total is None else max(self.total - counts.position, 0)
+        eta = eta_s(remaining, rate)
         if not self.tty:
             log.info(
                 "enqueue_progress",

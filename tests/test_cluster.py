@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from embedq.bench.servers import RedisServer
 from embedq.config import Settings, SettingsError
 from embedq.keys import key_slot, partition_for, partition_streams
 from embedq.sink import open_sink
 
 from .conftest import REDIS_URL, corpus_rows
-from .servers import RedisServer, free_port
 from .test_cli import embedq
 from .test_partition_ops import env_for
 
@@ -34,19 +34,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.RedisClu
     if shutil.which("redis-cli") is None:
         pytest.fail("the cluster tests need redis-cli on PATH (apt-get install redis-tools)")
     root = tmp_path_factory.mktemp("cluster")
-    nodes = [
-        RedisServer(
-            root / f"node{i}",
-            "--cluster-enabled",
-            "yes",
-            # The bus port defaults to port + 10000, past 65535 for high free ports.
-            "--cluster-port",
-            str(free_port()),
-            "--cluster-config-file",
-            str(root / f"node{i}" / "nodes.conf"),
-        )
-        for i in range(3)
-    ]
+    nodes = [RedisServer(root / f"node{i}", cluster=True).start() for i in range(3)]
     try:
         created = subprocess.run(
             [

@@ -17,17 +17,12 @@ import numpy as np
 import pytest
 import redis
 
+from embedq.bench.servers import MilvusLiteServer, MilvusStandalone, RedisServer, wait_until
 from embedq.encoder import Encoder
 from embedq.sink import Sink
 
 from .conftest import corpus_rows
-from .fault_fixtures import (
-    MilvusLiteServer,
-    MilvusStandalone,
-    RedisServer,
-    WorkerProcess,
-    wait_until,
-)
+from .fault_fixtures import WorkerProcess
 
 GROUP = "g"
 COLLECTION = "faults"

@@ -18,6 +18,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedq.bench.servers import RedisServer, free_port
 from embedq.health import HealthServer, reachable, serve_stream_metrics
 from embedq.lag import ConsumerInfo, LagInfo
 from embedq.metrics import StreamCollector
@@ -26,7 +27,7 @@ from embedq.stream import Stream
 from embedq.top import Sample, Window, rates, render
 
 from .conftest import REDIS_URL, corpus_rows
-from .servers import RedisServer, free_port, http_get, wait_for
+from .servers import http_get, wait_for
 from .test_cli import embedq
 
 
@@ -270,7 +271,7 @@ def test_exporter_serves_until_sigterm(redis_client: redis.Redis, stream_name: s
 @pytest.mark.slow
 def test_worker_serves_metrics_and_probes_and_readyz_follows_redis(tmp_path: Path) -> None:
     """`embedq worker --metrics-port` on a private Redis that is stopped mid-test."""
-    private = RedisServer(tmp_path / "redis")
+    private = RedisServer(tmp_path / "redis").start()
     rows = corpus_rows("short.jsonl", 40)
     pipe = private.client().pipeline()
     for row in rows:
@@ -281,7 +282,7 @@ def test_worker_serves_metrics_and_probes_and_readyz_follows_redis(tmp_path: Pat
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "EMBEDQ_REDIS_URL": private.url(),
+        "EMBEDQ_REDIS_URL": private.url,
         "EMBEDQ_STREAM": "tasks",
         "EMBEDQ_MILVUS_URI": str(tmp_path / "m.db"),
         "EMBEDQ_METRICS_PORT": str(port),

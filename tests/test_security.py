@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedq.bench.servers import RedisServer
 from embedq.errors import ConfigError
 from embedq.sink import Row, Sink
 
 from .conftest import MilvusServer, corpus_rows
-from .servers import RedisServer, make_tls_certs
+from .servers import make_tls_certs
 
 DEFAULT_PASSWORD = "default-pw-7f3a91"
 ACL_PASSWORD = "acl-pw-c0ffee42"
@@ -52,7 +53,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
         "+@read",
         "+ping",
         tls_dir=make_tls_certs(base / "tls"),
-    )
+    ).start()
     yield server
     server.stop()
 
@@ -60,7 +61,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
 def tls_url(server: RedisServer, userinfo: str, with_ca: bool = True) -> str:
     assert server.tls_dir is not None
     query = f"?ssl_ca_certs={server.tls_dir / 'ca.crt'}" if with_ca else ""
-    return server.url(userinfo, scheme="rediss") + query
+    return server.url_for(userinfo) + query
 
 
 def run_embedq(*args: str, env: dict[str, str], timeout: float = 240) -> tuple[int, str, str]:

@@ -1,40 +1,18 @@
-"""``embedq bench``: embedq end to end next to its own ceiling and two common designs.
-
-Four variants run on the same machine, the same corpus sample and the same model, each in a
-fresh child process (``spawn``) so its peak RSS is its own, and the runs interleave
-(a, b, c, d, a, b, c, d, …) so a neighbour's load hits every variant alike:
-
-(a) ``raw``, the model ceiling; (b) ``st``, sentence-transformers ``encode``; (c)
-``classic``, a per-message worker; (d) ``embedq`` end to end (``embedq.bench_variants``
-says what each does). This module runs them, takes medians and ratios, and writes the
-report.
-
-Redis is a private ``redis-server`` on a free port started for the bench, so no one
-else's data is touched. Model load is never timed.
-"""
+"""What ``embedq bench`` reports: medians over runs, embedq's ratios to the other
+variants taken run by run, and the markdown block it writes into docs/benchmarks.md."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
-import platform
 import re
 import statistics
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from embedq.bench_variants import ST_BATCH_SIZE, Job, RunResult, private_redis, run_in_child
-from embedq.config import Settings
-from embedq.errors import ConfigError
+from embedq.bench.variants import ST_BATCH_SIZE, RunResult
 
-VARIANTS = ("raw", "st", "classic", "embedq")
 LABELS = {
     "raw": "(a) raw model ceiling",
     "st": "(b) sentence-transformers encode",
@@ -123,65 +101,7 @@ def ratios(results: Sequence[RunResult]) -> dict[str, float]:
     return {label: median(values) for label, values in run_ratios(results).items()}
 
 
-# -- machine facts ------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_facts() -> dict[str, Any]:
-    import torch
-
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def loadavg() -> tuple[float, float, float]:
-    try:
-        return os.getloadavg()
-    except OSError:
-        return (float("nan"),) * 3
-
-
-# -- corpus -------------------------------------------------------------------------------
-
-
-def load_sample(path: Path, n: int) -> list[dict[str, str]]:
-    """The first ``n`` rows of a JSONL corpus with ``id`` and ``text``."""
-    rows: list[dict[str, str]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                rows.append({"id": str(item["id"]), "text": str(item["text"])})
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(
-                    f"{path}:{number}: not an {{id, text}} JSON line: {exc}"
-                ) from None
-            if len(rows) == n:
-                break
-    if not rows:
-        raise ConfigError(f"{path} holds no rows")
-    return rows
-
-
-# -- the whole bench ----------------------------------------------------------------------
+# -- the report ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -209,94 +129,6 @@ class BenchReport:
         data = asdict(self)
         data["ratios"] = {k: round(v, 3) for k, v in self.ratios.items()}
         return data
-
-
-def run_bench(
-    corpus: Path,
-    settings: Settings,
-    *,
-    n: int,
-    n_classic: int,
-    runs: int,
-    variants: Sequence[str] = VARIANTS,
-    command: str = "",
-    progress: Callable[[str], None] = lambda _line: None,
-) -> BenchReport:
-    from embedq.producer import Producer
-
-    if "st" in variants and importlib.util.find_spec("sentence_transformers") is None:
-        raise ConfigError(
-            "variant st needs sentence-transformers: pip install 'embedq[bench]', or leave it "
-            "out with --variants raw,classic,embedq"
-        )
-    rows = load_sample(corpus, n)
-    classic_rows = rows[: min(n_classic, len(rows))]
-    wall_started = time.monotonic()
-    before = loadavg()
-    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    results: list[RunResult] = []
-    enqueue_rates: list[float] = []
-    with private_redis() as redis_url, tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp:
-        for run in range(1, runs + 1):
-            for variant in variants:
-                sample = classic_rows if variant == "classic" else rows
-                job_settings = settings.replace(
-                    redis_url=redis_url,
-                    stream=f"bench:{variant}:{run}",
-                    group="bench",
-                    consumer=f"bench-{variant}",
-                    milvus_uri=str(Path(tmp) / f"{variant}-{run}.db"),
-                    collection="bench",
-                    drain=True,
-                )
-                if variant in ("classic", "embedq"):
-                    t0 = time.perf_counter()
-                    with Producer.connect(redis_url, job_settings.stream) as producer:
-                        producer.enqueue(sample)
-                    enqueue_rates.append(len(sample) / (time.perf_counter() - t0))
-                result = run_in_child(Job(variant, sample, job_settings, run))
-                result.run = run
-                _check_complete(result, len(sample))
-                results.append(result)
-                progress(
-                    f"run {run}/{runs} {variant:<8} {result.texts_per_s:8.1f} texts/s "
-                    f"{result.tokens_per_s:9.0f} tokens/s  rss {result.peak_rss_mb:6.0f} MB  "
-                    f"load {loadavg()[0]:.2f}"
-                )
-    summaries = {v: summarize([r for r in results if r.variant == v]) for v in variants}
-    return BenchReport(
-        corpus=corpus.name,
-        command=command,
-        n=len(rows),
-        n_classic=len(classic_rows),
-        runs=runs,
-        settings={
-            "device": settings.device,
-            "dtype": settings.dtype,
-            "read_count": settings.read_count,
-            "max_batch_tokens": settings.max_batch_tokens,
-            "max_batch_rows": settings.max_batch_rows,
-            "block_ms": settings.block_ms,
-        },
-        machine=machine_facts(),
-        loadavg_before=before,
-        loadavg_after=loadavg(),
-        started_at=started_at,
-        wall_s=round(time.monotonic() - wall_started, 1),
-        enqueue_texts_per_s=median(enqueue_rates),
-        summaries=summaries,
-        results=results,
-    )
-
-
-def _check_complete(result: RunResult, expected: int) -> None:
-    """A variant that lost or duplicated rows has no throughput worth printing."""
-    stored = result.extra.get("rows_in_milvus", expected)
-    if result.texts != expected or stored != expected:
-        raise ConfigError(
-            f"bench variant {result.variant}: processed {result.texts} texts and Milvus holds "
-            f"{stored} rows, expected {expected}"
-        )
 
 
 # -- output -------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""The four ``embedq bench`` variants, each run in a fresh child process, and the private
-``redis-server`` they share; ``embedq.bench`` runs them side by side and reports.
+"""The four ``embedq bench`` variants, each run in a fresh child process;
+``embedq.bench.run`` runs them side by side.
 
 - ``raw``: the ceiling. embedq's ``Encoder`` with the worker's token-budget batching over
   read windows (tokenize + forward), no queue, no database.
 - ``st``: ``SentenceTransformer(model_dir).encode(texts, batch_size=32)``, its defaults.
 - ``classic``: the per-message worker many teams write first: XREADGROUP COUNT 1,
-  tokenize + forward one text, ``MilvusClient.insert`` one row, XACK, loop.
+  tokenize + forward one text, write one row to Milvus, XACK, loop.
 - ``embedq``: the real worker (``build_worker(...).run()`` in drain mode) from a stream
   enqueued beforehand into a fresh Milvus Lite file; timed from ``worker_started`` (model
   loaded) to drained, acks included.
@@ -16,20 +16,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import resource
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from embedq.config import Settings
-from embedq.errors import ConfigError
 
 ST_BATCH_SIZE = 32  # SentenceTransformer.encode's default
 
@@ -59,71 +53,12 @@ class RunResult:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-# -- a private Redis ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def private_redis() -> Iterator[str]:
-    """A throw-away ``redis-server`` on a free port; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise ConfigError(
-            "embedq bench starts its own redis-server (so it touches no one's data) but none "
-            "is on PATH: apt-get install redis-server"
-        )
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="embedq-bench-redis-") as data_dir:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", data_dir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            url = f"redis://127.0.0.1:{port}/0"
-            _wait_for_redis(url, process)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_for_redis(url: str, process: subprocess.Popen[bytes]) -> None:
-    import redis
-
-    from embedq.redis_connection import connect
-
-    client = connect(url)
-    deadline = time.monotonic() + 10
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise ConfigError("the bench's private redis-server did not start") from None
-                time.sleep(0.05)
-    finally:
-        client.close()
-
-
 # -- the variants (each runs in a child process) ------------------------------------------
 
 
 @dataclass(frozen=True)
-class Job:
-    """What one child needs: the variant, the texts, and where to put things."""
+class BenchRun:
+    """What one child needs: the variant, the texts, where to put things, the run number."""
 
     variant: str
     rows: list[dict[str, str]]
@@ -136,14 +71,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_raw(job: Job) -> RunResult:
+def run_raw(bench_run: BenchRun) -> RunResult:
     from embedq.batching import plan_batches
     from embedq.encoder import Encoder
 
-    s = job.settings
+    s = bench_run.settings
     loaded = time.perf_counter()
     encoder = Encoder(s.model, s.device, s.dtype)
-    texts = [r["text"] for r in job.rows]
+    texts = [r["text"] for r in bench_run.rows]
     encoder.encode(texts[:2])  # first-call set-up (allocator, kernels) is not throughput
     started = time.perf_counter()
     batch_ms: list[float] = []
@@ -161,15 +96,15 @@ def run_raw(job: Job) -> RunResult:
     return RunResult("raw", len(texts), tokens, elapsed, _peak_rss_mb(), batch_ms, started - loaded)
 
 
-def run_st(job: Job) -> RunResult:
+def run_st(bench_run: BenchRun) -> RunResult:
     from sentence_transformers import SentenceTransformer
 
     from embedq.encoder import resolve_model_dir
 
-    s = job.settings
+    s = bench_run.settings
     loaded = time.perf_counter()
     model = SentenceTransformer(str(resolve_model_dir(s.model)[0]), device=s.device)
-    texts = [r["text"] for r in job.rows]
+    texts = [r["text"] for r in bench_run.rows]
     # Real tokens as the model sees them (same tokenizer and truncation as embedq's).
     encoded = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)
     tokens = sum(len(ids) for ids in encoded["input_ids"])
@@ -180,13 +115,16 @@ def run_st(job: Job) -> RunResult:
     return RunResult("st", len(texts), tokens, elapsed, _peak_rss_mb(), [], started - loaded)
 
 
-def run_classic(job: Job) -> RunResult:
-    """The classic design, faithfully: one message, one forward, one insert, one ack."""
+def run_classic(bench_run: BenchRun) -> RunResult:
+    """The classic design, faithfully: one message, one forward, one write, one ack.
+
+    The one-row write goes through embedq's ``Sink`` so the row has whatever fields the
+    collection's schema asks for; it is still one Milvus call per message."""
     from embedq.encoder import Encoder
-    from embedq.sink import open_sink
+    from embedq.sink import Row, open_sink
     from embedq.stream import open_stream
 
-    s = job.settings
+    s = bench_run.settings
     loaded = time.perf_counter()
     encoder = Encoder(s.model, s.device, s.dtype)
     encoder.encode(["warm up"])
@@ -194,11 +132,10 @@ def run_classic(job: Job) -> RunResult:
     stream.ensure_group()
     sink = open_sink(s)
     sink.ensure_collection(encoder.dimension, encoder.name)
-    client = sink.client
     started = time.perf_counter()
     done = tokens = 0
     batch_ms: list[float] = []
-    while done < len(job.rows):
+    while done < len(bench_run.rows):
         entries = stream.read_new(1, s.block_ms)
         if not entries:
             continue
@@ -207,18 +144,7 @@ def run_classic(job: Job) -> RunResult:
         text = entry.fields[b"text"].decode()
         tokenized = encoder.tokenize([text])
         vector = encoder.forward([tokenized[0].ids]).vectors[0]
-        client.insert(
-            s.collection,
-            [
-                {
-                    "id": entry.fields[b"id"].decode(),
-                    "vector": vector.tolist(),
-                    "text": text,
-                    "meta": {},
-                }
-            ],
-            timeout=s.milvus_timeout_s,
-        )
+        sink.upsert([Row(entry.fields[b"id"].decode(), vector, text, {})])
         stream.ack([entry.entry_id])
         batch_ms.append((time.perf_counter() - t0) * 1000)
         tokens += len(tokenized[0].ids)
@@ -232,11 +158,11 @@ def run_classic(job: Job) -> RunResult:
     )  # fmt: skip
 
 
-def run_embedq(job: Job) -> RunResult:
+def run_embedq(bench_run: BenchRun) -> RunResult:
     """The real worker, drained; batch latencies from its ``batch_done`` debug events."""
     import structlog
 
-    from embedq.worker import build_worker
+    from embedq.launch import build_worker
 
     events: list[tuple[float, dict[str, Any]]] = []
 
@@ -253,7 +179,7 @@ def run_embedq(job: Job) -> RunResult:
         cache_logger_on_first_use=False,
     )
     loaded = time.perf_counter()
-    worker = build_worker(job.settings)
+    worker = build_worker(bench_run.settings)
     stats = worker.run()
     finished = time.perf_counter()
     started = next((t for t, e in events if e.get("event") == "worker_started"), loaded)
@@ -277,15 +203,16 @@ def batch_latency_ms(event: dict[str, Any]) -> float:
     )
 
 
-_RUNNERS: dict[str, Callable[[Job], RunResult]] = {
+_RUNNERS: dict[str, Callable[[BenchRun], RunResult]] = {
     "raw": run_raw,
     "st": run_st,
     "classic": run_classic,
     "embedq": run_embedq,
 }
+VARIANTS = tuple(_RUNNERS)  # the order they run in, each run
 
 
-def _child(job: Job) -> RunResult:
+def _child(bench_run: BenchRun) -> RunResult:
     import torch
 
     from embedq import logs
@@ -293,11 +220,11 @@ def _child(job: Job) -> RunResult:
     # Warnings only (the embedq variant installs its own event recorder).
     logs.configure("warning", json=True)
     torch.set_grad_enabled(False)
-    return _RUNNERS[job.variant](job)
+    return _RUNNERS[bench_run.variant](bench_run)
 
 
-def run_in_child(job: Job) -> RunResult:
+def run_in_child(bench_run: BenchRun) -> RunResult:
     """One variant in a fresh spawned process: its own imports, model and peak RSS."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_child, job).result()
+        return pool.submit(_child, bench_run).result()

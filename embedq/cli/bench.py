@@ -57,12 +57,12 @@ from embedq.cli.options import build_settings, model, run_guarded, setting
 @click.option("--log-level", envvar="EMBEDQ_LOG_LEVEL", default=None)
 def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: Any) -> None:
     """Side by side: raw model, sentence-transformers, a per-message worker, and embedq."""
-    from embedq import bench as harness
-    from embedq.batching import resolve_batch_settings
-    from embedq.encoder import resolve_device
+    from embedq.bench.report import markdown, update_markdown
+    from embedq.bench.run import run_bench
+    from embedq.bench.variants import VARIANTS
 
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    unknown = sorted(set(chosen) - set(harness.VARIANTS))
+    unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown or not chosen:
         raise click.UsageError(f"--variants: unknown {', '.join(unknown) or '(none)'}")
     if options.get("block_ms") is None:
@@ -75,14 +75,9 @@ def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: A
     settings = build_settings(options)
 
     def body() -> int:
-        device = resolve_device(settings.device)
-        dtype = settings.dtype
-        if dtype == "auto":  # named in the report, as the encoder will resolve it
-            dtype = "fp16" if device.startswith("cuda") else "fp32"
-        resolved = resolve_batch_settings(settings.replace(device=device, dtype=dtype))
-        report = harness.run_bench(
+        report = run_bench(
             corpus,
-            resolved,
+            settings,
             n=n,
             n_classic=n_classic,
             runs=runs,
@@ -91,11 +86,11 @@ def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: A
             progress=lambda line: click.echo(line, err=True),
         )
         if output is not None:
-            harness.update_markdown(output, report)
+            update_markdown(output, report)
         if as_json:
             click.echo(json.dumps(report.as_dict(), default=str))
         else:
-            click.echo(harness.markdown(report))
+            click.echo(markdown(report))
         return 0
 
     run_guarded(body)

@@ -1,9 +1,12 @@
 """From a window of stream entries to batches for the model.
 
 ``Batcher.batches`` checks each entry against the contract (bad ones are dead-lettered with
-their reason), lets the latest entry for an id supersede older ones in the same window,
-tokenizes (truncating at the model's limit, or dead-lettering with ``--on-overlong
-reject``) and packs token-budget batches of similar length (``embedq.batching``).
+their reason), tokenizes (truncating at the model's limit, or dead-lettering with
+``--on-overlong reject``), lets the latest *valid* entry for an id supersede older ones in
+the same window (so ``X: valid`` then ``X: overlong`` still writes the valid version), and
+packs token-budget batches of similar length (``embedq.batching``). Deletes need no model:
+they travel with the window's first batch, after supersession, so a window's last word on
+an id wins whether it is a write or a delete.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ from dataclasses import dataclass
 
 from embedq.batching import plan_batches
 from embedq.encoder import Encoder, Tokenized
-from embedq.entries import Entry
+from embedq.entries import Entry, entry_order
 from embedq.errors import EncodeFailed, PoisonInput
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import Batch, Item, Stats
-from embedq.records import Limits, decode
+from embedq.records import Limits, content_hash, decode
 from embedq.stream import Stream
 
 DeadLetter = Callable[[Stream, Entry, str, str], None]
@@ -55,34 +58,46 @@ class Batcher:
         self._seq = itertools.count()  # batches are numbered in read order, across windows
 
     def batches(self, stream: Stream, entries: Sequence[Entry]) -> list[Batch]:
-        """Contract checks, supersession and tokenization; poison entries leave here."""
+        """Contract checks, tokenization and supersession; poison entries leave here."""
         items = self._decode(stream, entries)
-        kept = [
+        writes = [i for i in items if not i.record.is_delete]
+        valid = [
             item
-            for item, tok in zip(items, self._tokenize(items), strict=True)
+            for item, tok in zip(writes, self._tokenize(writes), strict=True)
             if tok is not None and self._admit(item, tok)
         ]
+        latest = _supersede(sorted([*valid, *(i for i in items if i.record.is_delete)], key=_order))
+        kept = [i for i in latest if not i.record.is_delete]
+        deletes = [i for i in latest if i.record.is_delete]
         plan = plan_batches(
             [len(i.ids) for i in kept], self.policy.max_batch_tokens, self.policy.max_batch_rows
         )
-        return [Batch(seq=next(self._seq), items=[kept[i] for i in indices]) for indices in plan]
+        batches = [Batch(seq=next(self._seq), items=[kept[i] for i in idx]) for idx in plan]
+        if deletes:
+            if not batches:
+                batches.append(Batch(seq=next(self._seq), items=[]))
+            batches[0].deletes = deletes
+        return batches
 
     def _decode(self, stream: Stream, entries: Sequence[Entry]) -> list[Item]:
-        latest: dict[str, Item] = {}
+        items = []
         for entry in entries:
             try:
                 record = decode(entry.fields, self.policy.limits)
             except PoisonInput as bad:
                 self.dead_letter(stream, entry, bad.reason, bad.detail)
                 continue
-            item = Item(stream=stream, entry=entry, record=record)
-            previous = latest.pop(record.id, None)
-            if previous is not None:
-                # The same id twice in one window: the later entry wins and the earlier one is
-                # acked with it, so an old text never overwrites a newer one out of order.
-                item.superseded = [*previous.superseded, previous.entry]
-            latest[record.id] = item
-        return list(latest.values())
+            text = entry.fields.get(b"text", b"")
+            items.append(
+                Item(
+                    stream=stream,
+                    entry=entry,
+                    record=record,
+                    content_hash=content_hash(text, entry.fields.get(b"meta", b"")),
+                    text_hash=content_hash(text),
+                )
+            )
+        return items
 
     def _admit(self, item: Item, tok: Tokenized) -> bool:
         if tok.truncated:
@@ -112,3 +127,19 @@ class Batcher:
                 self.reject(item, "encode_failed", str(exc))
                 out.append(None)
         return out
+
+
+def _order(item: Item) -> tuple[int, int]:
+    return entry_order(item.entry.entry_id)
+
+
+def _supersede(items: list[Item]) -> list[Item]:
+    """The last item per id, in stream order; the earlier ones ride along as superseded and
+    are acked with it, so an old text never overwrites a newer one out of order."""
+    latest: dict[str, Item] = {}
+    for item in items:
+        previous = latest.pop(item.record.id, None)
+        if previous is not None:
+            item.superseded = [*previous.superseded, previous.entry]
+        latest[item.record.id] = item
+    return list(latest.values())

@@ -33,8 +33,8 @@ class EnqueueBatch:
 
 
 class JobLedger:
-    """The enqueue jobs of one (base) tasks stream and its partitions, and the content
-    hashes ``--dedup`` remembers: what producers send and workers count."""
+    """The enqueue jobs of one (base) tasks stream and its partitions: what producers send
+    and workers count."""
 
     def __init__(self, client: redis.Redis, stream: str) -> None:
         self.client = client
@@ -103,31 +103,18 @@ class JobLedger:
             found = pipe.execute()
         return {s: -1 if p is None else int(p) for s, p in zip(streams, found, strict=True)}
 
-    def known_hashes(self, model: str, hashes: Sequence[bytes]) -> list[bool]:
-        """Which content hashes were already embedded with ``model`` (one SMISMEMBER)."""
-        if not hashes:
-            return []
-        with translated("SMISMEMBER"):
-            found = self.client.smismember(self.keys.dedup(model), list(hashes))
-        return [bool(f) for f in found]
-
     # -- workers -------------------------------------------------------------------------
 
-    def record_embedded(self, entries: Sequence[Entry], model: str) -> None:
-        """After an ack: count entries per job, and remember the content hashes the
-        producer sent (``--dedup``) as embedded with ``model``. Counts are at-least-once:
-        a crash between the ack and this call loses a few, a redelivery counts twice."""
+    def record_embedded(self, entries: Sequence[Entry]) -> None:
+        """After an ack: count entries per job. Counts are at-least-once: a crash between
+        the ack and this call loses a few, a redelivery counts twice."""
         per_job: dict[str, int] = {}
-        hashes = []
         for entry in entries:
             raw_job = entry.fields.get(b"job")
             if raw_job:
                 name = raw_job.decode("utf-8", "replace")
                 per_job[name] = per_job.get(name, 0) + 1
-            digest = entry.fields.get(b"text_hash")
-            if digest:
-                hashes.append(digest)
-        if not per_job and not hashes:
+        if not per_job:
             return
         now_ms = int(time.time() * 1000)
         pipe = self.client.pipeline(transaction=False)
@@ -136,8 +123,6 @@ class JobLedger:
             pipe.hincrby(key, "embedded", count)
             pipe.hsetnx(key, "embedded_first_ms", now_ms)
             pipe.hset(key, "embedded_last_ms", now_ms)
-        if hashes:
-            pipe.sadd(self.keys.dedup(model), *hashes)
         with translated("record embedded"):
             pipe.execute()
 

@@ -5,9 +5,10 @@ Key schema, for a base stream named ``S`` (default ``embedq:tasks``) and a job `
 ``S``                 the tasks stream; entries follow the contract in ``embedq.records``
 ``S:dlq``             the dead-letter stream: the original fields plus ``_dlq_*`` fields
 ``S:jobs``            sorted set of job ids, scored by start time (ms)
+``S:docs:C``          hash: document -> the ids (a JSON list) ``enqueue --doc-field`` last
+                      sent for it into collection ``C`` (``embedq.sync``)
 ``S:job:J``           hash: the job's source, partitions, state, start/update/finish times,
                       and the workers' ``embedded`` / ``dead_lettered`` counters
-``S:dedup:M``         set of content hashes of texts already embedded with model ``M``
 ``S:errors``          hash: entry id -> the last error a worker hit while holding that
                       entry; read when it is dead-lettered for ``max_deliveries``,
                       deleted when it is acked or dead-lettered
@@ -19,6 +20,12 @@ lives on the partition's Redis Cluster slot:
 ``P``                 the partition's tasks stream
 ``P:dlq``             its dead-letter stream (the dead-letter script touches both)
 ``P:errors``          its last-error hash (dead-letter and retry scripts touch it)
+``P:index:C``         hash: id -> "<version> <content hash>" of the row collection ``C``
+                      holds for it, the version being the partition's entry id that said
+                      what the row must be ("-" as hash: deleted); written only after
+                      Milvus confirmed the write (``settle.lua``)
+``P:leases:C``        hash: id -> "<expires ms> <version> <consumer>" while one worker
+                      writes that id's row (``fence.lua``)
 ``P:sent:J``          hash: the last source position job ``J`` sent to ``P`` and how many
                       entries it sent; written in the same script as the XADDs
 
@@ -66,12 +73,20 @@ class Keys:
         """The producer's resume position for ``job_id`` on this (partition) stream."""
         return f"{self.stream}:sent:{job_id}"
 
-    def dedup(self, model: str) -> str:
-        return f"{self.base}:dedup:{model}"
-
     @property
     def errors(self) -> str:
         return self.stream + ERRORS_SUFFIX
+
+    def docs(self, collection: str) -> str:
+        """Document -> ids, for ``enqueue --cleanup`` (embedq.sync)."""
+        return f"{self.base}:docs:{collection}"
+
+    def index(self, collection: str) -> str:
+        """What ``collection`` holds for each id of this (partition) stream, by version."""
+        return f"{self.stream}:index:{collection}"
+
+    def leases(self, collection: str) -> str:
+        return f"{self.stream}:leases:{collection}"
 
 
 def partition_streams(base: str, partitions: int) -> list[str]:

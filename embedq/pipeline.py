@@ -28,8 +28,16 @@ class Item:
     stream: Stream
     entry: Entry
     record: Record
+    content_hash: str = ""  # text + meta as sent (embedq.records.content_hash)
+    text_hash: str = ""  # the text alone: the vector cache's key
     ids: list[int] = field(default_factory=list)  # token ids, once tokenized
+    vector: npt.NDArray[np.float32] | None = None  # once encoded
     superseded: list[Entry] = field(default_factory=list)  # older entries for the same id
+
+    @property
+    def version(self) -> str:
+        """What the row must be the effect of: this entry's id (embedq.versions)."""
+        return self.entry.entry_id
 
     @property
     def entries(self) -> list[Entry]:
@@ -38,15 +46,16 @@ class Item:
 
 @dataclass
 class Batch:
-    """Items that go through the model together; ``seq`` keeps writes in read order."""
+    """Items that go through the model together, and deletes that travel with them;
+    ``seq`` keeps writes in read order."""
 
     seq: int
     items: list[Item]
-    vectors: npt.NDArray[np.float32] | None = None
+    deletes: list[Item] = field(default_factory=list)  # op=delete: no model, no vector
+    vectors: npt.NDArray[np.float32] | None = None  # one per item, once encoded
     tokens: int = 0
     padded_tokens: int = 0
     encode_s: float = 0.0
-    parts: list[Batch] = field(default_factory=list)  # set when the model split the batch
     created_at: float = field(default_factory=time.perf_counter)  # for latency to the ack
 
 
@@ -72,13 +81,15 @@ class Stats:
     dead_lettered: int = 0
     truncated: int = 0
     reclaimed: int = 0
+    deleted: int = 0
+    stale: int = 0  # entries acked without a write: a newer version was already written
     started_at: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def restart(self) -> None:
         """Zero the counters and the clock (a worker's run starts here)."""
         with self._lock:
-            for name in ("texts", "tokens", "batches", "dead_lettered", "truncated", "reclaimed"):
+            for name in COUNTERS:
                 setattr(self, name, 0)
             self.started_at = time.monotonic()
 
@@ -91,12 +102,19 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started_at, 1e-9)
         return {
-            "texts": self.texts,
-            "tokens": self.tokens,
-            "batches": self.batches,
-            "dead_lettered": self.dead_lettered,
-            "truncated": self.truncated,
-            "reclaimed": self.reclaimed,
+            **{name: getattr(self, name) for name in COUNTERS},
             "elapsed_s": round(elapsed, 3),
             "texts_per_s": round(self.texts / elapsed, 1),
         }
+
+
+COUNTERS = (
+    "texts",
+    "tokens",
+    "batches",
+    "dead_lettered",
+    "truncated",
+    "reclaimed",
+    "deleted",
+    "stale",
+)

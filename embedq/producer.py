@@ -19,7 +19,6 @@ is above it instead of growing Redis without bound. The producer never trims: th
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import re
 import secrets
@@ -36,12 +35,14 @@ import structlog
 
 from embedq.errors import ConfigError
 from embedq.jobs import EnqueueBatch, JobLedger
-from embedq.keys import partition_for
+from embedq.keys import Keys, partition_for
 from embedq.lag import LagInfo
-from embedq.records import Record
-from embedq.redis_connection import connect
+from embedq.records import Record, content_hash
+from embedq.redis_connection import connect, translated
 from embedq.sources import Rejected
 from embedq.stream import Stream, partition_lanes
+from embedq.sync import DocSync
+from embedq.versions import Versions
 
 log = structlog.get_logger("embedq.producer")
 
@@ -66,11 +67,6 @@ def as_record(item: RecordLike) -> Record:
     return Record(id=str(doc_id), text=str(text), meta=meta, job=item.get("job"))
 
 
-def text_hash(text: str) -> str:
-    """The content hash ``--dedup`` compares: BLAKE2b-128 of the UTF-8 text, hex."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
-
-
 def check_job_id(job: str) -> None:
     if not JOB_ID.fullmatch(job):
         raise ConfigError(
@@ -88,7 +84,8 @@ class Counts:
     """What a run did so far; ``position`` is the number of source items read."""
 
     sent: int = 0
-    skipped: int = 0  # dedup: already embedded, or repeated earlier in the source
+    unchanged: int = 0  # dedup: this id already holds this text and meta, or repeated
+    deleted: int = 0  # document sync: ids a document no longer has
     rejected: int = 0
     resumed: int = 0  # sent by an earlier run of the same job, not sent again
     position: int = 0
@@ -102,7 +99,8 @@ class Counts:
         elapsed = max(self.elapsed_s, 1e-9)
         return {
             "sent": self.sent,
-            "skipped": self.skipped,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
             "rejected": self.rejected,
             "resumed": self.resumed,
             "elapsed_s": round(elapsed, 3),
@@ -129,8 +127,8 @@ class _Step:
     """What every chunk of one ``Producer.run`` is checked against."""
 
     counts: Counts
-    seen: set[str]  # content hashes already sent (or skipped) in this run
-    dedup_model: str | None
+    seen: set[tuple[str, str]]  # (id, content hash) already sent (or skipped) in this run
+    dedup: bool
     max_lag: int
     poll_s: float
 
@@ -185,8 +183,10 @@ class Producer:
         chunk: int = 1000,
         partitions: int = 1,
         group: str = "embedq",
+        collection: str = "embedq",
     ) -> None:
         self._ledger = JobLedger(client, stream)
+        self.collection = collection  # whose index --dedup and --cleanup consult
         # The partition streams, for their backlog (``max_lag``): producers read nothing, so
         # they need no consumer name.
         self._lanes = partition_lanes(Stream(client, stream, group=group, consumer=""), partitions)
@@ -203,15 +203,35 @@ class Producer:
         chunk: int = 1000,
         partitions: int = 1,
         group: str = "embedq",
+        collection: str = "embedq",
         cluster: bool = False,
     ) -> Producer:
         """``cluster``: ``url`` names a node of a Redis Cluster."""
         client = connect(url, cluster=cluster)
-        return cls(client, stream, chunk=chunk, partitions=partitions, group=group)
+        return cls(
+            client, stream, chunk=chunk, partitions=partitions, group=group, collection=collection
+        )
 
     def enqueue(self, records: Iterable[RecordLike], job: str | None = None) -> int:
         """Send every record (no dedup, no backpressure); returns how many were sent."""
         return self.run((as_record(r) for r in records), job=job).sent
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Send ``op=delete`` for each id (to its partition), ordered with that id's writes:
+        a worker removes the row. Deleting an absent id is fine. Returns how many were sent."""
+        sent = 0
+        pipe = self.client.pipeline(transaction=False)
+        for doc_id in ids:
+            stream = self.streams[partition_for(doc_id, len(self.streams))]
+            pipe.xadd(stream, {"id": doc_id, "op": "delete"})
+            sent += 1
+            if len(pipe) >= self.chunk:
+                with translated("XADD delete"):
+                    pipe.execute()
+        if len(pipe):
+            with translated("XADD delete"):
+                pipe.execute()
+        return sent
 
     def run(
         self,
@@ -220,7 +240,8 @@ class Producer:
         job: str | None = None,
         source: str = "",
         total: int | None = None,
-        dedup_model: str | None = None,
+        dedup: bool = False,
+        sync: DocSync | None = None,
         max_lag: int = 0,
         poll_s: float = 0.2,
         on_rejected: Callable[[Rejected], None] | None = None,
@@ -229,28 +250,28 @@ class Producer:
         """Send ``items`` as job ``job`` (resuming it if it ran before); see the module doc."""
         counts = Counts()
         positions = self._start(job, source, total)
-        seen: set[str] = set()
         single = self.streams[0] if len(self.streams) == 1 else None
         sender = _Sender(self._ledger, job or "", counts)
-        step = _Step(counts, seen, dedup_model, max_lag, poll_s)
+        step = _Step(counts, set(), dedup, max_lag, poll_s)
         try:
             chunk: list[tuple[int, Record, str]] = []
             for ordinal, item in enumerate(items):
                 counts.position = ordinal + 1
                 if on_progress is not None and ordinal % self.chunk == 0:
                     on_progress(counts)  # it decides how often to report
-                if isinstance(item, Rejected):
+                if sync is not None and not isinstance(item, Rejected):
+                    why = sync.see(item)
+                    bad = None if why is None else Rejected(f"record {item.id}", why)
+                else:
+                    bad = item if isinstance(item, Rejected) else None
+                if bad is not None or isinstance(item, Rejected):
                     counts.rejected += 1
-                    if on_rejected is not None:
-                        on_rejected(item)
+                    if on_rejected is not None and bad is not None:
+                        on_rejected(bad)
                     continue
                 stream = single or self.streams[partition_for(item.id, len(self.streams))]
                 if ordinal <= positions[stream]:
-                    # Sent by an earlier run of this job. Its text still counts as seen, so
-                    # a repeat after the resume point is skipped as it would have been.
-                    counts.resumed += 1
-                    if dedup_model is not None:
-                        seen.add(text_hash(item.text))
+                    counts.resumed += 1  # sent by an earlier run of this job
                     continue
                 chunk.append((ordinal, item, stream))
                 if len(chunk) >= self.chunk:
@@ -259,6 +280,8 @@ class Producer:
             sender.put(self._batches(chunk, step))
         finally:
             sender.close()
+        if sync is not None:
+            counts.deleted = self._clean_up(sync)
         if job is not None:
             self._ledger.finish(job)
         if on_progress is not None:
@@ -273,53 +296,68 @@ class Producer:
         self._ledger.start(job, source, len(self.streams), total)
         return self._ledger.positions(job, self.streams)
 
+    def _clean_up(self, sync: DocSync) -> int:
+        """After a run that sent everything: delete what the documents no longer have."""
+        doomed, gone = sync.stale_ids()
+        deleted = self.delete(doomed)
+        sync.record(gone)
+        log.info(
+            "documents_synced", documents=len(sync.seen), deleted=deleted, cleanup=sync.cleanup
+        )
+        return deleted
+
     def _batches(self, chunk: list[tuple[int, Record, str]], step: _Step) -> list[EnqueueBatch]:
         """One chunk of records as script arguments per partition, after dedup, once the
         group has room for it."""
         if not chunk:
             return []
-        hashes: list[str] = []
-        if step.dedup_model is not None:
-            chunk, hashes = self._new_texts(chunk, step.seen, step.dedup_model, step.counts)
+        rows = [
+            (ordinal, record, stream, _meta_bytes(record)) for ordinal, record, stream in chunk
+        ]
+        if step.dedup:
+            rows = self._changed(rows, step)
         if step.max_lag:
             self._wait_for_room(step.max_lag, step.poll_s)
         values: dict[str, list[Any]] = {}
         last: dict[str, int] = {}
-        for n, (ordinal, record, stream) in enumerate(chunk):
-            meta = b"" if record.meta is None else orjson.dumps(record.meta, option=_ORJSON)
-            values.setdefault(stream, []).extend(
-                (record.id, record.text, meta, hashes[n] if hashes else b"")
-            )
+        for ordinal, record, stream, meta in rows:
+            values.setdefault(stream, []).extend((record.id, record.text, meta, b""))
             last[stream] = ordinal
         return [EnqueueBatch(s, last[s], v) for s, v in values.items()]
 
-    def _new_texts(
-        self,
-        chunk: list[tuple[int, Record, str]],
-        seen: set[str],
-        model: str,
-        counts: Counts,
-    ) -> tuple[list[tuple[int, Record, str]], list[str]]:
-        """The part of ``chunk`` whose texts are neither repeats nor embedded already."""
-        fresh, fresh_hashes = [], []
-        for item in chunk:
-            digest = text_hash(item[1].text)
-            if digest in seen:
-                counts.skipped += 1
+    def _changed(self, rows: list[_Row], step: _Step) -> list[_Row]:
+        """The rows whose id does not already hold this text and meta (in the collection's
+        index, which workers write only after Milvus confirmed), nor repeat one sent earlier
+        in this run."""
+        fresh: list[tuple[_Row, str]] = []
+        for row in rows:
+            key = (row[1].id, content_hash(row[1].text.encode("utf-8"), row[3]))
+            if key in step.seen:
+                step.counts.unchanged += 1
                 continue
-            seen.add(digest)
-            fresh.append(item)
-            fresh_hashes.append(digest)
-        known = self._ledger.known_hashes(model, [h.encode() for h in fresh_hashes])
-        kept = [(item, h) for item, h, k in zip(fresh, fresh_hashes, known, strict=True) if not k]
-        counts.skipped += len(fresh) - len(kept)
-        return [item for item, _ in kept], [h for _, h in kept]
+            step.seen.add(key)
+            fresh.append((row, key[1]))
+        by_stream: dict[str, list[tuple[_Row, str]]] = {}
+        for row, digest in fresh:
+            by_stream.setdefault(row[2], []).append((row, digest))
+        kept: list[_Row] = []
+        for stream, group in by_stream.items():
+            versions = Versions(self.client, Keys(stream), self.collection)
+            held = versions.held([row[1].id for row, _ in group])
+            for (row, digest), h in zip(group, held, strict=True):
+                if h is not None and h.content_hash == digest:
+                    step.counts.unchanged += 1
+                else:
+                    kept.append(row)
+        kept.sort(key=lambda row: row[0])
+        return kept
 
     def _wait_for_room(self, max_lag: int, poll_s: float) -> None:
         """Block while the group's backlog is above ``max_lag``; one log line per pause."""
         waiting_since: float | None = None
         while True:
-            pending, how = backlog(lane.lag() for lane in self._lanes)
+            parts = [lane.lag() for lane in self._lanes]
+            pending, how = backlog(parts)
             if pending <= max_lag:
                 if waiting_since is not None:
                     log.info(
@@ -331,12 +369,21 @@ class Producer:
                 return
             if waiting_since is None:
                 waiting_since = time.monotonic()
+                # No group anywhere: nothing will drain the backlog until a worker starts,
+                # which "the group is behind" would not tell anyone (issue 18).
+                idle = not any(p.group_exists for p in parts)
                 log.info(
                     "backpressure_wait",
                     backlog=pending,
                     measured_by=how,
                     max_lag=max_lag,
-                    why="the consumer group is behind; pausing instead of filling Redis",
+                    why=(
+                        f"no worker has started: consumer group {self._lanes[0].group} does "
+                        "not exist yet (start a worker, or run `embedq init`); pausing "
+                        "until the backlog is under --max-lag"
+                        if idle
+                        else "the consumer group is behind; pausing instead of filling Redis"
+                    ),
                 )
             time.sleep(poll_s)
 
@@ -353,6 +400,13 @@ class Producer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_Row = tuple[int, Record, str, bytes]  # source position, record, partition stream, meta bytes
+
+
+def _meta_bytes(record: Record) -> bytes:
+    return b"" if record.meta is None else orjson.dumps(record.meta, option=_ORJSON)
 
 
 # Meta with integer keys (from a Parquet map, say) is written with string keys, as json does.

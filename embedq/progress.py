@@ -77,7 +77,7 @@ class Progress:
                 read=counts.position,
                 total=self.total,
                 sent=counts.sent,
-                skipped=counts.skipped,
+                unchanged=counts.unchanged,
                 rejected=counts.rejected,
                 records_per_s=round(rate, 1),
                 eta_s=None if eta is None else round(eta, 1),
@@ -91,7 +91,7 @@ class Progress:
             where = f"{counts.position:,} read"
         self.out.write(
             f"\r{where}  {rate:,.0f}/s  ETA {format_duration(eta)}  sent {counts.sent:,}"
-            f"  skipped {counts.skipped:,}  rejected {counts.rejected:,} "
+            f"  unchanged {counts.unchanged:,}  rejected {counts.rejected:,} "
         )
         self.out.flush()
         self._drawn = True

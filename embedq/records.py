@@ -6,7 +6,8 @@ An entry on the tasks stream has these fields (all values are bytes on the wire)
 ``text``  required; UTF-8, not blank, at most ``max_text_bytes``
 ``meta``  optional; a JSON object stored next to the vector (at most ``max_meta_bytes``)
 ``job``   optional; the enqueue job that sent it (see ``embedq jobs``)
-``text_hash``  optional; set by ``enqueue --dedup``, recorded as embedded by the worker
+``op``    optional; ``delete`` removes the id's row (no ``text`` needed), ordered with the
+          id's upserts; absent (or ``upsert``) writes it
 
 The Redis entry id is never the primary key, so a producer that retries an XADD
 overwrites its own row instead of creating a second one.
@@ -14,6 +15,7 @@ overwrites its own row instead of creating a second one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +24,14 @@ from typing import Any
 from embedq.errors import PoisonInput
 
 MAX_ID_BYTES = 512  # the VARCHAR primary key's max_length in the collection
+UPSERT, DELETE = "upsert", "delete"
+
+
+def content_hash(text: bytes, meta: bytes = b"") -> str:
+    """What a row holds, as producers and workers both compute it: the text's UTF-8 bytes and
+    the meta exactly as sent. ``--dedup`` skips a record whose id already holds this hash;
+    the index ledger and ``embedq verify`` compare it with the row's."""
+    return hashlib.blake2b(text + b"\x00" + meta, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,11 @@ class Record:
     text: str
     meta: dict[str, Any] | None = None
     job: str | None = None
+    op: str = UPSERT
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == DELETE
 
     def to_fields(self) -> dict[str, str]:
         fields = {"id": self.id, "text": self.text}
@@ -57,6 +72,18 @@ def _utf8(raw: bytes, name: str) -> str:
         ) from None
 
 
+def _json(raw: str) -> Any:
+    """Parse meta; hostile JSON (nesting past the parser's recursion limit, an integer of
+    thousands of digits) is poison like any invalid JSON, never a crash."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PoisonInput("meta_not_object", f"meta is not valid JSON: {exc.msg}") from None
+    except (RecursionError, ValueError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise PoisonInput("meta_not_object", f"meta cannot be parsed: {why}") from None
+
+
 def decode(fields: Mapping[bytes, bytes], limits: Limits) -> Record:
     """Check an entry's fields against the contract; raise ``PoisonInput`` with a reason."""
     if not fields:
@@ -67,6 +94,13 @@ def decode(fields: Mapping[bytes, bytes], limits: Limits) -> Record:
     if len(raw_id) > MAX_ID_BYTES:
         raise PoisonInput("id_too_long", f"id is {len(raw_id)} bytes, the limit is {MAX_ID_BYTES}")
     doc_id = _utf8(raw_id, "id")
+    raw_job = fields.get(b"job")
+    job = raw_job.decode("utf-8", "replace") if raw_job else None
+    op = fields.get(b"op", b"upsert")
+    if op == b"delete":
+        return Record(id=doc_id, text="", job=job, op=DELETE)
+    if op != b"upsert":
+        raise PoisonInput("unknown_op", f"op is {op[:40]!r}; use 'upsert' or 'delete'")
     raw_text = fields.get(b"text")
     if raw_text is None:
         raise PoisonInput("missing_text", "entry has no 'text' field")
@@ -85,15 +119,10 @@ def decode(fields: Mapping[bytes, bytes], limits: Limits) -> Record:
                 "meta_too_large",
                 f"meta is {len(raw_meta)} bytes, the limit is {limits.max_meta_bytes}",
             )
-        try:
-            parsed = json.loads(_utf8(raw_meta, "meta"))
-        except json.JSONDecodeError as exc:
-            raise PoisonInput("meta_not_object", f"meta is not valid JSON: {exc.msg}") from None
+        parsed = _json(_utf8(raw_meta, "meta"))
         if not isinstance(parsed, dict):
             raise PoisonInput(
                 "meta_not_object", f"meta is a JSON {type(parsed).__name__}, not an object"
             )
         meta = parsed
-    raw_job = fields.get(b"job")
-    job = raw_job.decode("utf-8", "replace") if raw_job else None
     return Record(id=doc_id, text=text, meta=meta, job=job)

@@ -2,8 +2,10 @@
 
 The settler is the only place that decides an entry's fate once it was read:
 
-* ``settle``: upsert a batch's rows and only then XACK its entries (per partition stream);
-  Milvus or Redis unreachable means retry with backoff, nothing acked or dead-lettered.
+* ``settle``: claim each id's write (``embedq.ordering``: an id a newer version already
+  wrote is acked without a write), upsert the rows and apply the deletes, and only then
+  record the versions and XACK the entries (per partition stream). Milvus or Redis
+  unreachable means retry with backoff, nothing acked or dead-lettered.
 * ``isolate``: when a call fails for a batch, split it in halves until the failing item is
   alone; only that one is dead-lettered. One implementation serves the model's failures
   (``EncodeFailed``) and Milvus's row rejections (``SinkRejected``).
@@ -22,8 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TypeVar
 
-import numpy as np
-import numpy.typing as npt
 import structlog
 
 from embedq.backoff import Retrier
@@ -32,6 +32,7 @@ from embedq.errors import EmbedqError, InfrastructureError, SinkRejected
 from embedq.heartbeat import InFlight
 from embedq.jobs import JobLedger
 from embedq.metrics import WorkerMetrics
+from embedq.ordering import Ordering
 from embedq.pipeline import Batch, Item, Stats
 from embedq.sink import Row, Sink
 from embedq.stream import Stream
@@ -74,6 +75,7 @@ class Settler:
         ledger: JobLedger,
         model_name: str,
         *,
+        ordering: Ordering,
         retrying: Retrier,
         in_flight: InFlight,
         metrics: WorkerMetrics,
@@ -83,6 +85,7 @@ class Settler:
         self.sink = sink
         self.ledger = ledger
         self.model_name = model_name
+        self.ordering = ordering
         self.retrying = retrying
         self.in_flight = in_flight
         self.metrics = metrics
@@ -92,36 +95,70 @@ class Settler:
     # -- write, then ack -----------------------------------------------------------------
 
     def settle(self, batch: Batch) -> None:
-        """Write every part of ``batch`` that has vectors, then ack it."""
-        for part in batch.parts:
-            self.settle(part)
-        if not batch.items or batch.vectors is None:
-            return
-        vectors = dict(zip((id(i) for i in batch.items), batch.vectors, strict=True))
+        """Write ``batch``'s rows and deletes in version order, then ack their entries."""
+        if batch.items and batch.vectors is not None:
+            for item, vector in zip(batch.items, batch.vectors, strict=True):
+                item.vector = vector
+        for stream, items in _by_stream_items([*batch.items, *batch.deletes]).items():
+            self._settle(stream, items, batch)
+
+    def _settle(self, stream: Stream, items: list[Item], batch: Batch) -> None:
         started = time.perf_counter()
-        for items, outcome in isolate(
-            batch.items,
-            lambda group: self._write(group, [vectors[id(i)] for i in group], batch),
+        go, stale = self.ordering.claim(stream, items)
+        self.fault_point("after_fence")
+        written, refused = self._write([i for i in go if not i.record.is_delete])
+        deletes = [i for i in go if i.record.is_delete]
+        if deletes:
+            ids = [i.record.id for i in deletes]
+            self.retrying(
+                "delete",
+                partial(self.sink.delete, ids),
+                on_error=partial(self.record_error, deletes),
+            )
+        self.fault_point("after_write")
+        wrote = time.perf_counter()
+        # Out of the heartbeat's set first: an acked entry must not look "lost" to it.
+        done = [*written, *deletes, *stale]
+        self.in_flight.discard((stream.keys.stream, e.entry_id) for i in done for e in i.entries)
+        self.ordering.commit(stream, [*written, *deletes], refused, done)
+        self.retrying(
+            "job progress",
+            partial(self.ledger.record_embedded, [e for i in done for e in i.entries]),
+        )
+        self.stats.add(deleted=len(deletes), stale=len(stale))
+        self._count(batch, written, write_s=wrote - started, ack_s=time.perf_counter() - wrote)
+
+    def _write(self, items: list[Item]) -> tuple[list[Item], list[Item]]:
+        """Upsert ``items``; a row Milvus refuses is isolated and dead-lettered. Returns
+        (written, refused)."""
+        written: list[Item] = []
+        refused: list[Item] = []
+        for group, outcome in isolate(
+            items,
+            self._upsert,
             SinkRejected,
             on_split=lambda _n, _exc: self.metrics.errors.labels(kind="sink_rejected").inc(),
         ):
             if isinstance(outcome, SinkRejected):
                 self.metrics.errors.labels(kind="sink_rejected").inc()
-                self.reject(items[0], "sink_rejected", str(outcome))
-                continue
-            written = time.perf_counter()
-            self.fault_point("after_write")
-            self.ack(items)
-            acked = time.perf_counter()
-            self._count(batch, items, write_s=written - started, ack_s=acked - written)
-            started = time.perf_counter()
+                self.reject(group[0], "sink_rejected", str(outcome))
+                refused += group
+            else:
+                written += group
+        return written, refused
 
-    def _write(
-        self, items: list[Item], vectors: Sequence[npt.NDArray[np.float32]], batch: Batch
-    ) -> int:
+    def _upsert(self, items: list[Item]) -> int:
         rows = [
-            Row(id=i.record.id, vector=v, text=i.record.text, meta=i.record.meta)
-            for i, v in zip(items, vectors, strict=True)
+            Row(
+                id=i.record.id,
+                vector=i.vector,
+                text=i.record.text,
+                meta=i.record.meta,
+                content_hash=i.content_hash,
+                version=i.version,
+            )
+            for i in items
+            if i.vector is not None
         ]
         return self.retrying(
             "upsert", lambda: self.sink.upsert(rows), on_error=lambda e: self.record_error(items, e)
@@ -147,17 +184,6 @@ class Settler:
             ack_ms=round(ack_s * 1000, 1),
             latency_ms=round((time.perf_counter() - batch.created_at) * 1000, 1),
         )
-
-    def ack(self, items: Sequence[Item]) -> None:
-        """XACK the items' entries (per partition stream), then count them for their jobs."""
-        for stream, entries in _by_stream(items).items():
-            ids = [e.entry_id for e in entries]
-            # Out of the heartbeat's set first: an acked entry must not look "lost" to it.
-            self.in_flight.discard((stream.keys.stream, i) for i in ids)
-            self.retrying("ack", partial(stream.ack, ids))
-            self.retrying(
-                "job progress", partial(self.ledger.record_embedded, entries, self.model_name)
-            )
 
     # -- dead letters --------------------------------------------------------------------
 
@@ -196,6 +222,13 @@ class Settler:
             # Redis may be down too; the error is only a hint.
             with contextlib.suppress(InfrastructureError):
                 stream.record_error([e.entry_id for e in entries], error)
+
+
+def _by_stream_items(items: Sequence[Item]) -> dict[Stream, list[Item]]:
+    grouped: dict[Stream, list[Item]] = {}
+    for item in items:
+        grouped.setdefault(item.stream, []).append(item)
+    return grouped
 
 
 def _by_stream(items: Sequence[Item]) -> dict[Stream, list[Entry]]:

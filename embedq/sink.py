@@ -12,6 +12,7 @@ import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from embedq.milvus_errors import translated
 log = structlog.get_logger("embedq.sink")
 
 ID_MAX_BYTES = 512
+VERSION_FIELDS = ("content_hash", "version")  # what `embedq verify` compares with the index
 TEXT_MAX_BYTES = 65_535  # Milvus' VARCHAR limit; stored text is cut there, vectors are not
 REQUEST_BUDGET_BYTES = 16 * 1024 * 1024  # one request may carry 64 MB; stay well under
 
@@ -35,6 +37,8 @@ class Row:
     vector: npt.NDArray[np.float32]
     text: str
     meta: dict[str, Any] | None
+    content_hash: str = ""  # embedq.records.content_hash of what the producer sent
+    version: str = ""  # the stream entry id this row is the effect of (embedq.versions)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,28 @@ def is_lite(uri: str) -> bool:
     return "://" not in uri
 
 
+def check_lite_path(uri: str, *, create: bool = True) -> None:
+    """Raise ``ConfigError`` for a Milvus Lite path that cannot be opened as asked.
+
+    Milvus Lite reports a missing folder as "Open local milvus failed", the same words as
+    for a file another process holds, and a reader that opens a path that is not there
+    creates an empty database (issue 18); both are told apart here, before it opens.
+    """
+    if not is_lite(uri):
+        return
+    path = Path(uri)
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"the folder of the Milvus Lite database {uri} does not exist: create it "
+            f"(mkdir -p {path.parent}) or point --milvus-uri elsewhere"
+        )
+    if not create and not path.exists():
+        raise ConfigError(
+            f"no Milvus Lite database at {uri}: no worker has written there (check "
+            "--milvus-uri; `make demo` writes .demo/embedq.db, collection demo)"
+        )
+
+
 def _cut_utf8(text: str, limit: int) -> str:
     raw = text.encode("utf-8")
     if len(raw) <= limit:
@@ -60,12 +86,21 @@ class Sink:
     """One Milvus collection written by upsert."""
 
     def __init__(
-        self, uri: str, token: str, collection: str, *, timeout_s: float, store_text: bool = True
+        self,
+        uri: str,
+        token: str,
+        collection: str,
+        *,
+        timeout_s: float,
+        store_text: bool = True,
+        create: bool = True,
     ) -> None:
         self.uri = uri
+        self.create = create  # False: a reader; a Milvus Lite file that is not there is an error
         self.collection = collection
         self.timeout_s = timeout_s
         self.store_text = store_text
+        self.versioned = True  # rows carry content_hash and version (False: an older collection)
         self._token = token
         self._client: Any = None
         self._connect_lock = threading.Lock()
@@ -79,6 +114,7 @@ class Sink:
             if self._client is None:
                 from pymilvus import MilvusClient
 
+                check_lite_path(self.uri, create=self.create)
                 with translated("connect"):
                     self._client = MilvusClient(
                         uri=self.uri, token=self._token, timeout=self.timeout_s
@@ -106,7 +142,16 @@ class Sink:
                 info = client.describe_collection(self.collection, timeout=self.timeout_s)
         if exists:
             self._check_existing(info, dimension, model_name)
-            self.store_text = self.store_text and any(f["name"] == "text" for f in info["fields"])
+            names = {f["name"] for f in info["fields"]}
+            self.store_text = self.store_text and "text" in names
+            self.versioned = set(VERSION_FIELDS) <= names
+            if not self.versioned:
+                log.warning(
+                    "collection_unversioned",
+                    collection=self.collection,
+                    why="created before rows carried content_hash and version: writes work, "
+                    "embedq verify cannot compare contents",
+                )
             self.dimension = dimension
             with translated("load collection"):
                 client.load_collection(self.collection, timeout=self.timeout_s)
@@ -153,6 +198,8 @@ class Sink:
         if self.store_text:
             schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
         schema.add_field("meta", DataType.JSON)
+        for name in VERSION_FIELDS:
+            schema.add_field(name, DataType.VARCHAR, max_length=64)
         return schema
 
     def _index(self) -> Any:
@@ -201,6 +248,8 @@ class Sink:
         }
         if self.store_text:
             payload["text"] = _cut_utf8(row.text, TEXT_MAX_BYTES)
+        if self.versioned:
+            payload["content_hash"], payload["version"] = row.content_hash, row.version
         return payload
 
     def upsert(self, rows: Sequence[Row]) -> int:
@@ -214,6 +263,12 @@ class Sink:
                 result = self.client.upsert(self.collection, chunk, timeout=self.timeout_s)
             written += int(result.get("upsert_count", len(chunk)))
         return written
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove these ids' rows (absent ids are fine); raises before confirming."""
+        if ids:
+            with translated("delete"):
+                self.client.delete(self.collection, ids=list(ids), timeout=self.timeout_s)
 
     def _chunks(self, payloads: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         chunk: list[dict[str, Any]] = []
@@ -276,6 +331,7 @@ class Sink:
             ["id", "meta"]
             + (["vector"] if with_vectors else [])
             + (["text"] if self.store_text else [])
+            + (list(VERSION_FIELDS) if self.versioned else [])
         )
         with translated("get"):
             return list(
@@ -293,11 +349,14 @@ class Sink:
             self.client.has_collection(self.collection, timeout=self.timeout_s)
 
 
-def open_sink(settings: Settings) -> Sink:
+def open_sink(settings: Settings, *, create: bool = True) -> Sink:
+    """The collection ``settings`` name; ``create=False`` for readers (``embedq search``),
+    which must not leave an empty Milvus Lite database behind where there was none."""
     return Sink(
         settings.milvus_uri,
         settings.milvus_token,
         settings.collection,
         timeout_s=settings.milvus_timeout_s,
         store_text=settings.store_text,
+        create=create,
     )

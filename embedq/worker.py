@@ -37,13 +37,14 @@ from embedq.backoff import Retrier
 from embedq.batcher import Batcher
 from embedq.config import Settings
 from embedq.encoder import Encoder, release_free_heap
+from embedq.encoding import Encoding
 from embedq.entries import Entry
-from embedq.errors import EncodeFailed, StageCrashed
+from embedq.errors import StageCrashed
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import END, Batch, Stage, Stats
 from embedq.reclaimer import Reclaimer, ReclaimSummary, run_reclaim_all
-from embedq.settler import Settler, isolate
+from embedq.settler import Settler
 from embedq.shutdown import GracefulShutdown
 from embedq.sink import Sink
 from embedq.stream import Stream, read_new_many
@@ -70,6 +71,7 @@ class Parts:
     reclaimers: dict[str, Reclaimer]
     batcher: Batcher
     settler: Settler
+    encoding: Encoding
     retrying: Retrier
     stats: Stats
     stop_requested: threading.Event
@@ -91,6 +93,7 @@ class Worker:
         self.heartbeat = parts.heartbeat
         self.batcher = parts.batcher
         self.settler = parts.settler
+        self.encoding = parts.encoding
         self.retrying = parts.retrying
         self.stop_requested = parts.stop_requested
         self.ready = False
@@ -318,39 +321,7 @@ class Worker:
             self._put(out, batch, force=True)
 
     def encode(self, batch: Batch, encoder: Encoder) -> None:
-        """Fill ``batch.vectors``; when the model fails, split until the culprit is alone
-        (``batch.parts`` then holds the pieces that went through)."""
-        results = list(
-            isolate(
-                batch.items,
-                lambda items: encoder.forward([i.ids for i in items]),
-                EncodeFailed,
-                on_split=self._on_encode_split,
-            )
-        )
-        if len(results) == 1 and not isinstance(results[0][1], EncodeFailed):
-            result = results[0][1]
-            batch.vectors = result.vectors
-            batch.tokens, batch.padded_tokens = result.tokens, result.padded_tokens
-            return
-        batch.items = []
-        for items, outcome in results:
-            if isinstance(outcome, EncodeFailed):
-                self.settler.reject(items[0], "encode_failed", str(outcome))
-                continue
-            batch.parts.append(
-                Batch(
-                    seq=batch.seq,
-                    items=items,
-                    vectors=outcome.vectors,
-                    tokens=outcome.tokens,
-                    padded_tokens=outcome.padded_tokens,
-                )
-            )
-
-    def _on_encode_split(self, size: int, exc: EncodeFailed) -> None:
-        log.warning("batch_split", size=size, error=str(exc)[:200])
-        self.metrics.errors.labels(kind="encode").inc()
+        self.encoding.encode(batch, encoder)
 
     # -- stage 3: write, then ack ----------------------------------------------------
 

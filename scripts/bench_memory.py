@@ -20,7 +20,7 @@ from embedq import logs
 from embedq.config import Settings
 from embedq.producer import Producer
 from embedq.redis_connection import connect
-from embedq.worker import build_worker
+from embedq.launch import build_worker
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "long.jsonl"
 

@@ -73,7 +73,7 @@ class StubLedger:
         self.embedded: list[str] = []
         self.dead_lettered: list[str] = []
 
-    def record_embedded(self, entries: Sequence[Entry], model: str) -> None:
+    def record_embedded(self, entries: Sequence[Entry]) -> None:
         self.embedded += [e.entry_id for e in entries]
 
     def record_dead_lettered(self, entry: Entry) -> None:
@@ -90,6 +90,7 @@ class StubSink:
         self, reject: Callable[[Row], bool] = lambda _row: False, events: list[Any] | None = None
     ) -> None:
         self.rows: dict[str, Row] = {}
+        self.deleted: list[str] = []
         self.reject = reject
         self.outages = 0
         self.calls = 0
@@ -107,3 +108,10 @@ class StubSink:
             self.rows[row.id] = row
             self.events.append(("write", row.id))
         return len(rows)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        self.calls += 1
+        for doc_id in ids:
+            self.rows.pop(doc_id, None)
+            self.deleted.append(doc_id)
+            self.events.append(("delete", doc_id))

@@ -59,7 +59,7 @@ def test_key_slot_agrees_with_a_real_cluster_node(cluster_node: redis.Redis) -> 
     for n in (2, 4, 16):
         for stream in partition_streams("embedq:tasks", n):
             k = Keys(stream)
-            keys += [stream, k.dlq, k.sent("job-1"), k.job("job-1"), k.dedup("m")]
+            keys += [stream, k.dlq, k.sent("job-1"), k.job("job-1"), k.index("c"), k.docs("c")]
     keys += [f"doc-{i}:é" for i in range(50)]
     for key in keys:
         assert cluster_node.execute_command("CLUSTER KEYSLOT", key) == key_slot(key), key
@@ -77,6 +77,9 @@ def test_each_partition_keeps_its_dlq_and_resume_position_on_its_own_slot(
         # The dead-letter script and the enqueue script each touch two keys atomically.
         assert cluster_node.execute_command("CLUSTER KEYSLOT", k.dlq) == slot
         assert cluster_node.execute_command("CLUSTER KEYSLOT", k.sent("j")) == slot
+        # The fence and settle scripts touch the stream, its index and its leases.
+        assert cluster_node.execute_command("CLUSTER KEYSLOT", k.index("c")) == slot
+        assert cluster_node.execute_command("CLUSTER KEYSLOT", k.leases("c")) == slot
         assert k.base == "embedq:tasks"
         slots.append(slot)
     assert len(set(slots)) == 8  # spread over the cluster, not stacked on one slot

@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from embedq.config import Settings
-from embedq.encoder import Encoder
 from embedq.jobs import JobLedger, get_job
 from embedq.keys import partition_streams
 from embedq.producer import Producer
+from embedq.records import Record
 from embedq.sink import Sink
 from embedq.sources import read_jsonl
 from embedq.stream import Stream
@@ -150,53 +150,56 @@ def test_max_lag_holds_the_stream_still_until_a_worker_drains_it(
     assert missing.returncode == 1 and "no job 'nope'" in missing.stderr
 
 
-def test_dedup_skips_exactly_the_texts_already_embedded_or_repeated(
+def test_dedup_skips_only_an_id_that_already_holds_its_text(
     tmp_path: Path,
     settings: Settings,
     redis_client: redis.Redis,
     make_worker: Callable[..., Worker],
-    encoder: Encoder,
+    sink: Sink,
 ) -> None:
     texts = [r["text"] for r in corpus_rows("long.jsonl", 200)]
     texts = list(dict.fromkeys(texts))[:70]  # 70 distinct texts
     embedded, fresh = texts[:40], texts[40:]
-    producer = Producer(redis_client, settings.stream, group=settings.group)
-    first = producer.run(
-        (
-            read_jsonl(
-                str(
-                    write_jsonl(
-                        tmp_path / "a.jsonl",
-                        [{"id": f"a{i}", "text": t} for i, t in enumerate(embedded)],
-                    )
-                )
-            )
-        ),
-        job="first",
-        dedup_model=encoder.name,
+    producer = Producer(
+        redis_client, settings.stream, group=settings.group, collection=settings.collection
     )
-    assert (first.sent, first.skipped) == (40, 0)
-    make_worker().run()  # the worker remembers what it embedded
+    first_rows = [{"id": f"a{i}", "text": t} for i, t in enumerate(embedded)]
+    first = producer.run(
+        read_jsonl(str(write_jsonl(tmp_path / "a.jsonl", first_rows))), job="first", dedup=True
+    )
+    assert (first.sent, first.unchanged) == (40, 0)
+    # Nothing is recorded as written before the worker confirmed it: a re-send now goes out.
+    assert producer.run(iter([Record("a0", embedded[0])]), dedup=True).sent == 1
+    make_worker().run()
 
     second_rows = (
-        [{"id": f"old{i}", "text": t} for i, t in enumerate(embedded[:20])]  # embedded before
-        + [{"id": f"new{i}", "text": t} for i, t in enumerate(fresh)]  # 30 new texts
-        + [{"id": f"rep{i}", "text": t} for i, t in enumerate(fresh[:10])]  # repeats in run
+        [{"id": f"a{i}", "text": t} for i, t in enumerate(embedded[:20])]  # unchanged
+        + [{"id": f"b{i}", "text": t} for i, t in enumerate(embedded[:20])]  # same text, new id
+        + [{"id": "a20", "text": "a20 changed its text"}]
+        + [{"id": f"n{i}", "text": t} for i, t in enumerate(fresh)]  # 30 new
+        + [{"id": f"n{i}", "text": t} for i, t in enumerate(fresh[:10])]  # repeated in the run
     )
     source = write_jsonl(tmp_path / "b.jsonl", second_rows)
-    env = {"EMBEDQ_REDIS_URL": REDIS_URL, "EMBEDQ_STREAM": settings.stream}
+    env = {
+        "EMBEDQ_REDIS_URL": REDIS_URL,
+        "EMBEDQ_STREAM": settings.stream,
+        "EMBEDQ_COLLECTION": settings.collection,
+    }
     cli = embedq("enqueue", str(source), "--dedup", "--job", "second", env=env)
     assert cli.returncode == 0, cli.stderr
-    assert "enqueued 30 records" in cli.stdout and "; 30 skipped" in cli.stdout
-    entries = [f for _, f in redis_client.xrange(settings.stream) if f[b"job"] == b"second"]
-    assert [f[b"id"].decode() for f in entries] == [f"new{i}" for i in range(30)]
+    assert "enqueued 51 records" in cli.stdout and "; 30 unchanged" in cli.stdout
+    entries = [f for _, f in redis_client.xrange(settings.stream) if f.get(b"job") == b"second"]
+    sent_ids = [f[b"id"].decode() for f in entries]
+    assert sent_ids == [f"b{i}" for i in range(20)] + ["a20"] + [f"n{i}" for i in range(30)]
+    make_worker().run()
+    # Every id has its row, the shared texts included.
+    assert len(sink.get([f"b{i}" for i in range(20)], with_vectors=False)) == 20
+    assert sink.count() == 40 + 20 + 30
 
-    # After a model change nothing counts as embedded: a plain re-run sends it all again
-    # (only the repeats within the run are skipped).
-    rerun = Producer(redis_client, settings.stream).run(
-        read_jsonl(str(source)), job="third", dedup_model="some-other-model"
-    )
-    assert (rerun.sent, rerun.skipped) == (50, 10)
+    # Into another collection nothing is held yet: everything is sent again.
+    other = Producer(redis_client, settings.stream, collection="another")
+    rerun = other.run(read_jsonl(str(source)), job="third", dedup=True)
+    assert (rerun.sent, rerun.unchanged) == (71, 10)
 
 
 def test_trim_drops_only_what_every_group_acknowledged(
@@ -245,14 +248,14 @@ def test_progress_draws_a_bar_on_a_terminal_and_logs_off_one() -> None:
     from embedq.producer import Counts
     from embedq.progress import Progress
 
-    counts = Counts(sent=400, skipped=5, rejected=1, position=406)
+    counts = Counts(sent=400, unchanged=5, rejected=1, position=406)
     screen = io.StringIO()
     bar = Progress(1000, tty=True, out=screen)
     bar.every_s = 0.0
     bar(counts)
     bar.close()
     shown = screen.getvalue()
-    assert "406/1,000" in shown and "ETA" in shown and "skipped 5" in shown
+    assert "406/1,000" in shown and "ETA" in shown and "unchanged 5" in shown
     assert shown.endswith("\n")
     with capture_logs() as logs:
         lines = Progress(None, tty=False, every_s=0.0, out=io.StringIO())

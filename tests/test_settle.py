@@ -14,11 +14,14 @@ import pytest
 from embedq.backoff import Retrier
 from embedq.batcher import Batcher, BatchPolicy
 from embedq.encoder import Encoder
+from embedq.encoding import Encoding
 from embedq.heartbeat import InFlight
 from embedq.metrics import WorkerMetrics
-from embedq.pipeline import Batch, Stats
+from embedq.ordering import Ordering
+from embedq.pipeline import Stats
 from embedq.records import Limits
 from embedq.settler import Settler, isolate
+from embedq.vector_cache import VectorCache
 
 from .stubs import StubLedger, StubSink, StubStream
 
@@ -28,7 +31,7 @@ RAISES = "the velocity xⁿ grows"  # a token past the tiny model's embedding ta
 class Rig:
     """A batcher and a settler wired as ``embedq.launch.assemble`` wires them."""
 
-    def __init__(self, encoder: Encoder, sink: StubSink, **policy: Any) -> None:
+    def __init__(self, encoder: Encoder, sink: StubSink, cache: int = 0, **policy: Any) -> None:
         self.stream = StubStream()
         self.sink = sink
         self.ledger = StubLedger()
@@ -37,11 +40,14 @@ class Rig:
         self.waits: list[float] = []
         metrics = WorkerMetrics()
         self.encoder = encoder
+        retrying = Retrier(sleep=self.waits.append)
         self.settler = Settler(
             sink,  # type: ignore[arg-type]
             self.ledger,  # type: ignore[arg-type]
             encoder.name,
-            retrying=Retrier(sleep=self.waits.append),
+            # Ordering off here: the fenced write is Lua on a real Redis (test_ordering.py).
+            ordering=Ordering(None, 60_000, retrying),
+            retrying=retrying,
             in_flight=self.in_flight,
             metrics=metrics,
             stats=self.stats,
@@ -60,23 +66,18 @@ class Rig:
             metrics=metrics,
             stats=self.stats,
         )
+        self.encoding = Encoding(VectorCache(cache), self.settler.reject, metrics)
+        self.metrics = metrics
 
     def run(self, *rows: dict[str, str]) -> list[str]:
         """Deliver ``rows`` as entries, then batch, encode (split on failure) and settle them,
         as the worker's stages do; returns the entry ids."""
-        from embedq.errors import EncodeFailed
-
         raw = ({k.encode(): v.encode() for k, v in r.items()} for r in rows)
         entries = self.stream.deliver(*raw)
         self.in_flight.add((self.stream.keys.stream, e.entry_id) for e in entries)
         for batch in self.batcher.batches(self.stream, entries):  # type: ignore[arg-type]
-            for items, out in isolate(
-                batch.items, lambda g: self.encoder.forward([i.ids for i in g]), EncodeFailed
-            ):
-                if isinstance(out, EncodeFailed):
-                    self.settler.reject(items[0], "encode_failed", str(out))
-                    continue
-                self.settler.settle(Batch(seq=batch.seq, items=items, vectors=out.vectors))
+            self.encoding.encode(batch, self.encoder)
+            self.settler.settle(batch)
         return [e.entry_id for e in entries]
 
     def reasons(self) -> dict[str, str]:
@@ -206,3 +207,57 @@ def test_vectors_reach_the_sink_unchanged(tiny_encoder: Encoder) -> None:
     rig.run({"id": "a", "text": "sheep in a field"})
     expected = tiny_encoder.encode(["sheep in a field"])[0]
     np.testing.assert_allclose(rig.sink.rows["a"].vector, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_valid_version_is_written_when_a_later_one_in_the_window_is_poison(
+    tiny_encoder: Encoder,
+) -> None:
+    rig = Rig(tiny_encoder, StubSink(), reject_overlong=True)
+    overlong = " ".join(["sheep"] * (tiny_encoder.max_seq_length + 10))
+    ids = rig.run(
+        {"id": "x", "text": "the valid version"},
+        {"id": "x", "text": overlong},
+        {"id": "x", "meta": "[not an object]", "text": "bad meta"},
+    )
+    assert rig.sink.rows["x"].text == "the valid version"
+    assert rig.reasons() == {ids[1]: "overlong", ids[2]: "meta_not_object"}
+    assert not rig.stream.pending
+
+
+def test_hostile_meta_is_dead_lettered_and_the_window_still_lands(tiny_encoder: Encoder) -> None:
+    rig = Rig(tiny_encoder, StubSink(), limits=Limits(max_meta_bytes=1_000_000))
+    ids = rig.run(
+        {"id": "deep", "text": "x", "meta": "[" * 60_000 + "]" * 60_000},
+        {"id": "digits", "text": "x", "meta": '{"n": ' + "9" * 5000 + "}"},
+        {"id": "good", "text": "a good text"},
+    )
+    assert rig.reasons() == {ids[0]: "meta_not_object", ids[1]: "meta_not_object"}
+    assert list(rig.sink.rows) == ["good"] and not rig.stream.pending
+
+
+def test_a_delete_travels_in_order_with_the_writes_of_its_window(tiny_encoder: Encoder) -> None:
+    rig = Rig(tiny_encoder, StubSink())
+    rig.run({"id": "a", "text": "alpha"}, {"id": "b", "text": "beta"})
+    rig.sink.deleted = []
+    ids = rig.run(
+        {"id": "a", "op": "delete"},
+        {"id": "b", "op": "delete"},
+        {"id": "b", "text": "beta again"},  # written after its delete: b stays
+        {"id": "c", "op": "delete"},  # an absent id is fine
+    )
+    assert set(rig.sink.rows) == {"b"} and rig.sink.rows["b"].text == "beta again"
+    assert sorted(rig.sink.deleted) == ["a", "c"]
+    assert sorted(rig.stream.acked[-4:]) == sorted(ids) and not rig.stream.pending
+    assert rig.stats.deleted == 2
+
+
+def test_a_text_shared_by_thirty_ids_goes_through_the_model_once(tiny_encoder: Encoder) -> None:
+    rig = Rig(tiny_encoder, StubSink(), cache=100)
+    rig.run(*({"id": f"id-{i}", "text": "the same boilerplate footer"} for i in range(30)))
+    assert len(rig.sink.rows) == 30
+    assert rig.metrics.encoded_texts._value.get() == 1
+    # Across windows too: the vector cache knows it.
+    rig.run({"id": "id-30", "text": "the same boilerplate footer"})
+    assert rig.metrics.encoded_texts._value.get() == 1 and len(rig.sink.rows) == 31
+    first, last = rig.sink.rows["id-0"].vector, rig.sink.rows["id-30"].vector
+    np.testing.assert_array_equal(first, last)

@@ -1,0 +1,69 @@
+"""The model stage's work on one batch: vectors for its items, each distinct text through the
+model once.
+
+Texts repeated in a batch, or whose vector the cache holds (``embedq.vector_cache``), skip
+the forward pass. When the model raises on a batch, it is split in halves until the text
+that fails is alone (``embedq.settler.isolate``); that text's items are dead-lettered
+(``encode_failed``), the rest go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import structlog
+
+from embedq.encoder import Encoder
+from embedq.errors import EncodeFailed
+from embedq.metrics import WorkerMetrics
+from embedq.pipeline import Batch, Item
+from embedq.settler import isolate
+from embedq.vector_cache import VectorCache
+
+log = structlog.get_logger("embedq.encoding")
+
+Reject = Callable[[Item, str, str], None]
+
+
+class Encoding:
+    def __init__(self, cache: VectorCache, reject: Reject, metrics: WorkerMetrics) -> None:
+        self.cache = cache
+        self.reject = reject
+        self.metrics = metrics
+
+    def encode(self, batch: Batch, encoder: Encoder) -> None:
+        """Fill ``batch.vectors``, running the model once per distinct text it has no
+        vector for; when the model fails, split until the culprit is alone and reject it
+        (with every item of the same text)."""
+        hashes = {item.text_hash for item in batch.items}
+        vectors = self.cache.get_many(hashes)
+        todo = list({i.text_hash: i for i in batch.items if i.text_hash not in vectors}.values())
+        self.metrics.vector_cache_hits.inc(len(batch.items) - len(todo))
+        failed: dict[str, str] = {}
+        runs = isolate(
+            todo,
+            lambda group: encoder.forward([i.ids for i in group]),
+            EncodeFailed,
+            on_split=self._on_encode_split,
+        )
+        for items, outcome in runs if todo else ():
+            if isinstance(outcome, EncodeFailed):
+                failed[items[0].text_hash] = str(outcome)
+                continue
+            fresh = {i.text_hash: v for i, v in zip(items, outcome.vectors, strict=True)}
+            self.cache.put_many(fresh)
+            vectors.update(fresh)
+            batch.tokens += outcome.tokens
+            batch.padded_tokens += outcome.padded_tokens
+        self.metrics.encoded_texts.inc(len(todo) - len(failed))
+        for item in batch.items:
+            if item.text_hash in failed:
+                self.reject(item, "encode_failed", failed[item.text_hash])
+        batch.items = [i for i in batch.items if i.text_hash not in failed]
+        if batch.items:
+            batch.vectors = np.stack([vectors[i.text_hash] for i in batch.items])
+
+    def _on_encode_split(self, size: int, exc: EncodeFailed) -> None:
+        log.warning("batch_split", size=size, error=str(exc)[:200])
+        self.metrics.errors.labels(kind="encode").inc()

@@ -1,0 +1,47 @@
+-- Take the write lease of each id before its row is written, unless a newer (or the same)
+-- version of it is already in the index, or another live writer holds it.
+--
+-- KEYS[1]  the index hash of the (partition) stream: id -> "<version> <content hash>"
+--          (content hash "-" for a delete); written by settle.lua after Milvus confirmed
+-- KEYS[2]  the lease hash (same hash slot): id -> "<expires ms> <version> <consumer>"
+-- ARGV[1]  consumer name
+-- ARGV[2]  lease length in ms (the reclaim idle threshold: a dead holder's lease ends when
+--          its entries become reclaimable)
+-- ARGV[3..] pairs: id, version (the stream entry id that says what the row must be)
+--
+-- Returns one status per id, in order: 'go' (the lease is ours: write, then settle),
+-- 'stale' (the index already holds this version or a newer one: ack without writing),
+-- 'busy' (another writer holds a live lease: wait for it to settle or expire, ask again).
+-- Versions are compared as stream entry ids (ms, then sequence); Redis's own clock decides
+-- expiry, so workers' clocks never matter.
+local function older_or_same(a, b)  -- is version a <= version b?
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq <= bseq)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me, lease_ms = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, 2 do
+  local id, version = ARGV[i], ARGV[i + 1]
+  local status = 'go'
+  local held = redis.call('HGET', KEYS[1], id)
+  if held and older_or_same(version, string.match(held, '^(%S+)')) then
+    status = 'stale'
+  else
+    local lease = redis.call('HGET', KEYS[2], id)
+    if lease then
+      local expires, _, holder = string.match(lease, '^(%d+) (%S+) (.*)$')
+      if holder ~= me and tonumber(expires) > now then
+        status = 'busy'
+      end
+    end
+    if status == 'go' then
+      redis.call('HSET', KEYS[2], id, (now + lease_ms) .. ' ' .. version .. ' ' .. me)
+    end
+  end
+  out[#out + 1] = status
+end
+return out

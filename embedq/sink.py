@@ -130,18 +130,22 @@ class Sink:
 
     # -- schema ----------------------------------------------------------------------
 
-    def ensure_collection(self, dimension: int, model_name: str, *, create: bool = True) -> bool:
+    def ensure_collection(
+        self, dimension: int | None, model_name: str, *, create: bool = True
+    ) -> bool:
         """Create the collection if missing; True when created. Refuses a dimension mismatch.
 
         With ``create=False`` (readers such as ``embedq search``) a missing collection is a
-        ``ConfigError`` instead."""
+        ``ConfigError`` instead. ``dimension`` None (``embedq verify``, which loads no model)
+        opens an existing collection without checking it."""
         client = self.client
         with translated("describe collection"):
             exists = client.has_collection(self.collection, timeout=self.timeout_s)
             if exists:
                 info = client.describe_collection(self.collection, timeout=self.timeout_s)
         if exists:
-            self._check_existing(info, dimension, model_name)
+            if dimension is not None:
+                self._check_existing(info, dimension, model_name)
             names = {f["name"] for f in info["fields"]}
             self.store_text = self.store_text and "text" in names
             self.versioned = set(VERSION_FIELDS) <= names
@@ -156,7 +160,7 @@ class Sink:
             with translated("load collection"):
                 client.load_collection(self.collection, timeout=self.timeout_s)
             return False
-        if not create:
+        if not create or dimension is None:
             raise ConfigError(
                 f"collection {self.collection} does not exist at {self.uri} "
                 "(no worker has written to it yet; check --collection)"
@@ -343,6 +347,23 @@ class Sink:
                     timeout=self.timeout_s,
                 )
             )
+
+    def rows(self, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every row's id, content hash and version (no vectors), page by page."""
+        fields = ["id", *VERSION_FIELDS] if self.versioned else ["id"]
+        with translated("query iterator"):
+            pages = self.client.query_iterator(
+                self.collection,
+                batch_size=batch_size,
+                filter='id != ""',
+                output_fields=fields,
+                timeout=self.timeout_s,
+            )
+            try:
+                while page := pages.next():
+                    yield from page
+            finally:
+                pages.close()
 
     def ping(self) -> None:
         with translated("ping"):

@@ -125,3 +125,10 @@ def test_modules_and_functions_stay_a_readable_size() -> None:
                 if size > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.name}:{node.lineno} {node.name}: {size} lines")
     assert too_long == []
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    names = {p.name for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert sorted(n for n in names if n not in layout) == []

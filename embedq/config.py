@@ -82,6 +82,10 @@ class Settings:
     consumer_idle_delete_s: float = 600.0
     # Fleet operations: /metrics, /healthz and /readyz on this port (0: no server).
     metrics_port: int = 0
+    # The address it binds: all of them, since the kubelet and Prometheus connect from
+    # outside the pod; 127.0.0.1 keeps the port on the machine.
+    metrics_host: str = "0.0.0.0"  # noqa: S104 -- see above
+    metrics_backlog: int = 64  # the listen backlog: scrapes and probes queued at once
     # Throughput work: model replicas per device, and one worker process per listed device.
     replicas: int = 0  # 0: auto (embedq.replicas.replicas_for: 2 on a multi-core CPU, else 1)
     devices: str = ""  # "" (use --device), "all", or a list such as "0,1" / "cuda:0,cuda:1"
@@ -118,6 +122,8 @@ class Settings:
             )
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"metrics_port must be 0 (off) to 65535, got {self.metrics_port}")
+        if self.metrics_backlog <= 0:
+            raise SettingsError(f"metrics_backlog must be > 0, got {self.metrics_backlog}")
         if self.max_lag < 0 or self.trim_interval_s < 0:
             raise SettingsError("max_lag and trim_interval_s must be >= 0")
 

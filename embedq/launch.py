@@ -115,7 +115,7 @@ def assemble(
     settings = settings.replace(
         max_batch_tokens=runtime.max_batch_tokens, max_batch_rows=runtime.max_batch_rows
     )
-    metrics = metrics or WorkerMetrics()
+    metrics = metrics or WorkerMetrics(stream=settings.stream, group=settings.group)
     partitions = partition_lanes(stream, settings.partitions)
     stats, in_flight = Stats(), InFlight(on_change=metrics.in_flight.set)
     crash: list[BaseException] = []
@@ -198,25 +198,33 @@ def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Wo
 
 def run_worker(settings: Settings) -> Stats:
     """``embedq worker``: the metrics server first (probes answer while the model loads),
-    then the worker, until it stops."""
-    from embedq.health import reachable, serve_worker_metrics
-    from embedq.stream import open_streams
+    then the worker, until it stops. Ready means "can make progress now": model loaded and
+    stages running, Redis and Milvus answering (checked in the background), and no call
+    backing off; a dependency that answers again cuts the backoff short."""
+    from embedq.health import not_backing_off, serve_worker_metrics
 
-    metrics, booted = WorkerMetrics(), list[Worker]()
+    metrics = WorkerMetrics(stream=settings.stream, group=settings.group)
+    booted = list[Worker]()
+
+    def wake() -> None:
+        for work in booted:
+            work.retrying.wake()
+
     server = None
     if settings.metrics_port:
         server = serve_worker_metrics(
             metrics,
-            settings.metrics_port,
+            settings,
             # Ready while the pipeline runs: not loading, stopping, or after a stage crashed.
             ready=lambda: bool(booted) and booted[0].ready,
-            # Its own client: a scrape must not queue behind the worker's blocked XREADGROUP.
-            streams=open_streams(settings.replace(block_ms=0)),
+            wake=wake,
         )
     work = build_worker(settings, metrics)
     booted.append(work)
+    metrics.watch_retries(work.retrying.waiting)
     if server is not None:
-        server.require("milvus", reachable(work.sink.ping))
+        server.watch("milvus", work.sink.ping, every_s=5.0, on_recovered=work.retrying.wake)
+        server.require("progress", not_backing_off(work.retrying.waiting))
     work.install_signal_handlers()
     return work.run()
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
+import types
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -73,12 +76,64 @@ def configure(level: str = "info", json: bool | None = None, secrets: Iterable[s
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # transformers and pymilvus log through stdlib logging; keep them quiet below warnings.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s"
-    )
+    route_foreign_output(renderer, json)
     # Milvus Lite logs a traceback for a locked database file and its in-process gRPC
     # server logs every unimplemented call (AllocTimestamp on upsert); embedq reports the
     # first as one line of its own and the second is harmless.
     for noisy in ("milvus_lite", "grpc._server"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+# The stdlib handler ``configure`` installed last (replaced, never stacked, on a reconfigure).
+_stdlib_handler: logging.Handler | None = None
+
+
+def route_foreign_output(renderer: Any, json: bool) -> None:
+    """Everything else that writes to stderr goes through the same renderer, so a worker's
+    log stays one JSON object per line (issue 17: 441 of 473 lines were not): stdlib logging
+    (transformers, pymilvus, at warning and above), Python warnings, exceptions that end a
+    thread or the process (their traceback inside the event), and gRPC's C core, which
+    writes straight to the file descriptor and is silenced unless GRPC_VERBOSITY says
+    otherwise (its keepalive notices, such as GOAWAY too_many_pings, are not actionable;
+    embedq reports Milvus failures itself)."""
+    global _stdlib_handler  # noqa: PLW0603 -- one process, set at the entry point
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # read when grpc loads, after this
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+                _scrubber,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    if _stdlib_handler is not None:
+        root.removeHandler(_stdlib_handler)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    _stdlib_handler = handler
+    logging.captureWarnings(True)  # warnings.warn(...) becomes a py.warnings event
+    if json:
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_thread_exception
+
+
+def _log_uncaught(
+    kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+) -> None:
+    structlog.get_logger("embedq").critical("uncaught_exception", exc_info=(kind, exc, tb))
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    structlog.get_logger("embedq").error(
+        "thread_crashed",
+        thread=getattr(args.thread, "name", None),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )

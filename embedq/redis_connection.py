@@ -12,17 +12,22 @@ import redis
 from embedq.errors import ConfigError, QueueUnavailable
 
 
-def connect(url: str, *, block_ms: int = 2000, cluster: bool = False) -> redis.Redis:
+def connect(
+    url: str, *, block_ms: int = 2000, cluster: bool = False, socket_timeout_s: float = 0
+) -> redis.Redis:
     """A client for ``url`` (redis:// or rediss://) whose socket timeout outlasts a BLOCK.
 
     With ``cluster`` the URL names any node of a Redis Cluster and the client follows the
     slots. ``RedisCluster`` has the same command methods; it is typed as ``Redis`` so that
     one ``Stream`` serves both, and the few cluster-only paths test ``is_cluster``.
+    ``socket_timeout_s`` overrides the timeout for a client that never blocks: probes and
+    the exporter's sampler give up on a frozen Redis within it.
     """
+    timeout_s = socket_timeout_s or block_ms / 1000 + 10
     options: dict[str, Any] = {
         "decode_responses": False,
-        "socket_timeout": block_ms / 1000 + 10,
-        "socket_connect_timeout": 5,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": min(5, timeout_s),
     }
     if cluster:
         with translated("cluster discovery"):

@@ -173,6 +173,7 @@ class Settler:
         self.metrics.tokens.inc(tokens)
         self.metrics.padded_tokens.inc(batch.padded_tokens if whole else 0)
         self.metrics.batches.inc()
+        self.metrics.acked(e.entry_id for item in items for e in item.entries)
         self.stats.add(texts=len(items), tokens=tokens, batches=1)
         log.debug(
             "batch_done",

@@ -301,6 +301,35 @@ class Stream:
             group_exists=True,
         )
 
+    def oldest_ids(self, info: LagInfo) -> tuple[str | None, str | None]:
+        """The ids of the oldest entry waiting for the group (the first after its position;
+        the stream's first when there is no group yet) and of the oldest pending one; None
+        where there is none. An id's first part is its XADD time: the age of the work."""
+        after = info.last_delivered_id if info.group_exists else None
+        with translated("XRANGE"):
+            first = self.client.xrange(
+                self.keys.stream, min=f"({after}" if after else "-", max="+", count=1
+            )
+            pending = self.client.xpending(self.keys.stream, self.group) if info.pending else {}
+        waiting = text(first[0][0]) if first else None
+        return waiting, text(pending.get("min")) if pending else None
+
+    def count_after(self, entry_id: str, limit: int, page: int = 1000) -> int:
+        """How many entries follow ``entry_id``, counting at most ``limit``: the lag when
+        XINFO cannot compute it (NULL after an XDEL). It reads the entries (XRANGE pages of
+        ``page``), so ``limit`` should stay small."""
+        counted, after = 0, entry_id
+        with translated("XRANGE"):
+            while counted < limit:
+                found = self.client.xrange(
+                    self.keys.stream, min=f"({after}", max="+", count=min(page, limit - counted)
+                )
+                if not found:
+                    break
+                counted += len(found)
+                after = text(found[-1][0]) or after
+        return counted
+
 
 def open_stream(settings: Settings) -> Stream:
     """The stream named by ``settings``, for this process's consumer name."""

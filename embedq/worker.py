@@ -132,6 +132,7 @@ class Worker:
         self.stats.restart()
         tokenized: queue.Queue[Stage] = queue.Queue(maxsize=QUEUE_BATCHES)
         encoded: queue.Queue[Stage] = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.metrics.watch_queues(tokenized=tokenized, encoded=encoded)
         stages = [self._thread("reader", lambda: self._read_stage(tokenized))]
         stages += [
             self._thread(f"model-{i}", partial(self._model_stage, tokenized, encoded, enc))
@@ -187,7 +188,12 @@ class Worker:
     def _log_start(self) -> None:
         dtype = str(self.encoder.dtype).removeprefix("torch.")
         self.metrics.describe_model(
-            self.encoder.name, self.encoder.device, dtype, self.encoder.dimension
+            self.encoder.name,
+            self.encoder.device,
+            dtype,
+            self.encoder.dimension,
+            replicas=len(self.encoders),
+            model_dir=str(self.encoder.model_dir),
         )
         log.info(
             "worker_started",
@@ -313,10 +319,10 @@ class Worker:
                 inbox.put(END)  # let the other replicas see it too
                 self._put(out, END, force=True)
                 return
-            started = time.perf_counter()
+            started, rows = time.perf_counter(), len(batch.items)
             self.encode(batch, encoder)
             batch.encode_s = time.perf_counter() - started
-            self.metrics.stage_seconds.labels(stage="inference").observe(batch.encode_s)
+            self.metrics.forward_done(batch.encode_s, rows, batch.padded_tokens)
             self._fault_point("after_inference")
             self._put(out, batch, force=True)
 
@@ -350,7 +356,7 @@ class Worker:
         try:
             return call()
         finally:
-            self.metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - started)
+            self.metrics.observe_stage(stage, time.perf_counter() - started)
 
     def _put(self, out: queue.Queue[Stage], item: Stage, *, force: bool = False) -> None:
         """Blocking put that gives up when a stage crashed (nobody would take the item)."""

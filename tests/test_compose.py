@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,13 @@ import yaml
 
 from embedq.config import Settings
 
+from .prometheus import RULES, binary
+
 ROOT = Path(__file__).resolve().parents[1]
-LONG_RUNNING = ("redis", "etcd", "minio", "milvus", "worker", "worker-cpu")
+LONG_RUNNING = (
+    *("redis", "etcd", "minio", "milvus"),
+    *("worker", "worker-cpu", "exporter", "prometheus"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +115,44 @@ def test_every_embedq_variable_is_a_setting_and_secrets_come_from_env(
     stream_settings = {
         (s["environment"]["EMBEDQ_STREAM"], s["environment"]["EMBEDQ_GROUP"])
         for n, s in compose["services"].items()
-        if n in ("init", "worker", "worker-cpu", "producer")
+        if n in ("init", "worker", "worker-cpu", "producer", "exporter")
     }
     assert len(stream_settings) == 1  # init, workers and producer agree on stream and group
+
+
+def test_one_exporter_serves_the_stream_gauges_and_prometheus_scrapes_it_all(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """The exporter is the one source of the stream gauges (as in the chart); the
+    monitoring profile's Prometheus config is valid for the real `promtool`, scrapes the
+    exporter and every worker container, and loads the chart's alert rules."""
+    services = compose["services"]
+    exporter = services["exporter"]
+    assert exporter["command"] == ["exporter"]
+    assert exporter["image"] == services["producer"]["image"]  # no model in it
+    assert exporter["environment"]["EMBEDQ_METRICS_PORT"] == "9400"
+    assert "/readyz" in " ".join(exporter["healthcheck"]["test"])
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in prometheus["volumes"][:2])
+    assert mounts["./helm/embedq/alerts/embedq.rules.yaml"] == "/etc/prometheus/embedq.rules.yaml"
+    config = yaml.safe_load((ROOT / "compose" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/embedq.rules.yaml"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["embedq-exporter"]["static_configs"][0]["targets"] == ["exporter:9400"]
+    (dns,) = jobs["embedq-worker"]["dns_sd_configs"]
+    assert set(dns["names"]) == {"worker", "worker-cpu"} and dns["port"] == 9400
+    for worker in ("worker", "worker-cpu"):
+        assert services[worker]["environment"]["EMBEDQ_METRICS_PORT"] == "9400"
+    # promtool reads the rule files too: point it at the chart's file where it lies here.
+    config["rule_files"] = [str(RULES)]
+    local = tmp_path / "prometheus.yml"
+    local.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [binary("promtool"), "check", "config", str(local)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

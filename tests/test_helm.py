@@ -63,6 +63,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "metrics": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
             "grafanaDashboard": {"enabled": True},
         },
         "model": {
@@ -234,7 +235,25 @@ SERVICE_MONITOR_SCHEMA = {
             "type": "object",
             "required": ["selector", "endpoints"],
             "properties": {
-                "selector": {"type": "object", "properties": {"matchLabels": _str_map}},
+                "selector": {
+                    "type": "object",
+                    "properties": {
+                        "matchLabels": _str_map,
+                        "matchExpressions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["key", "operator"],
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                    "values": {"type": "array", "items": {"type": "string"}},
+                                },
+                            },
+                        },
+                    },
+                },
                 "endpoints": {
                     "type": "array",
                     "items": {
@@ -243,6 +262,50 @@ SERVICE_MONITOR_SCHEMA = {
                             "port": {"type": "string"},
                             "path": {"type": "string"},
                             "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+# The Prometheus Operator's PrometheusRule: spec.groups[].rules[] with alert/record, expr.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "metadata": _meta,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "interval": {"type": "string"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": "string"},
+                                        "for": {"type": "string"},
+                                        "labels": _str_map,
+                                        "annotations": _str_map,
+                                    },
+                                },
+                            },
                         },
                     },
                 },
@@ -268,8 +331,14 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (found,) = by_kind(docs, kind)
+def one(docs: list[dict[str, Any]], kind: str, component: str = "worker") -> dict[str, Any]:
+    """The one ``kind`` of a component: the workers' Deployment, not the exporter's."""
+    (found,) = [
+        d
+        for d in by_kind(docs, kind)
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component", component)
+        == component
+    ]
     return found
 
 
@@ -336,6 +405,8 @@ def test_every_manifest_is_valid_kubernetes(rendered: tuple[str, list[dict[str, 
             jsonschema.validate(doc, KEDA_SCHEMAS[doc["kind"]])
         elif doc["kind"] == "ServiceMonitor":
             jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+        elif doc["kind"] == "PrometheusRule":
+            jsonschema.validate(doc, PROMETHEUS_RULE_SCHEMA)
         else:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
@@ -544,7 +615,7 @@ def test_the_dashboard_promql_parses_and_sums_a_streams_partitions() -> None:
     exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     selectors = set()
     for expr in exprs:
-        concrete = expr.replace("$stream", "embedq:tasks").replace("$group", "embedq")
+        concrete = grafana_to_promql(expr)
         if not concrete.startswith("label_values("):  # Grafana's, not PromQL
             promql_parser.parse(concrete)  # raises on a syntax error
         selectors |= set(re.findall(r'stream=~"([^"]+)"', concrete))
@@ -610,9 +681,21 @@ def test_the_chart_refuses_settings_that_cannot_work() -> None:
             chart.render({"secrets": {"existingSecret": "", "create": True}}, name="prod")
 
 
+def grafana_to_promql(expr: str, rate_interval: str = "1m") -> str:
+    """A dashboard expression with Grafana's variables filled in as Grafana would."""
+    for variable, value in (
+        ("$__rate_interval", rate_interval),
+        ("$stream", "embedq:tasks"),
+        ("$group", "embedq"),
+    ):
+        expr = expr.replace(variable, value)
+    return expr
+
+
 def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
+    from embedq.exporter import StreamState, stream_gauges
     from embedq.lag import ConsumerInfo, LagInfo
-    from embedq.metrics import WorkerMetrics, stream_gauges
+    from embedq.metrics import GPU_MEMORY, WorkerMetrics
 
     suffixes = {
         "counter": ["_total"],
@@ -625,7 +708,9 @@ def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
         for suffix in suffixes.get(f.type, [""])
     }
     info = LagInfo("s", "g", 1, 1, 1, None, 1, [ConsumerInfo("c", 1, 1)], 0, group_exists=True)
-    exported |= {f.name for f in stream_gauges([info])} | {"embedq_stream_up"}
+    exported |= {f.name for f in stream_gauges([StreamState(info, 1, 1)])} | {"embedq_stream_up"}
+    # CUDA workers only (embedq.metrics.GpuCollector)
+    exported |= {f"embedq_gpu_memory_{key}_bytes" for key in GPU_MEMORY} | {"embedq_gpu_ooms_total"}
     dashboard = json.loads((CHART / "dashboards" / "embedq.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
@@ -634,3 +719,87 @@ def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
     (config_map,) = [d for d in render(VALUE_SETS["chart-made-secret"]) if d["kind"] == "ConfigMap"]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["embedq.json"]) == dashboard
+
+
+def test_one_exporter_always_serves_the_stream_gauges(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """Issue 12 item 8 / issue 17: the stream gauges come from one exporter Deployment,
+    deployed whatever the worker count, on the same stream as the workers, and never
+    counted as a worker by the workers' Deployment, Service, PDB or KEDA."""
+    name, docs = rendered
+    values = helm.Chart.load(CHART).merge_values(VALUE_SETS[name])
+    exporter = one(docs, "Deployment", component="exporter")
+    assert exporter["spec"]["replicas"] == 1
+    pod = exporter["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["exporter"]
+    assert container["image"].startswith(values["hookImage"]["repository"] + ":")
+    exporter_settings = settings_from_env(container, SECRETS)
+    worker_settings = settings_from_env(worker_container(docs), SECRETS)
+
+    def where(s: Settings) -> tuple[str, bool, str, str, int]:
+        return s.redis_url, s.redis_cluster, s.stream, s.group, s.partitions
+
+    assert where(exporter_settings) == where(worker_settings)
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert exporter_settings.metrics_port == port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    labels = pod["metadata"]["labels"]
+    worker_selectors = [
+        one(docs, "Deployment")["spec"]["selector"]["matchLabels"],
+        one(docs, "Service")["spec"]["selector"],
+        one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ]
+    for selector in worker_selectors:
+        assert not selector.items() <= labels.items(), selector
+        assert selector.items() <= worker_pod_labels(docs).items()
+    service = one(docs, "Service", component="exporter")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def worker_pod_labels(docs: list[dict[str, Any]]) -> dict[str, str]:
+    labels: dict[str, str] = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_pods_are_scraped_once_with_a_timeout(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    """No prometheus.io/* annotations next to the ServiceMonitor (issue 17: both scraped
+    every pod); the ServiceMonitor picks the workers' and the exporter's Services and sets
+    a scrape timeout within its interval."""
+    _, docs = rendered
+    for component in ("worker", "exporter"):
+        pod = one(docs, "Deployment", component=component)["spec"]["template"]["metadata"]
+        assert not any(k.startswith("prometheus.io/") for k in pod.get("annotations", {}))
+    for monitor in by_kind(docs, "ServiceMonitor"):
+        selector = monitor["spec"]["selector"]
+        services = [one(docs, "Service", c) for c in ("worker", "exporter")]
+        for service in services:
+            labels = service["metadata"]["labels"]
+            assert selector["matchLabels"].items() <= labels.items()
+            for expression in selector["matchExpressions"]:
+                assert labels[expression["key"]] in expression["values"]
+        (endpoint,) = monitor["spec"]["endpoints"]
+
+        def seconds(duration: str) -> float:
+            number, unit = re.fullmatch(r"([0-9]+)(ms|s|m|h)", duration).groups()  # type: ignore[union-attr]
+            return int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+        assert 0 < seconds(endpoint["scrapeTimeout"]) <= seconds(endpoint["interval"])
+
+
+def test_the_prometheus_rule_carries_the_readme_alerts() -> None:
+    docs = render(VALUE_SETS["chart-made-secret"])
+    (rule,) = by_kind(docs, "PrometheusRule")
+    shipped = yaml.safe_load((CHART / "alerts" / "embedq.rules.yaml").read_text())
+    assert rule["spec"] == shipped
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    alerts = {r["alert"] for g in shipped["groups"] for r in g["rules"]}
+    readme = (CHART.parents[1] / "README.md").read_text()
+    for alert in alerts:  # every shipped alert is explained where operators read
+        assert f"`{alert}`" in readme, alert
+    assert by_kind(render({}), "PrometheusRule") == []

@@ -1,7 +1,7 @@
 """Fleet operations: stream gauges, /metrics /healthz /readyz, `embedq exporter`, `embedq top`.
 
-Everything runs against real Redis; the worker test starts `embedq worker --metrics-port` as
-a subprocess on a private redis-server it later stops, and a real Milvus Lite file.
+Everything runs against real Redis. A real worker's metrics and probes, scraped by a real
+Prometheus with Redis frozen under it, are in test_monitoring.py.
 """
 
 from __future__ import annotations
@@ -11,22 +11,21 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedq.bench.servers import RedisServer, free_port
-from embedq.health import HealthServer, reachable, serve_stream_metrics
+from embedq.bench.servers import free_port
+from embedq.config import Settings
+from embedq.exporter import StreamCollector, StreamSampler, serve_exporter
+from embedq.health import HealthServer, reachable
 from embedq.lag import ConsumerInfo, LagInfo
-from embedq.metrics import StreamCollector
-from embedq.redis_connection import connect
 from embedq.stream import Stream
 from embedq.top import Sample, Window, rates, render
 
-from .conftest import REDIS_URL, corpus_rows
+from .conftest import REDIS_URL
 from .servers import http_get, wait_for
 from .test_cli import embedq
 
@@ -125,71 +124,95 @@ def fill(client: redis.Redis, stream: str, n: int) -> list[bytes]:
     return [client.xadd(stream, {"id": f"d{i}", "text": f"text {i}"}) for i in range(n)]
 
 
-def test_stream_gauges_read_redis_on_every_scrape(
+def exporter_settings(stream: str, url: str = REDIS_URL) -> Settings:
+    # metrics_port 0: the server binds a free port (HealthServer.port says which).
+    return Settings(redis_url=url, stream=stream, group="g", metrics_port=0, log_json=True)
+
+
+def test_the_exporter_serves_the_stream_gauges_from_its_background_sample(
     redis_client: redis.Redis, stream_name: str
 ) -> None:
-    server = serve_stream_metrics(
-        CollectorRegistry(), 0, [Stream(connect(REDIS_URL), stream_name, "g", "c")]
-    )
+    server, sampler = serve_exporter(exporter_settings(stream_name))
     base = f"http://127.0.0.1:{server.port}"
+    labels = {"stream": stream_name, "group": "g"}
     try:
-        status, body = http_get(base + "/metrics")
-        assert status == 200
-        assert value(body, "embedq_stream_up") == 1
-        assert value(body, "embedq_stream_group_exists", stream=stream_name, group="g") == 0
-        assert value(body, "embedq_stream_lag", stream=stream_name, group="g") is None
+        wait_for(lambda: value(http_get(base + "/metrics")[1], "embedq_stream_up") == 1, 10, "up")
+        body = http_get(base + "/metrics")[1]
+        assert value(body, "embedq_stream_group_exists", **labels) == 0
+        assert value(body, "embedq_stream_lag", **labels) is None
+        assert value(body, "embedq_stream_backlog", **labels) == 0  # the length: 0
 
         fill(redis_client, stream_name, 10)
         redis_client.xgroup_create(stream_name, "g", id="0")
         redis_client.xreadgroup("g", "w1", {stream_name: ">"}, count=4)
         redis_client.xadd(stream_name + ":dlq", {"_dlq_reason": "missing_id"})
+        redis_client.xgroup_createconsumer(stream_name, "g", "idle-worker")
+
+        def sampled() -> bool:
+            return value(http_get(base + "/metrics")[1], "embedq_stream_pending", **labels) == 4
+
+        wait_for(sampled, 10, "the next sample")
         body = http_get(base + "/metrics")[1]
-        labels = {"stream": stream_name, "group": "g"}
         assert value(body, "embedq_stream_length", stream=stream_name) == 10
         assert value(body, "embedq_stream_dlq_length", stream=stream_name) == 1
         assert value(body, "embedq_stream_lag", **labels) == 6
-        assert value(body, "embedq_stream_pending", **labels) == 4
-        assert value(body, "embedq_stream_consumers", **labels) == 1
+        assert value(body, "embedq_stream_lag_unknown", **labels) == 0
+        assert value(body, "embedq_stream_backlog", **labels) == 10
+        assert value(body, "embedq_stream_consumers", **labels) == 2
+        # Only consumers holding entries get a series of their own (issue 12 item 8).
         assert value(body, "embedq_stream_consumer_pending", **labels, consumer="w1") == 4
-        assert value(body, "embedq_stream_consumer_idle_seconds", **labels, consumer="w1") >= 0
+        assert "idle-worker" not in body and "consumer_idle" not in body
+        assert 0 <= value(body, "embedq_stream_oldest_waiting_age_seconds", **labels) < 60
+        assert 0 <= value(body, "embedq_stream_oldest_pending_age_seconds", **labels) < 60
+        assert value(body, "embedq_stream_sample_age_seconds") < 5
+        assert 'embedq_build_info{python="' in body and "process_resident_memory_bytes" in body
+        assert "_created" not in body
 
         status, ready = http_get(base + "/readyz")
         assert status == 200 and json.loads(ready) == {"ready": True, "checks": {"redis": "ok"}}
+        assert http_get(base + "/healthz")[0] == 200
     finally:
         server.close()
+        sampler.stop()
 
 
-def test_unknown_lag_is_absent_not_zero(redis_client: redis.Redis, stream_name: str) -> None:
-    ids = fill(redis_client, stream_name, 3)
-    redis_client.xgroup_create(stream_name, "g", id=ids[1])  # Redis cannot count this lag
+def test_unknown_lag_is_absent_not_zero_and_the_backlog_is_counted(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    ids = fill(redis_client, stream_name, 8)
+    redis_client.xgroup_create(stream_name, "g", id="0")
+    redis_client.xreadgroup("g", "w1", {stream_name: ">"}, count=2)
+    redis_client.xdel(stream_name, ids[5])  # between the group's position and the tail
+    sampler = StreamSampler([Stream(redis_client, stream_name, "g", "c")])
+    sampler.refresh()
     registry = CollectorRegistry()
-    registry.register(StreamCollector([Stream(redis_client, stream_name, "g", "c")]))
+    registry.register(StreamCollector(sampler))
+    labels = {"stream": stream_name, "group": "g"}
     assert registry.get_sample_value("embedq_stream_up") == 1
-    assert (
-        registry.get_sample_value("embedq_stream_pending", {"stream": stream_name, "group": "g"})
-        == 0
-    )
-    assert (
-        registry.get_sample_value("embedq_stream_lag", {"stream": stream_name, "group": "g"})
-        is None
-    )
+    assert registry.get_sample_value("embedq_stream_pending", labels) == 2
+    assert registry.get_sample_value("embedq_stream_lag", labels) is None
+    assert registry.get_sample_value("embedq_stream_lag_unknown", labels) == 1
+    # 5 entries wait (the sixth was deleted) and 2 are pending: not the length (7), not 0.
+    assert registry.get_sample_value("embedq_stream_backlog", labels) == 5 + 2
+    assert registry.get_sample_value("embedq_stream_length", {"stream": stream_name}) == 7
 
 
-def test_a_scrape_with_redis_down_reports_up_0_and_readyz_503() -> None:
-    dead = Stream(connect(f"redis://127.0.0.1:{free_port()}/0"), "s", "g", "c")
-    server = serve_stream_metrics(CollectorRegistry(), 0, [dead])
+def test_a_frozen_or_dead_redis_reads_as_down_without_blocking_a_scrape() -> None:
+    dead = exporter_settings("s", url=f"redis://127.0.0.1:{free_port()}/0")
+    server, sampler = serve_exporter(dead)
     base = f"http://127.0.0.1:{server.port}"
     try:
+        wait_for(lambda: http_get(base + "/readyz")[0] == 503, 10, "/readyz 503")
         status, body = http_get(base + "/metrics")
         assert status == 200
         assert value(body, "embedq_stream_up") == 0
         assert "embedq_stream_length" not in body
-        status, ready = http_get(base + "/readyz")
-        assert status == 503
-        assert json.loads(ready)["checks"]["redis"].startswith("QueueUnavailable")
+        checks = json.loads(http_get(base + "/readyz")[1])["checks"]
+        assert checks["redis"].startswith("QueueUnavailable")
         assert http_get(base + "/healthz")[0] == 200  # alive: not a reason to restart
     finally:
         server.close()
+        sampler.stop()
 
 
 def test_readyz_names_each_failed_check_and_survives_a_raising_one() -> None:
@@ -256,7 +279,7 @@ def test_exporter_serves_until_sigterm(redis_client: redis.Redis, stream_name: s
         text=True,
     )
     try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, "exporter")
+        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 30, "exporter")
         body = http_get(f"http://127.0.0.1:{port}/metrics")[1]
         assert value(body, "embedq_stream_length", stream=stream_name) == 3
         proc.send_signal(signal.SIGTERM)
@@ -266,90 +289,6 @@ def test_exporter_serves_until_sigterm(redis_client: redis.Redis, stream_name: s
         proc.wait()
     missing = embedq("exporter", env={"EMBEDQ_REDIS_URL": REDIS_URL})
     assert missing.returncode == 2 and "--metrics-port" in missing.stderr
-
-
-@pytest.mark.slow
-def test_worker_serves_metrics_and_probes_and_readyz_follows_redis(tmp_path: Path) -> None:
-    """`embedq worker --metrics-port` on a private Redis that is stopped mid-test."""
-    private = RedisServer(tmp_path / "redis").start()
-    rows = corpus_rows("short.jsonl", 40)
-    pipe = private.client().pipeline()
-    for row in rows:
-        pipe.xadd("tasks", {"id": row["id"], "text": row["text"]})
-    pipe.execute()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "EMBEDQ_REDIS_URL": private.url,
-        "EMBEDQ_STREAM": "tasks",
-        "EMBEDQ_MILVUS_URI": str(tmp_path / "m.db"),
-        "EMBEDQ_METRICS_PORT": str(port),
-        "EMBEDQ_LOG_JSON": "true",
-    }
-    log_path = tmp_path / "worker.log"
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "embedq.cli", "worker", "--block-ms", "200", "--grace", "3"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-
-        def answers(path: str, status: int) -> bool:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            return http_get(base + path)[0] == status
-
-        wait_for(lambda: answers("/healthz", 200), 60, "the worker's /healthz")
-        wait_for(lambda: answers("/readyz", 200), 120, "the worker's /readyz")
-        status, ready = http_get(base + "/readyz")
-        assert json.loads(ready)["checks"] == {"redis": "ok", "worker": "ok", "milvus": "ok"}
-
-        def drained() -> bool:
-            body = http_get(base + "/metrics")[1]
-            labels = {"stream": "tasks", "group": "embedq"}
-            return (
-                value(body, "embedq_stream_lag", **labels) == 0
-                and value(body, "embedq_stream_pending", **labels) == 0
-            )
-
-        wait_for(drained, 120, "the worker to drain the stream (seen in /metrics)")
-        body = http_get(base + "/metrics")[1]
-        info = {(k[1]): v for k, v in samples_of(body).items() if k[0] == "embedq_model_info"}
-        (labels,) = info
-        assert dict(labels)["device"] == "cpu" and dict(labels)["dimension"] == "384"
-        assert "all-MiniLM-L6-v2" in dict(labels)["model"]
-        for stage in ("read", "tokenize", "inference", "write", "ack"):
-            assert f'embedq_stage_duration_seconds_count{{stage="{stage}"}}' in body
-        consumers = value(body, "embedq_stream_consumers", stream="tasks", group="embedq")
-        assert consumers == 1
-        # The worker's own counters, wired into its pipeline stages.
-        assert value(body, "embedq_texts_total") == 40
-        assert value(body, "embedq_batches_total") >= 1
-        assert value(body, "embedq_tokens_total") > 40
-        assert value(body, "embedq_in_flight_entries") == 0
-        assert value(body, "embedq_stage_duration_seconds_count", stage="inference") >= 1
-
-        private.stop()  # Redis goes away: not ready, but alive, and /metrics still answers
-        wait_for(lambda: http_get(base + "/readyz")[0] == 503, 30, "/readyz to turn 503")
-        checks = json.loads(http_get(base + "/readyz")[1])["checks"]
-        assert checks["redis"].startswith("QueueUnavailable") and checks["milvus"] == "ok"
-        assert http_get(base + "/healthz")[0] == 200
-        status, body = http_get(base + "/metrics")
-        assert status == 200 and value(body, "embedq_stream_up") == 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        private.stop()
-    lines = log_path.read_text().splitlines()
-    events = [json.loads(x)["event"] for x in lines if x.startswith("{")]
-    assert "metrics_serving" in events and "not_ready" in events
 
 
 def test_init_creates_the_group_at_0_without_model_side_packages(

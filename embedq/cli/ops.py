@@ -72,19 +72,21 @@ def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
 @click.command()
 @common
 @setting("metrics_port", help="Port for /metrics, /healthz and /readyz (required).")
+@setting("metrics_host", help="Address the metrics port binds (127.0.0.1: this machine only).")
+@setting("metrics_backlog", help="Listen backlog of the metrics port.")
 def exporter(**options: Any) -> None:
-    """Serve the stream's gauges (length, lag, pending, consumers, dead letters) and probes.
+    """Serve the stream's gauges (backlog, lag, pending, consumers, dead letters, the age of
+    the oldest waiting and pending entries) and probes.
 
-    No model is loaded: run one next to a fleet whose workers have no --metrics-port, or
-    for a stream nobody consumes yet. Stops on SIGINT/SIGTERM.
+    The one source of the stream gauges: workers export only their own counters. No model
+    is loaded; run exactly one per deployment (the Helm chart does), so the gauges stay
+    visible with no worker running. Redis is sampled in the background with a short
+    timeout: a scrape never waits on it. Stops on SIGINT/SIGTERM.
     """
     import signal
     import threading
 
-    from prometheus_client import CollectorRegistry
-
-    from embedq.health import serve_stream_metrics
-    from embedq.stream import open_streams
+    from embedq.exporter import serve_exporter
 
     settings = build_settings(options)
     if not settings.metrics_port:
@@ -95,16 +97,13 @@ def exporter(**options: Any) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         try:
-            server = serve_stream_metrics(
-                CollectorRegistry(),
-                settings.metrics_port,
-                open_streams(settings.replace(block_ms=0)),
-            )
+            server, sampler = serve_exporter(settings)
         except OSError as exc:
             raise ConfigError(f"cannot listen on port {settings.metrics_port}: {exc}") from None
         log.info("exporter_started", stream=settings.stream, group=settings.group)
         stop.wait()
         server.close()
+        sampler.stop()
         log.info("exporter_stopped")
         return ExitCode.OK
 

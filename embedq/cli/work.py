@@ -86,6 +86,8 @@ def init(with_collection: bool, **options: Any) -> None:
     help="Seconds between trims of fully acknowledged entries (0: never).",
 )
 @setting("metrics_port", help="Serve /metrics, /healthz and /readyz on this port (0: off).")
+@setting("metrics_host", help="Address the metrics port binds (127.0.0.1: this machine only).")
+@setting("metrics_backlog", help="Listen backlog of the metrics port.")
 def worker(**options: Any) -> None:
     """Embed entries from the stream into Milvus until stopped."""
     settings = build_settings(options)

@@ -30,6 +30,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: worker
 {{- end }}
 
+{{/* The exporter's pods: the same name and instance, another component, so that neither
+the workers' selector (Deployment, Service, PDB) nor KEDA ever counts them. */}}
+{{- define "embedq.exporterSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "embedq.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: exporter
+{{- end }}
+
+{{- define "embedq.exporterLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "embedq.exporterSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "embedq.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "embedq.fullname" .) .Values.serviceAccount.name }}

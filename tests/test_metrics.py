@@ -5,7 +5,11 @@ What Prometheus makes of them with a real worker is test_monitoring.py."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -214,3 +218,32 @@ def test_cuda_workers_export_gpu_memory_and_ooms(tmp_path: Path) -> None:
     with pytest.raises(torch.cuda.OutOfMemoryError):
         torch.empty(int(total * 2), dtype=torch.uint8, device="cuda")
     assert get(metrics, "embedq_gpu_ooms_total", device="cuda") == 1
+
+
+def test_everything_a_process_writes_to_stderr_is_one_json_object_per_line() -> None:
+    """Issue 17: 441 of 473 lines of a worker's log were not JSON (gRPC notices and
+    tracebacks). Library logging, Python warnings and a thread that dies go through the
+    same renderer; gRPC's C core, which writes to the file descriptor itself, is silenced."""
+    script = (
+        "import logging, os, threading, warnings\n"
+        "from embedq import logs\n"
+        "logs.configure('info', json=True, secrets=['s3cret'])\n"
+        "logging.getLogger('pymilvus').warning('retrying with token s3cret')\n"
+        "warnings.warn('a library deprecates something')\n"
+        "t = threading.Thread(target=lambda: 1 / 0, name='stage'); t.start(); t.join()\n"
+        "print(os.environ['GRPC_VERBOSITY'])\n"
+        "raise RuntimeError('a bug')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.stdout.strip() == "NONE"
+    events = [json.loads(line) for line in done.stderr.splitlines()]  # each line is JSON
+    by_event = {e["event"]: e for e in events}
+    assert by_event["retrying with token ***"]["logger"] == "pymilvus"
+    assert any("a library deprecates something" in e["event"] for e in events)
+    assert "ZeroDivisionError" in by_event["thread_crashed"]["exception"]
+    assert "RuntimeError: a bug" in by_event["uncaught_exception"]["exception"]
+    assert done.returncode == 1

@@ -24,6 +24,7 @@ Overlong = Literal["truncate", "reject"]
 # SettingsError lives with the other errors (embedq.errors); it is imported from here too.
 __all__ = [
     "ENV_PREFIX",
+    "InvalidSetting",
     "Overlong",
     "Settings",
     "SettingsError",
@@ -31,6 +32,16 @@ __all__ = [
     "dsn_secrets",
     "redact_url",
 ]
+
+
+class InvalidSetting(SettingsError):
+    """A ``SettingsError`` about named settings (``Settings`` field names), so that the CLI
+    can name each one as the user gave it: ``--chunk`` or ``EMBEDQ_ENQUEUE_CHUNK``, not
+    ``enqueue_chunk`` (issue 18)."""
+
+    def __init__(self, message: str, *settings: str) -> None:
+        super().__init__(message)
+        self.settings = settings
 
 
 def default_consumer_name() -> str:
@@ -89,8 +100,12 @@ class Settings:
     # Throughput work: model replicas per device, and one worker process per listed device.
     replicas: int = 0  # 0: auto (embedq.replicas.replicas_for: 2 on a multi-core CPU, else 1)
     devices: str = ""  # "" (use --device), "all", or a list such as "0,1" / "cuda:0,cuda:1"
+    # Start-up: how long a worker keeps trying its first connection to Redis and Milvus
+    # before it exits with ExitCode.CONNECT; 0 waits forever.
+    connect_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        check_redis_url(self.redis_url, cluster=self.redis_cluster)
         self._check_numbers()
         self._check_choices()
 
@@ -105,11 +120,11 @@ class Settings:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise InvalidSetting(f"{name} must be > 0, got {getattr(self, name)}", name)
         for name in ("max_batch_tokens", "max_batch_rows", "replicas"):
             if getattr(self, name) < 0:
-                raise SettingsError(
-                    f"{name} must be > 0 (or 0 for auto), got {getattr(self, name)}"
+                raise InvalidSetting(
+                    f"{name} must be > 0 (or 0 for auto), got {getattr(self, name)}", name
                 )
         if self.block_ms < 0:
             raise SettingsError(f"block_ms must be >= 0, got {self.block_ms}")
@@ -124,14 +139,17 @@ class Settings:
             raise SettingsError(f"metrics_port must be 0 (off) to 65535, got {self.metrics_port}")
         if self.metrics_backlog <= 0:
             raise SettingsError(f"metrics_backlog must be > 0, got {self.metrics_backlog}")
-        if self.max_lag < 0 or self.trim_interval_s < 0:
-            raise SettingsError("max_lag and trim_interval_s must be >= 0")
+        for name in ("max_lag", "trim_interval_s", "connect_timeout_s"):
+            if getattr(self, name) < 0:
+                raise InvalidSetting(f"{name} must be >= 0, got {getattr(self, name)}", name)
 
     def _check_choices(self) -> None:
         if self.on_overlong not in ("truncate", "reject"):
             raise SettingsError(f"on_overlong must be truncate or reject, got {self.on_overlong!r}")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
-            raise SettingsError(f"dtype must be auto, fp32, fp16 or bf16, got {self.dtype!r}")
+            raise InvalidSetting(
+                f"dtype must be auto, fp32, fp16 or bf16, got {self.dtype!r}", "dtype"
+            )
         if self.fault_point not in ("", "after_read", "after_inference", "after_write"):
             raise SettingsError(f"unknown fault_point {self.fault_point!r}")
         if self.consumer_idle_delete_s <= self.min_idle_s:
@@ -142,7 +160,8 @@ class Settings:
                 f"min_idle_s ({self.min_idle_s})"
             )
         if not self.stream or not self.group or not self.consumer:
-            raise SettingsError("stream, group and consumer must not be empty")
+            empty = [n for n in ("stream", "group", "consumer") if not getattr(self, n)]
+            raise InvalidSetting(f"{' and '.join(empty)} must not be empty", *empty)
         if self.redis_cluster and self.partitions == 1 and hash_tag(self.stream) == self.stream:
             # The stream, its dead-letter stream and its error hash are touched by one
             # script or MULTI; on a cluster they must share a slot, which only a tag gives.
@@ -186,6 +205,72 @@ class Settings:
     @property
     def redis_url_redacted(self) -> str:
         return redact_url(self.redis_url)
+
+    @property
+    def redis_address(self) -> str:
+        """Where Redis is, for messages: ``host:port`` (or the socket path), no password."""
+        parts = urlsplit(self.redis_url)
+        if parts.scheme == "unix":
+            return parts.path
+        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
+    @property
+    def milvus_address(self) -> str:
+        """Where Milvus is, for messages: ``host:port``, or the Milvus Lite file."""
+        if "://" not in self.milvus_uri:
+            return self.milvus_uri
+        parts = urlsplit(self.milvus_uri)
+        return f"{parts.hostname or 'localhost'}:{parts.port or 19530}"
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _shown_url(url: str) -> str:
+    """``url`` for a message: any password replaced, even where ``urlsplit`` finds none."""
+    if "://" in url:
+        return redact_url(url)
+    return "***@" + url.rsplit("@", 1)[1] if "@" in url else url
+
+
+def check_redis_url(url: str, *, cluster: bool = False) -> None:
+    """Raise ``InvalidSetting`` (naming ``redis_url``) unless redis-py can use ``url``.
+
+    redis-py's own errors for these are a ValueError deep in a traceback (no scheme,
+    ``http://``) or a reply at the first command (``/99``: DB index is out of range).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        rest = url.split("://", 1)[1] if "://" in url else url
+        fixed = _shown_url("redis://" + rest + ("" if "/" in rest else "/0"))
+        raise InvalidSetting(
+            f"redis_url {_shown_url(url)!r} is not a Redis URL: write {fixed} "
+            "(rediss:// for TLS)",
+            "redis_url",
+        )
+    if scheme == "unix":
+        return
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        raise InvalidSetting(
+            f"redis_url {_shown_url(url)!r} has a port that is not a number 0-65535",
+            "redis_url",
+        ) from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise InvalidSetting(
+            f"redis_url {_shown_url(url)!r} ends with {parts.path!r}: the part after the "
+            "port is a database number, as in redis://host:6379/0",
+            "redis_url",
+        )
+    if cluster and db not in ("", "0"):
+        raise InvalidSetting(
+            f"redis_url {_shown_url(url)!r} names database {db}; a Redis Cluster has only "
+            "database 0",
+            "redis_url",
+        )
 
 
 def dsn_secrets(dsn: str) -> list[str]:

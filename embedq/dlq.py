@@ -19,6 +19,7 @@ in the same millisecond, and a bare id that matched both would retry or purge th
 from __future__ import annotations
 
 import heapq
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -232,12 +233,28 @@ def iter_dead_letters(lanes: Lanes, reason: str | None = None) -> Iterator[DeadL
     )
 
 
+# A stream entry id: milliseconds, and optionally "-" and a sequence number.
+_ENTRY_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
+def check_refs(refs: Sequence[str]) -> None:
+    """Raise ``ConfigError`` for a name that cannot be a dead-letter entry's (Redis would
+    answer "Invalid stream ID"): a document id given where a dead-letter id belongs, say."""
+    bad = [ref for ref in refs if not _ENTRY_ID.fullmatch(ref.rpartition("/")[2])]
+    if bad:
+        raise ConfigError(
+            f"{bad[0]!r} is not a dead-letter id: those look like 1718000000000-0 (with "
+            "--partitions, 3/1718000000000-0), as `embedq dlq list` shows them"
+        )
+
+
 def locate(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
     """Where each dead-letter name is: name -> (lane, its entry). Names not found are absent.
 
     ``<i>/<id>`` names partition ``i``; a bare id is looked up in every partition and must
     be in exactly one (ConfigError otherwise, naming the candidates).
     """
+    check_refs(refs)
     found: dict[str, tuple[int, Entry]] = {}
     for ref in refs:
         lane_text, slash, dlq_id = ref.rpartition("/")

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from embedq.keys import partition_streams
+
+if TYPE_CHECKING:
+    import redis
+
+# How many partition streams ``partitions_found`` looks for, in one round trip.
+_PARTITIONS_PROBED = 256
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,9 @@ def merge_partitions(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo
                 else ConsumerInfo(c.name, seen.pending + c.pending, min(seen.idle_ms, c.idle_ms))
             )
     lags = [p.lag for p in parts]
-    reads = [p.entries_read for p in parts]
+    # A partition whose group is not there yet has read nothing: it does not make the sum
+    # unknown (``top`` counts throughput from it).
+    reads = [p.entries_read for p in parts if p.group_exists]
     return LagInfo(
         stream=base,
         group=group,
@@ -72,7 +82,7 @@ def merge_partitions(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo
         lag=None if None in lags else sum(lag or 0 for lag in lags),
         pending=sum(p.pending for p in parts),
         last_delivered_id=None,  # one per partition
-        entries_read=None if None in reads else sum(r or 0 for r in reads),
+        entries_read=None if not reads or None in reads else sum(r or 0 for r in reads),
         consumers=sorted(consumers.values(), key=lambda c: c.name),
         dlq_length=sum(p.dlq_length for p in parts),
         group_exists=all(p.group_exists for p in parts),
@@ -122,3 +132,30 @@ def partition_table(parts: Sequence[LagInfo]) -> list[str]:
         shown = "unknown" if p.lag is None else str(p.lag)
         lines.append(f"{p.stream:<40} {p.length:>9} {shown:>9} {p.pending:>8} {p.dlq_length:>6}")
     return lines
+
+
+def partitions_found(client: redis.Redis, base: str) -> int:
+    """How many partition streams ``base:{p<i>}`` exist (the highest index + 1; 0: none).
+
+    ``lag`` and ``top`` ask when ``base`` itself does not exist: a deployment's partitions
+    were probably left out of the command (no ``--partitions`` / ``EMBEDQ_PARTITIONS``),
+    and "length 0" would read as an empty queue (issue 18).
+    """
+    from embedq.redis_connection import translated
+
+    if "{" in base:
+        return 0  # a stream with a hash tag has no partition streams (embedq.keys)
+    with translated("EXISTS partitions"):
+        pipe = client.pipeline(transaction=False)
+        for key in partition_streams(base, _PARTITIONS_PROBED):
+            pipe.exists(key)
+        found = pipe.execute()
+    return max((i + 1 for i, n in enumerate(found) if n), default=0)
+
+
+def partitions_hint(base: str, found: int) -> str:
+    """The line ``lag`` and ``top`` print when ``partitions_found`` saw some."""
+    return (
+        f"note         no stream {base}, but partition streams {base}:{{p0}}.."
+        f"{{p{found - 1}}} exist: add --partitions {found} (or EMBEDQ_PARTITIONS={found})"
+    )

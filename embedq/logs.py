@@ -46,6 +46,14 @@ class SecretScrubber:
 
 # The scrubber of the last ``configure``: ``redact`` applies it to text printed outside logs.
 _scrubber = SecretScrubber(())
+# Whether the last ``configure`` chose key=value lines for a person (stderr a terminal).
+_for_a_person = False
+
+
+def for_a_person() -> bool:
+    """True when logs are key=value lines on a terminal rather than JSON for a collector:
+    the CLI then prints a failure once, as its ``embedq: ...`` line, not also as an event."""
+    return _for_a_person
 
 
 def redact(text: str) -> str:
@@ -55,10 +63,11 @@ def redact(text: str) -> str:
 
 def configure(level: str = "info", json: bool | None = None, secrets: Iterable[str] = ()) -> None:
     """Logs go to stderr (stdout is for command output such as ``lag --json``)."""
-    global _scrubber  # noqa: PLW0603 -- one process, one set of secrets, set at the entry point
+    global _scrubber, _for_a_person  # noqa: PLW0603 -- one process, set at the entry point
     _scrubber = SecretScrubber(secrets)
     if json is None:
         json = not sys.stderr.isatty()
+    _for_a_person = not json
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)

@@ -1,6 +1,7 @@
-"""Progress and time left: the one ETA rule (``eta_s``) and duration format
-(``format_duration``) that ``enqueue``'s progress, ``embedq top`` and ``embedq jobs`` share,
-and ``Progress``, an enqueue run's bar on a terminal or ``enqueue_progress`` log lines off one.
+"""Progress and time left: the one ETA rule (``eta_s``), duration format
+(``format_duration``) and time format (``format_time_ms``) that ``enqueue``'s progress,
+``embedq top`` and ``embedq jobs`` share, and ``Progress``, an enqueue run's bar on a
+terminal or ``enqueue_progress`` log lines off one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def format_duration(seconds: float | None) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+def format_time_ms(epoch_ms: int) -> str:
+    """A Unix time in milliseconds as ``2026-06-01 12:00:05 UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch_ms / 1000))
 
 
 class Progress:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime
 import decimal
+import itertools
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -91,8 +92,10 @@ def _json_safe(value: Any) -> Any:
 def to_item(row: Mapping[str, Any], where: str, fields: Fields) -> Item:
     """One row (a mapping of column to value) as a Record, or why it cannot be one."""
     doc_id = row.get(fields.id)
-    if doc_id is None or doc_id == "":
+    if doc_id is None and fields.id not in row:
         return Rejected(where, f"no {fields.id!r} field")
+    if doc_id is None or doc_id == "":
+        return Rejected(where, f"empty {fields.id!r}")
     text = row.get(fields.text)
     if not isinstance(text, str):
         return Rejected(where, f"no string {fields.text!r} field")
@@ -199,9 +202,11 @@ def _parquet_file(path: str) -> Any:
 
 
 def read_text(path: str, id_prefix: str | None = None) -> Iterator[Item]:
-    """Plain text: a file is one document per non-blank line, id ``<prefix>:<line>`` (the
-    prefix defaults to the file name, ``stdin`` for ``-``); a directory is one document per
-    file, id its path relative to the directory (with ``id_prefix`` before it, if given)."""
+    """Plain text: a file is one document per line, id ``<prefix>:<line>`` (the prefix
+    defaults to the file name, ``stdin`` for ``-``), a blank line ``Rejected`` so that it is
+    counted; a directory is one document per file, id its path relative to the directory
+    (with ``id_prefix`` before it, if given: two directories holding the same file names
+    need different prefixes, or their rows overwrite each other's)."""
     root = Path(path)
     if root.is_dir():
         yield from _read_text_dir(root, id_prefix)
@@ -211,6 +216,7 @@ def read_text(path: str, id_prefix: str | None = None) -> Iterator[Item]:
     try:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
+                yield Rejected(f"{name}:{number}", "blank line")
                 continue
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
@@ -315,13 +321,14 @@ def detect_format(path: str) -> Format:
     return found
 
 
-def _count_lines(path: str) -> int | None:
-    """Non-blank lines of a file (one fast pass), or None for standard input."""
+def _count_lines(path: str, *, blank: bool = False) -> int | None:
+    """Lines of a file (one fast pass; blank ones only if ``blank``: the text reader counts
+    them, the JSONL reader skips them), or None for standard input."""
     if path == "-":
         return None
     try:
         with Path(path).open("rb") as handle:
-            return sum(1 for line in handle if line.strip())
+            return sum(1 for line in handle if blank or line.strip())
     except OSError:
         return None  # the reader reports the error itself
 
@@ -353,5 +360,14 @@ def open_source(
     if chosen == "text":
         if Path(path).is_dir():
             return Source(path, read_text(path, id_prefix), len(_text_files(Path(path))))
-        return Source(path, read_text(path, id_prefix), _count_lines(path))
+        return Source(path, read_text(path, id_prefix), _count_lines(path, blank=True))
     raise ConfigError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+
+def first_or_none(source: Source) -> Source | None:
+    """``source`` with its first item read ahead, or None when it has none (an empty file,
+    empty standard input, a query without rows): a job that would send nothing."""
+    items = iter(source.items)
+    for first in items:
+        return Source(source.name, itertools.chain([first], items), source.total)
+    return None

@@ -25,9 +25,13 @@ class Sample:
 
     @property
     def completed(self) -> int | None:
-        """Entries the group has acked so far (None when Redis does not count reads)."""
+        """Entries the group has acked so far (None when Redis does not count reads).
+
+        None of them before the group exists: counting from 0 then lets a ``top`` started
+        before the first worker show throughput at its second sample, not a minute later
+        when the group-less samples have left the window (issue 18)."""
         if self.info.entries_read is None:
-            return None
+            return None if self.info.group_exists else 0
         return self.info.entries_read - self.info.pending
 
     @property

@@ -138,8 +138,13 @@ def test_second_process_on_a_milvus_lite_file_gets_one_clear_line(
     assert "Traceback" not in result.stderr
 
 
-def test_search_on_a_missing_collection_says_so(tmp_path: Path) -> None:
-    result = embedq("search", "x", "--milvus-uri", str(tmp_path / "m.db"), "--collection", "nope")
+def test_search_on_a_missing_collection_says_so(settings: Settings) -> None:
+    # A database without the collection asked for, made by a process that then ends (this
+    # one would hold the Milvus Lite file).
+    make = f"from embedq.sink import Sink; Sink({settings.milvus_uri!r}, '', 'other', "
+    make += "timeout_s=10).ensure_collection(384, 'm')"
+    subprocess.run([sys.executable, "-c", make], check=True, timeout=120)
+    result = embedq("search", "x", "--milvus-uri", settings.milvus_uri, "--collection", "nope")
     assert result.returncode == 2
     assert "collection nope does not exist" in result.stderr and "Traceback" not in result.stderr
 
@@ -158,7 +163,7 @@ def test_env_vars_fill_settings_and_flags_override_them(tmp_path: Path) -> None:
     bad = embedq("lag", env={"EMBEDQ_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert bad.returncode == 3 and "redis unavailable" in bad.stderr  # ExitCode.CONNECT
     unsafe = embedq("worker", "--milvus-timeout", "120", "--min-idle", "60")
-    assert unsafe.returncode == 2 and "shorter than min_idle_s" in unsafe.stderr
+    assert unsafe.returncode == 2 and "shorter than --min-idle (60.0)" in unsafe.stderr
 
 
 def test_redis_password_never_appears_in_output(stream_name: str) -> None:

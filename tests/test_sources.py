@@ -122,7 +122,10 @@ def test_text_file_is_one_document_per_line_and_a_directory_one_per_file(
     notes.write_bytes(b"alpha line\n\nbeta line\r\nbad \xff byte\n")
     good, bad = records(read_text(str(notes)))
     assert good == [Record("notes.txt:1", "alpha line"), Record("notes.txt:3", "beta line")]
-    assert [b.where for b in bad] == [f"{notes}:4"]
+    # A blank line is counted (rejected) rather than dropped without a word (issue 18).
+    assert (bad[0].where, bad[0].reason) == (f"{notes}:2", "blank line")
+    assert [b.where for b in bad][1:] == [f"{notes}:4"]
+    assert open_source(str(notes)).total == 4
     assert records(read_text(str(notes), id_prefix="n"))[0][0].id == "n:1"
 
     root = tmp_path / "corpus"

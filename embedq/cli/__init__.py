@@ -12,15 +12,53 @@ the CLI starts fast and ``init``/``enqueue`` run in the small producer image.
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Any, NoReturn
+
 import click
 
 from embedq.cli import bench, dlq, ops, produce, work
+from embedq.cli.feedback import one_line, unknown_variables
+from embedq.errors import ExitCode
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Embedq(click.Group):
+    """The group, with click's own errors (a bad flag, a bad value in a flag or an
+    ``EMBEDQ_*`` variable) on one line like embedq's (``embedq: ...``), not usage + hint +
+    error on three, and Ctrl-C as ``ExitCode.INTERRUPTED``."""
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # `embedq` alone: the help, as click shows it
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"embedq: {one_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("embedq: interrupted", err=True)
+            sys.exit(int(ExitCode.INTERRUPTED))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(
+    cls=Embedq,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="embedq")
-def main() -> None:
-    """embedq: a queue-driven embedding fleet (Redis Streams → transformer → Milvus)."""
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """embedq: a queue-driven embedding fleet (Redis Streams → transformer → Milvus).
+
+    Every setting is a flag and an EMBEDQ_* variable (shown in each command's --help);
+    flags win.
+    """
+    # A misspelled variable would otherwise be ignored without a word (issue 18).
+    for warning in unknown_variables(os.environ, ctx.command):
+        click.echo(warning, err=True)
 
 
 # Registered here, not with @main.command() in each module, so that no command module

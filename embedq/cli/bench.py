@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from embedq.cli.options import build_settings, model, run_guarded, setting
+from embedq.cli.options import LOG_LEVEL, build_settings, model, run_guarded, setting
 
 
 @click.command()
@@ -54,7 +54,7 @@ from embedq.cli.options import build_settings, model, run_guarded, setting
 @setting("max_batch_tokens", help="Padded tokens per batch, for (a) and (d) (0: auto).")
 @setting("max_batch_rows", help="Rows per batch, for (a) and (d) (0: auto).")
 @setting("block_ms", help="XREADGROUP BLOCK for (c) and (d).", show_default="100")
-@click.option("--log-level", envvar="EMBEDQ_LOG_LEVEL", default=None)
+@LOG_LEVEL
 def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: Any) -> None:
     """Side by side: raw model, sentence-transformers, a per-message worker, and embedq."""
     from embedq.bench.report import markdown, update_markdown

@@ -107,6 +107,8 @@ def dlq_retry(
     """Re-enqueue dead-letter entries (their original fields) and remove them from the DLQ."""
     from embedq.dlq import iter_dead_letters, retry
 
+    if reason is not None and not retry_all:
+        raise click.UsageError("--reason needs --all (retry every entry with that reason)")
     if bool(dlq_ids) == retry_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
     lanes = _open_lanes(options)

@@ -6,12 +6,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from embedq.cli.options import build_settings, common, log, milvus, model, run_guarded, setting
+from embedq.cli.options import (
+    LOG_LEVEL,
+    build_settings,
+    common,
+    log,
+    milvus_reading,
+    model,
+    run_guarded,
+    setting,
+)
 from embedq.errors import ConfigError, ExitCode
+
+if TYPE_CHECKING:
+    from embedq.lag import LagInfo
+    from embedq.stream import Stream
+
+
+def _partition_hint(streams: Sequence[Stream], parts: Sequence[LagInfo]) -> list[str]:
+    """A note when one stream was asked for, it does not exist, and partition streams of it
+    do: the command probably lacks --partitions."""
+    from embedq.lag import partitions_found, partitions_hint
+
+    if len(parts) != 1 or parts[0].group_exists or parts[0].length:
+        return []
+    found = partitions_found(streams[0].client, parts[0].stream)
+    return [partitions_hint(parts[0].stream, found)] if found else []
 
 
 @click.command()
@@ -25,12 +50,16 @@ def lag(as_json: bool, **options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        parts = [s.lag() for s in open_streams(settings.replace(block_ms=0))]
+        streams = open_streams(settings.replace(block_ms=0))
+        parts = [s.lag() for s in streams]
+        hint = _partition_hint(streams, parts)
         if as_json:
             click.echo(json.dumps(lag_json(settings.stream, settings.group, parts), sort_keys=True))
+            for line in hint:
+                click.echo("embedq: " + " ".join(line.split()[1:]), err=True)
             return ExitCode.OK
         info = merge_partitions(settings.stream, settings.group, parts)
-        for line in describe(info) + partition_table(parts) + consumer_table(info):
+        for line in describe(info) + hint + partition_table(parts) + consumer_table(info):
             click.echo(line)
         return ExitCode.OK
 
@@ -41,19 +70,21 @@ def lag(as_json: bool, **options: Any) -> None:
 @click.argument("query")
 @click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of hits.")
-@milvus
+@milvus_reading
 @model
-@click.option("--log-level", envvar="EMBEDQ_LOG_LEVEL", default=None)
+@LOG_LEVEL
 def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
     """Embed QUERY with the worker's model and print the nearest stored entries."""
-    from embedq.encoder import Encoder
+    from embedq.encoder import Encoder, resolve_model_dir
     from embedq.sink import open_sink
 
     settings = build_settings(options)
 
     def body() -> int:
+        resolve_model_dir(settings.model)  # the cheap checks first, then the model loads
+        sink = open_sink(settings, create=False)
+        sink.ping()
         encoder = Encoder(settings.model, settings.device, settings.dtype)
-        sink = open_sink(settings)
         sink.ensure_collection(encoder.dimension, encoder.name, create=False)
         hits = sink.search(encoder.encode([query])[0], top_k)
         if as_json:
@@ -152,7 +183,8 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
                     click.echo(json.dumps({**info.as_dict(), **rates.as_dict()}, sort_keys=True))
                 else:
                     # Home and clear on a terminal; frames one after another in a pipe or log.
-                    click.echo(("\x1b[H\x1b[2J" if clear else "") + render(info, rates) + "\n")
+                    screen = "\n".join([render(info, rates), *_partition_hint(streams, parts)])
+                    click.echo(("\x1b[H\x1b[2J" if clear else "") + screen + "\n")
                 shown += 1
                 if iterations and shown >= iterations:
                     return ExitCode.OK

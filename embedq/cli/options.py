@@ -10,15 +10,24 @@ turns the body's return value or error into an ``embedq.errors.ExitCode``.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
 import structlog
+from click.core import ParameterSource
 
 from embedq import logs
+from embedq.cli.feedback import for_the_user, set_by
 from embedq.config import Settings, SettingsError
-from embedq.errors import EmbedqError, ExitCode, exit_code_for
+from embedq.errors import (
+    EmbedqError,
+    ExitCode,
+    QueueUnavailable,
+    SinkUnavailable,
+    exit_code_for,
+)
 
 log = structlog.get_logger("embedq.cli")
 
@@ -32,6 +41,7 @@ def setting(name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
     flag = "--" + name.replace("_", "-")
     default = getattr(_DEFAULTS, name)
     kwargs.setdefault("show_default", str(default) if default not in ("", None) else False)
+    kwargs.setdefault("show_envvar", True)  # --help names the variable (issue 18)
     # A bool setting, or one whose "not given" (None) means "decide for me", is an on/off pair.
     boolean = kwargs.pop("boolean", isinstance(default, bool))
     if boolean and "is_flag" not in kwargs and not decls:
@@ -39,6 +49,13 @@ def setting(name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
     elif "type" not in kwargs and default is not None and not isinstance(default, bool):
         kwargs["type"] = type(default)
     return click.option(flag, *decls, name, envvar=f"EMBEDQ_{name.upper()}", default=None, **kwargs)
+
+
+LOG_LEVEL = setting(
+    "log_level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="debug adds a line per batch.",
+)
 
 
 def common(func: F) -> F:
@@ -53,7 +70,16 @@ def common(func: F) -> F:
                 help="Tasks streams <stream>:{p<i>}, entries spread by a hash of their id; "
                 "every command of one deployment must agree.",
             ),
-            setting("log_level", type=click.Choice(["debug", "info", "warning", "error"])),
+            setting(
+                "connect_timeout_s",
+                "--connect-timeout",
+                type=click.FloatRange(min=0),
+                show_default=False,
+                help="Seconds to keep trying the first connection to Redis (and a worker's "
+                "to Milvus) before exiting 3; 0 waits forever. Default: 60 for worker and "
+                "reclaim; other commands try once.",
+            ),
+            LOG_LEVEL,
             setting(
                 "log_json",
                 boolean=True,
@@ -65,7 +91,8 @@ def common(func: F) -> F:
     return func
 
 
-def milvus(func: F) -> F:
+def milvus_reading(func: F) -> F:
+    """Where the collection is: the options of every command that uses Milvus."""
     for decorate in reversed(
         [
             setting("milvus_uri", help="Milvus Lite file, or http(s)://host:19530 for a server."),
@@ -79,11 +106,16 @@ def milvus(func: F) -> F:
                 type=float,
                 help="Seconds per Milvus call (must be below --min-idle).",
             ),
-            setting("store_text", help="Store the text (cut at 64 KB) next to the vector."),
         ]
     ):
         func = decorate(func)
     return func
+
+
+def milvus(func: F) -> F:
+    """``milvus_reading`` and what commands that create or write the collection decide."""
+    func = setting("store_text", help="Store the text (cut at 64 KB) next to the vector.")(func)
+    return milvus_reading(func)
 
 
 def model(func: F) -> F:
@@ -145,13 +177,89 @@ def processing(func: F) -> F:
     return func
 
 
+_SETTINGS = "embedq.settings"  # where build_settings leaves them in click's context
+
+
 def build_settings(options: dict[str, Any]) -> Settings:
+    """The command's Settings; an invalid value is a usage error naming the flag or the
+    variable it came from."""
+    ctx = click.get_current_context(silent=True)
     try:
         settings = Settings.from_options(**options)
     except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
+        message = str(exc)
+        if ctx is not None:
+            message = for_the_user(ctx, message, getattr(exc, "settings", ()))
+        raise click.UsageError(message, ctx) from None
     logs.configure(settings.log_level, settings.log_json, settings.secrets)
+    if ctx is not None:
+        ctx.meta[_SETTINGS] = settings
     return settings
+
+
+# Commands that run a worker wait for Redis ``connect_timeout_s`` (60 s) unless told
+# otherwise, before the model loads; the others try once, unless given --connect-timeout.
+_WAIT_BY_DEFAULT = ("worker", "reclaim")
+
+
+def _waits_for_redis(ctx: click.Context) -> bool:
+    if not any(p.name == "connect_timeout_s" for p in ctx.command.params):
+        return False  # no Redis (search, bench)
+    given = ctx.get_parameter_source("connect_timeout_s") in (
+        ParameterSource.COMMANDLINE,
+        ParameterSource.ENVIRONMENT,
+    )
+    return given or ctx.command.name in _WAIT_BY_DEFAULT
+
+
+def wait_for_redis(settings: Settings) -> None:
+    """Return once Redis answers PING; retry with backoff for ``connect_timeout_s`` (0:
+    forever), then raise the last ``QueueUnavailable``."""
+    from embedq.backoff import compute_backoff
+    from embedq.redis_connection import connect, translated
+
+    limit_s = settings.connect_timeout_s
+    deadline = time.monotonic() + limit_s if limit_s else float("inf")
+    attempt = 0
+    while True:
+        try:
+            with translated("PING"):
+                client = connect(settings.redis_url, block_ms=0, cluster=settings.redis_cluster)
+                try:
+                    client.ping()
+                finally:
+                    client.close()
+            return
+        except QueueUnavailable as exc:
+            attempt += 1
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise QueueUnavailable(f"{exc}; gave up after {limit_s:g} s") from None
+            if attempt == 1:
+                log.warning(
+                    "waiting_for_redis",
+                    address=settings.redis_address,
+                    error=str(exc),
+                    connect_timeout_s=limit_s,
+                )
+            time.sleep(min(compute_backoff(attempt, cap_s=5.0), left_s))
+
+
+def _where(ctx: click.Context | None, settings: Settings | None, exc: EmbedqError) -> str:
+    """The address a connection error is about, and the setting that names it."""
+    from embedq.redis_connection import RedisRefused
+
+    if ctx is None or settings is None:
+        return ""
+    if isinstance(exc, RedisRefused):
+        return f" (redis at {settings.redis_address}, {set_by(ctx, 'redis_url')})"
+    if isinstance(exc, QueueUnavailable):
+        where = f"redis at {settings.redis_address}, {set_by(ctx, 'redis_url')}"
+        return f" ({where}: is Redis running there?)"
+    if isinstance(exc, SinkUnavailable):
+        where = f"milvus at {settings.milvus_address}, {set_by(ctx, 'milvus_uri')}"
+        return f" ({where}: is Milvus running there?)"
+    return ""
 
 
 def run_guarded(call: Callable[[], int | None]) -> NoReturn:
@@ -160,14 +268,22 @@ def run_guarded(call: Callable[[], int | None]) -> NoReturn:
     ``ConfigError`` (``SettingsError`` included) exits ``USAGE``; an infrastructure error
     that reaches here (Redis or Milvus unreachable while starting, or during a one-shot
     command) exits ``CONNECT``; any other ``EmbedqError`` exits ``CRASHED``. Each prints one
-    line, with no traceback and no secret; anything else is a bug and keeps its traceback.
+    line, with no traceback and no secret, naming the address a connection error is about
+    and the setting that gave it; anything else is a bug and keeps its traceback. Given
+    ``--connect-timeout`` (or its variable), and always for ``worker`` and ``reclaim``, the
+    body waits up to ``connect_timeout_s`` for Redis first (``wait_for_redis``).
     """
+    ctx = click.get_current_context(silent=True)
+    settings: Settings | None = ctx.meta.get(_SETTINGS) if ctx is not None else None
     try:
+        if ctx is not None and settings is not None and _waits_for_redis(ctx):
+            wait_for_redis(settings)
         code = call()
     except EmbedqError as exc:
         code = exit_code_for(exc)
-        message = logs.redact(str(exc))
+        message = logs.redact(str(exc) + _where(ctx, settings, exc))
         event = "config_error" if code == ExitCode.USAGE else "failed"
-        log.error(event, error=message, kind=type(exc).__name__, exit_code=int(code))
+        if not logs.for_a_person():  # a person reads the line below; a collector the event
+            log.error(event, error=message, kind=type(exc).__name__, exit_code=int(code))
         click.echo(f"embedq: {message}", err=True)
     sys.exit(int(ExitCode.OK if code is None else code))

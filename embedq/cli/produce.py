@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.argument("source", default="-")
+@click.argument("source", required=False)
 @click.option(
     "--format",
     "fmt",
@@ -35,13 +35,20 @@ if TYPE_CHECKING:
     "--meta-field", default="meta", show_default=True, help="JSONL: a JSON object field as meta."
 )
 @click.option("--meta-fields", default="", help="Comma-separated fields/columns copied into meta.")
-@click.option("--id-prefix", default=None, help="text format: id prefix (default: file name).")
+@click.option(
+    "--id-prefix",
+    default=None,
+    help="Text format: ids are <prefix>:<line> for a file (default prefix: the file name) and "
+    "<prefix>:<path> for a directory's files (default: no prefix, the path relative to the "
+    "directory; two directories with the same file names need different prefixes).",
+)
 @click.option("--sql", default=None, help="Enqueue the rows of this PostgreSQL query (--dsn).")
 @setting("dsn", help="PostgreSQL DSN for --sql (postgresql://user@host/db).", show_default=False)
 @click.option(
     "--job",
     "job_id",
     envvar="EMBEDQ_JOB",
+    show_envvar=True,
     default=None,
     help="Job id (default: generated). Re-run with the same id to resume after a stop.",
 )
@@ -59,11 +66,11 @@ if TYPE_CHECKING:
     help="Seconds between progress log lines when stderr is not a terminal.",
 )
 @common
-def enqueue(source: str, **options: Any) -> None:
+def enqueue(source: str | None, **options: Any) -> None:
     """Send records from SOURCE (a file, a directory, - for stdin, or --sql) as one job."""
     from embedq.encoder import resolve_model_dir
     from embedq.producer import check_job_id, new_job_id
-    from embedq.sources import open_source
+    from embedq.sources import first_or_none, open_source
 
     fmt, id_prefix, sql = options.pop("fmt"), options.pop("id_prefix"), options.pop("sql")
     job_id, dedup, progress_every = (
@@ -73,11 +80,17 @@ def enqueue(source: str, **options: Any) -> None:
     )
     fields = _fields(options)
     settings = build_settings(options)
+    path = _source_path(source, sql)
 
     def body() -> int:
-        where = open_source(
-            source, fmt=fmt, fields=fields, id_prefix=id_prefix, sql=sql, dsn=settings.dsn
+        opened = open_source(
+            path, fmt=fmt, fields=fields, id_prefix=id_prefix, sql=sql, dsn=settings.dsn
         )
+        where = first_or_none(opened)
+        if where is None:  # no job for nothing: it would stay in `embedq jobs` (issue 18)
+            shown = "the query" if sql else "standard input" if path == "-" else path
+            click.echo(f"nothing to enqueue: {shown} has no records")
+            return ExitCode.OK
         dedup_model = resolve_model_dir(settings.model)[1] if dedup else None
         job = job_id or new_job_id()
         check_job_id(job)
@@ -97,6 +110,19 @@ def enqueue(source: str, **options: Any) -> None:
         return ExitCode.OK
 
     run_guarded(body)
+
+
+def _source_path(source: str | None, sql: str | None) -> str:
+    """SOURCE, or ``-`` (standard input) when it was left out of a pipe. Without it on a
+    terminal, a usage error rather than a silent wait for typed input (issue 18)."""
+    import sys
+
+    if source is None and not sql and sys.stdin.isatty():
+        raise click.UsageError("give a SOURCE: a file, a directory, or - to type records in")
+    path = source or "-"
+    if path == "-" and not sql and sys.stdin.isatty():
+        click.echo("embedq: reading records from standard input; Ctrl-D ends them", err=True)
+    return path
 
 
 def _fields(options: dict[str, Any]) -> Fields:
@@ -212,10 +238,23 @@ def job(job_id: str, as_json: bool, **options: Any) -> None:
             click.echo(json.dumps(view.as_dict(), sort_keys=True))
         else:
             for name, value in view.as_dict().items():
-                click.echo(f"{name:<16} {'' if value is None else value}")
+                click.echo(f"{name:<16} {_shown(name, value)}")
         return ExitCode.OK
 
     run_guarded(body)
+
+
+def _shown(name: str, value: Any) -> str:
+    """A job field for a person: times as UTC dates, the ETA as a duration."""
+    from embedq.progress import format_duration, format_time_ms
+
+    if value is None:
+        return ""
+    if name.endswith("_ms") and isinstance(value, int):
+        return format_time_ms(value)
+    if name == "eta_s":
+        return format_duration(value)
+    return str(value)
 
 
 @click.command()

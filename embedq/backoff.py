@@ -79,7 +79,9 @@ class Retrier:
         action: str,
         call: Callable[[], T],
         on_error: Callable[[str], None] | None = None,
+        give_up_on: type[InfrastructureError] | None = None,
     ) -> T:
+        """``give_up_on``: an error of this type is raised after its first log line."""
         attempt, key = 0, next(self._calls)
         try:
             while True:
@@ -104,7 +106,7 @@ class Retrier:
                     )
                     if on_error is not None:
                         on_error(f"{action}: {exc}")
-                    if self.give_up():
+                    if self.give_up() or (give_up_on and isinstance(exc, give_up_on)):
                         raise
                     self._pause(delay, wakes)
         finally:

@@ -49,6 +49,11 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+# Tests only (--fault-point): where a worker SIGKILLs itself, to prove a crash there loses
+# and duplicates nothing.
+FAULT_POINTS = ("", "after_read", "after_inference", "after_fence", "after_write")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of embedq. Units are in the names."""
@@ -103,6 +108,11 @@ class Settings:
     # Start-up: how long a worker keeps trying its first connection to Redis and Milvus
     # before it exits with ExitCode.CONNECT; 0 waits forever.
     connect_timeout_s: float = 60.0
+    # The index guarantee (embedq.versions): fenced, ordered per-id writes. Off only to
+    # measure what it costs (`embedq bench`); never in production.
+    ordered_writes: bool = True
+    # Vectors kept per worker process by text hash, so a repeated text skips the model.
+    vector_cache_size: int = 10_000
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url, cluster=self.redis_cluster)
@@ -121,6 +131,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidSetting(f"{name} must be > 0, got {getattr(self, name)}", name)
+        if self.vector_cache_size < 0:
+            raise SettingsError(f"vector_cache_size must be >= 0, got {self.vector_cache_size}")
         for name in ("max_batch_tokens", "max_batch_rows", "replicas"):
             if getattr(self, name) < 0:
                 raise InvalidSetting(
@@ -150,7 +162,7 @@ class Settings:
             raise InvalidSetting(
                 f"dtype must be auto, fp32, fp16 or bf16, got {self.dtype!r}", "dtype"
             )
-        if self.fault_point not in ("", "after_read", "after_inference", "after_write"):
+        if self.fault_point not in FAULT_POINTS:
             raise SettingsError(f"unknown fault_point {self.fault_point!r}")
         if self.consumer_idle_delete_s <= self.min_idle_s:
             # A consumer idle for less than the reclaim threshold may be a live worker in a

@@ -55,6 +55,11 @@ class QueueUnavailable(InfrastructureError):
     """Redis is unreachable, restarting or timing out."""
 
 
+class QueueFull(QueueUnavailable):
+    """Redis is out of memory (``maxmemory`` with ``noeviction``): it refuses writes that
+    would grow it until memory is freed. Nothing is lost; retry later."""
+
+
 class SinkUnavailable(InfrastructureError):
     """Milvus is unreachable, timing out, over a rate limit or quota, or refusing writes
     for now."""

@@ -24,10 +24,12 @@ from embedq.batcher import Batcher, BatchPolicy
 from embedq.batching import batch_limits
 from embedq.config import Settings
 from embedq.encoder import Encoder, resolve_device
+from embedq.encoding import Encoding
 from embedq.errors import ConfigError, ExitCode, InfrastructureError
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.jobs import JobLedger
 from embedq.metrics import WorkerMetrics
+from embedq.ordering import Ordering
 from embedq.pipeline import Stats
 from embedq.reclaimer import Reclaimer, ReclaimSummary
 from embedq.records import Limits
@@ -41,6 +43,8 @@ from embedq.replicas import (
 from embedq.settler import Settler
 from embedq.sink import Sink, open_sink
 from embedq.stream import Stream, open_stream, partition_lanes
+from embedq.vector_cache import VectorCache
+from embedq.versions import Versions
 from embedq.worker import Parts, Worker
 
 log = structlog.get_logger("embedq.launch")
@@ -66,11 +70,11 @@ def resolve_runtime(settings: Settings, device: str | None = None) -> Runtime:
     return Runtime(device, tokens, rows, replicas)
 
 
-def resolve_batch_settings(settings: Settings) -> Settings:
+def resolve_batch_settings(settings: Settings, device: str | None = None) -> Settings:
     """``settings`` with "auto" batch limits replaced by the device's defaults."""
     if settings.max_batch_tokens and settings.max_batch_rows:
         return settings
-    runtime = resolve_runtime(settings)
+    runtime = resolve_runtime(settings, device)
     return settings.replace(
         max_batch_tokens=runtime.max_batch_tokens, max_batch_rows=runtime.max_batch_rows
     )
@@ -111,24 +115,18 @@ def assemble(
 ) -> Worker:
     """A worker around ``stream`` (and its partitions), ``encoders`` and ``sink``."""
     encoders = [encoders] if isinstance(encoders, Encoder) else list(encoders)
-    runtime = resolve_runtime(settings, encoders[0].device)
-    settings = settings.replace(
-        max_batch_tokens=runtime.max_batch_tokens, max_batch_rows=runtime.max_batch_rows
-    )
+    settings = resolve_batch_settings(settings, encoders[0].device)
     metrics = metrics or WorkerMetrics(stream=settings.stream, group=settings.group)
     partitions = partition_lanes(stream, settings.partitions)
     stats, in_flight = Stats(), InFlight(on_change=metrics.in_flight.set)
     crash: list[BaseException] = []
-
-    def failed(_action: str, exc: InfrastructureError) -> None:
-        metrics.errors.labels(kind=dependency(exc)).inc()
-
-    retrying = Retrier(on_failure=failed, give_up=lambda: bool(crash))
+    retrying = Retrier(on_failure=count_failures(metrics), give_up=lambda: bool(crash))
     fault_point = fault_injector(settings.fault_point)
     settler = Settler(
         sink,
         JobLedger(stream.client, stream.keys.stream),
         encoders[0].name,
+        ordering=ordering(settings, partitions, retrying),
         retrying=retrying,
         in_flight=in_flight,
         metrics=metrics,
@@ -155,12 +153,33 @@ def assemble(
             reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
             batcher=batcher,
             settler=settler,
+            encoding=Encoding(VectorCache(settings.vector_cache_size), settler.reject, metrics),
             retrying=retrying,
             stats=stats,
             stop_requested=threading.Event(),
             crash=crash,
             fault_point=fault_point,
         )
+    )
+
+
+def count_failures(metrics: WorkerMetrics) -> Callable[[str, InfrastructureError], None]:
+    """The retrier's report of a failed call (once per call, however many retries)."""
+
+    def failed(_action: str, exc: InfrastructureError) -> None:
+        metrics.errors.labels(kind=dependency(exc)).inc()
+
+    return failed
+
+
+def ordering(settings: Settings, partitions: Sequence[Stream], retrying: Retrier) -> Ordering:
+    """Fenced per-id writes on every partition; a lease lasts as long as a dead worker's
+    entries take to become reclaimable."""
+    versions = {
+        s.keys.stream: Versions(s.client, s.keys, settings.collection) for s in partitions
+    }
+    return Ordering(
+        versions if settings.ordered_writes else None, int(settings.min_idle_s * 1000), retrying
     )
 
 

@@ -186,6 +186,7 @@ class Producer:
         collection: str = "embedq",
     ) -> None:
         self._ledger = JobLedger(client, stream)
+        self.counts = Counts()  # the last run's, so far
         self.collection = collection  # whose index --dedup and --cleanup consult
         # The partition streams, for their backlog (``max_lag``): producers read nothing, so
         # they need no consumer name.
@@ -248,7 +249,7 @@ class Producer:
         on_progress: Callable[[Counts], None] | None = None,
     ) -> Counts:
         """Send ``items`` as job ``job`` (resuming it if it ran before); see the module doc."""
-        counts = Counts()
+        counts = self.counts = Counts()  # kept: a caller that sees an error reads it
         positions = self._start(job, source, total)
         single = self.streams[0] if len(self.streams) == 1 else None
         sender = _Sender(self._ledger, job or "", counts)

@@ -77,8 +77,22 @@ class Reclaimer:
         if not step.entries:
             return []
         self.claimed_total += len(step.entries)
-        counts = self.stream.delivery_counts([e.entry_id for e in step.entries])
-        over = [e for e in step.entries if counts.get(e.entry_id, 1) > self.max_deliveries]
+        keep = self.screen(step.entries)
+        log.info(
+            "reclaimed",
+            count=len(step.entries),
+            kept=len(keep),
+            dead_lettered=len(step.entries) - len(keep),
+        )
+        return keep
+
+    def screen(self, entries: Sequence[Entry]) -> list[Entry]:
+        """Dead-letter the entries delivered more than ``max_deliveries`` times (with the
+        last error a worker recorded for them); the rest, to process. Used on reclaimed
+        entries and on a restarted worker's own pending ones, which a crash loop under one
+        consumer name re-reads again and again."""
+        counts = self.stream.delivery_counts([e.entry_id for e in entries])
+        over = [e for e in entries if counts.get(e.entry_id, 1) > self.max_deliveries]
         errors = self.stream.last_errors([e.entry_id for e in over])
         for entry in over:
             deliveries = counts[entry.entry_id]
@@ -88,9 +102,7 @@ class Reclaimer:
             )
             self.dead_letter(entry, "max_deliveries", why, deliveries)
             self.dead_lettered_total += 1
-        keep = [e for e in step.entries if counts.get(e.entry_id, 1) <= self.max_deliveries]
-        log.info("reclaimed", count=len(step.entries), kept=len(keep), dead_lettered=len(over))
-        return keep
+        return [e for e in entries if counts.get(e.entry_id, 1) <= self.max_deliveries]
 
     def _tidy_consumers(self) -> None:
         """After each full pass over the pending list, at most every tenth of the idle

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import redis
 
-from embedq.errors import ConfigError, QueueUnavailable
+from embedq.errors import ConfigError, QueueFull, QueueUnavailable
 
 
 class RedisRefused(ConfigError):
@@ -90,6 +90,13 @@ def translated(action: str) -> Iterator[None]:
         # Before ConnectionError, its base class: a wrong password is not an outage to retry.
         raise RedisRefused(
             "redis rejected the credentials (check the password or ACL user)"
+        ) from None
+    except redis.exceptions.OutOfMemoryError:
+        # maxmemory with noeviction (what the README recommends): writes that would grow
+        # Redis are refused until memory is freed; reads, acks and deletes still work.
+        raise QueueFull(
+            f"redis is out of memory during {action} (maxmemory reached, noeviction): "
+            "free memory (embedq trim, a larger maxmemory) and embedq resumes"
         ) from None
     except _NOT_READY as exc:
         raise QueueUnavailable(f"redis not ready during {action}: {type(exc).__name__}") from None

@@ -28,7 +28,7 @@ import structlog
 
 from embedq.backoff import Retrier
 from embedq.entries import Entry
-from embedq.errors import EmbedqError, InfrastructureError, SinkRejected
+from embedq.errors import EmbedqError, InfrastructureError, QueueFull, SinkRejected
 from embedq.heartbeat import InFlight
 from embedq.jobs import JobLedger
 from embedq.metrics import WorkerMetrics
@@ -121,10 +121,8 @@ class Settler:
         done = [*written, *deletes, *stale]
         self.in_flight.discard((stream.keys.stream, e.entry_id) for i in done for e in i.entries)
         self.ordering.commit(stream, [*written, *deletes], refused, done)
-        self.retrying(
-            "job progress",
-            partial(self.ledger.record_embedded, [e for i in done for e in i.entries]),
-        )
+        entries = [e for i in done for e in i.entries]
+        self._job_progress(partial(self.ledger.record_embedded, entries))
         self.stats.add(deleted=len(deletes), stale=len(stale))
         self._count(batch, written, write_s=wrote - started, ack_s=time.perf_counter() - wrote)
 
@@ -199,7 +197,7 @@ class Settler:
         if moved:
             self.stats.add(dead_lettered=1)
             self.metrics.dead_lettered.labels(reason=reason).inc()
-            self.retrying("job progress", lambda: self.ledger.record_dead_lettered(entry))
+            self._job_progress(partial(self.ledger.record_dead_lettered, entry))
         log.warning(
             "dead_lettered",
             entry_id=entry.entry_id,
@@ -216,6 +214,14 @@ class Settler:
             ids = [e.entry_id for e in item.superseded]
             self.in_flight.discard((item.stream.keys.stream, i) for i in ids)
             self.retrying("ack", lambda: item.stream.ack(ids))
+
+    def _job_progress(self, count: Callable[[], None]) -> None:
+        """Job counters are at-least-once hints: a full Redis refuses them (its acks still go
+        through), and waiting on one would stop a worker that can still drain."""
+        try:
+            self.retrying("job progress", count, give_up_on=QueueFull)
+        except QueueFull as exc:
+            log.warning("job_progress_skipped", error=str(exc)[:200])
 
     def record_error(self, items: Sequence[Item], error: str) -> None:
         """Why these entries are late, for a reclaimer that dead-letters them later."""

@@ -17,7 +17,7 @@ import structlog
 
 from embedq.config import Settings
 from embedq.dlq import DeadLetterQueue
-from embedq.entries import Entry, as_entries, entry_order, load_script, pairs, text
+from embedq.entries import Entry, as_entries, load_script, pairs, text
 from embedq.keys import Keys, partition_streams
 from embedq.lag import ConsumerInfo, LagInfo
 from embedq.redis_connection import connect, is_cluster, translated
@@ -57,11 +57,24 @@ class Stream:
         with translated("XGROUP CREATE"):
             try:
                 self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+            except redis.exceptions.OutOfMemoryError:
+                # A full Redis refuses XGROUP CREATE even when the group is there: a worker
+                # restarted then must still start and drain.
+                if self._group_exists():
+                    return False
+                raise
             except redis.ResponseError as exc:
                 if "BUSYGROUP" in str(exc):
                     return False
                 raise
         return True
+
+    def _group_exists(self) -> bool:
+        try:
+            groups: Any = self.client.xinfo_groups(self.keys.stream)
+        except redis.ResponseError:  # no such key
+            return False
+        return any(text(g["name"]) == self.group for g in groups)
 
     def _with_group(self, action: str, call: Callable[[], T], siblings: Sequence[Stream] = ()) -> T:
         """Run ``call``; if the group vanished (Redis restarted without persistence),
@@ -141,30 +154,35 @@ class Stream:
         return Claimed(cursor=next_cursor, entries=claimed, deleted_ids=deleted)
 
     def delivery_counts(self, entry_ids: Sequence[str]) -> dict[str, int]:
-        """Times each pending entry was delivered (entries no longer pending are absent)."""
+        """Times each pending entry was delivered (entries no longer pending are absent).
+
+        Exactly these ids: one XPENDING per id over the range [id, id], pipelined. (A range
+        over the whole group's pending list, cut at some count, misses ids that sit behind
+        other consumers' entries and would count them as delivered once.)"""
         if not entry_ids:
             return {}
-        ids = sorted(entry_ids, key=entry_order)
-        counts: dict[str, int] = {}
+        pipe = self.client.pipeline(transaction=False)
+        for eid in entry_ids:
+            pipe.xpending_range(self.keys.stream, self.group, min=eid, max=eid, count=1)
         with translated("XPENDING"):
-            rows: Any = self.client.xpending_range(
-                self.keys.stream, self.group, min=ids[0], max=ids[-1], count=len(ids) * 4 + 100
-            )
-        wanted = set(entry_ids)
-        for row in rows:
-            eid = text(row["message_id"]) or ""
-            if eid in wanted:
-                counts[eid] = int(row["times_delivered"])
+            replies: Any = pipe.execute()
+        counts: dict[str, int] = {}
+        for eid, rows in zip(entry_ids, replies, strict=True):
+            if rows:
+                counts[eid] = int(rows[0]["times_delivered"])
         return counts
 
     # -- settling entries ------------------------------------------------------------
 
     def ack(self, entry_ids: Sequence[str]) -> int:
-        """XACK, and forget any last error recorded for these entries (one MULTI)."""
+        """XACK, and forget any last error recorded for these entries (one round trip)."""
         if not entry_ids:
             return 0
         with translated("XACK"):
-            pipe = self.client.pipeline(transaction=True)
+            # Not a MULTI: a Redis out of memory refuses every command queued in one, XACK
+            # included, while a plain XACK (it frees memory) goes through. The HDEL only
+            # drops a hint; the two need not be atomic.
+            pipe = self.client.pipeline(transaction=False)
             pipe.xack(self.keys.stream, self.group, *entry_ids)
             pipe.hdel(self.keys.errors, *entry_ids)
             acked, _ = pipe.execute()

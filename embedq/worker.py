@@ -23,6 +23,7 @@ Everything a worker uses is built by ``embedq.launch`` and handed in.
 from __future__ import annotations
 
 import heapq
+import math
 import queue
 import threading
 import time
@@ -39,7 +40,7 @@ from embedq.config import Settings
 from embedq.encoder import Encoder, release_free_heap
 from embedq.encoding import Encoding
 from embedq.entries import Entry
-from embedq.errors import StageCrashed
+from embedq.errors import InfrastructureError, StageCrashed
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import END, Batch, Stage, Stats
@@ -116,18 +117,39 @@ class Worker:
         GracefulShutdown(self.stop_requested, self.settings.grace_s).install()
 
     def prepare(self) -> None:
-        """Join the group and make sure the collection exists (idempotent)."""
+        """Join the group and make sure the collection exists (idempotent).
+
+        Redis and Milvus must answer within ``connect_timeout_s`` (0: wait forever), else
+        the error goes up (exit ``CONNECT``); a signal meanwhile stops the wait at once."""
+        limit_s = self.settings.connect_timeout_s
+        deadline = time.monotonic() + limit_s if limit_s else math.inf
+
+        def give_up() -> bool:
+            return self.stop_requested.is_set() or time.monotonic() >= deadline
+
+        first = Retrier(
+            on_failure=self.retrying.on_failure,
+            give_up=give_up,
+            sleep=lambda s: self.stop_requested.wait(max(0.0, min(s, deadline - time.monotonic()))),
+        )
         for stream in self.partitions:
-            if self.retrying("create group", stream.ensure_group):
+            if first("create group", stream.ensure_group):
                 log.info("group_created", stream=stream.keys.stream, group=stream.group)
-        self.retrying(
+        first(
             "prepare collection",
             lambda: self.sink.ensure_collection(self.encoder.dimension, self.encoder.name),
         )
 
     def run(self) -> Stats:
         """Process entries until stopped (or, with ``drain``, until nothing is left)."""
-        self.prepare()
+        try:
+            self.prepare()
+        except InfrastructureError:
+            if not self.stop_requested.is_set():
+                raise
+            # Stopped while waiting for Redis or Milvus: nothing in hand, a clean stop.
+            log.info("worker_stopped", why="stopped while waiting for its dependencies")
+            return self.stats
         self._log_start()
         self.stats.restart()
         tokenized: queue.Queue[Stage] = queue.Queue(maxsize=QUEUE_BATCHES)
@@ -245,7 +267,10 @@ class Worker:
                 return
             log.info("recovering_pending", count=len(entries), stream=stream.keys.stream)
             after = entries[-1].entry_id
-            yield entries
+            # Each restart re-delivers them: past max-deliveries they are poison to this
+            # worker (a crash loop), not work.
+            reclaimer = self.parts.reclaimers[stream.keys.stream]
+            yield self.retrying("screen own pending", partial(reclaimer.screen, entries))
 
     def _admit(self, stream: Stream, entries: list[Entry], out: queue.Queue[Stage]) -> None:
         self.in_flight.add((stream.keys.stream, e.entry_id) for e in entries)

@@ -278,14 +278,6 @@ def server_mistakes(ports: dict[str, int]) -> dict[str, Mistake]:
 SERVER_MISTAKES = server_mistakes({"http": 0, "hangs up": 0})  # names only, for the ids
 
 
-# Issue 18 item 4 (the job lifecycle, being rebuilt): a failed enqueue still prints
-# "stopped; resume with --job ..." before its one line, though nothing was sent.
-_RESUME_ADVICE = pytest.mark.xfail(
-    reason="issue 18 item 4: resume advice although nothing was sent", strict=True
-)
-
-
-_WAITED = "gave up after --connect-timeout (variable)"  # fails before the command's body
 
 
 @pytest.mark.parametrize(
@@ -294,7 +286,6 @@ _WAITED = "gave up after --connect-timeout (variable)"  # fails before the comma
         pytest.param(
             command,
             mistake,
-            marks=[_RESUME_ADVICE] if name == "enqueue" and mistake != _WAITED else [],
             id=f"{name}-{mistake}",
         )
         for name, command in REDIS_COMMANDS.items()

@@ -1,8 +1,10 @@
 """The index guarantee: after a drain every id's row is the effect of the last entry for
 it, whatever the interleaving of workers, kills and reclaims; deletes, document sync, dedup
-that never drops a row, and ``embedq verify``. Real Redis (a private one with AOF for the
-kill test), the real Milvus 2.3.5 server where a double write would show, Milvus Lite, the
-packaged model.
+that never drops a row, and ``embedq verify``.
+
+Every test here runs on a private ``redis-server`` with AOF and on the real Milvus 2.3.5
+server, where a double write would show as a second row (Milvus Lite overwrites), with the
+packaged model; the fixtures below replace conftest's shared Redis and Lite file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import random
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,51 @@ from embedq.verify import repair, verify
 from embedq.versions import BUSY, GO, STALE, Versions, Written
 from embedq.worker import Worker
 
-from .conftest import REDIS_URL, corpus_rows
+from .conftest import corpus_rows
 from .fault_fixtures import WorkerProcess
 from .test_cli import embedq
+
+
+@pytest.fixture(scope="module")
+def aof_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("aof-redis"), appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(aof_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = aof_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(
+    stream_name: str, aof_redis: RedisServer, milvus_standalone: MilvusStandalone
+) -> Settings:
+    return Settings(
+        redis_url=aof_redis.url,
+        stream=stream_name,
+        group="g",
+        consumer="c1",
+        milvus_uri=milvus_standalone.uri,
+        collection=f"t_{uuid.uuid4().hex[:12]}",
+        block_ms=100,
+        drain=True,
+        min_idle_s=30,
+        reclaim_interval_s=1,
+        max_batch_tokens=4096,
+        max_batch_rows=64,
+    )
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        "EMBEDQ_REDIS_URL": settings.redis_url,
+        "EMBEDQ_STREAM": settings.stream,
+        "EMBEDQ_COLLECTION": settings.collection,
+    }
 
 # -- the Lua behind it, on a real Redis -------------------------------------------------
 
@@ -244,7 +289,7 @@ def test_deletes_through_the_cli_remove_rows_in_order_with_writes(
     make_worker().run()
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("d1\nd2\n\nnever-existed\n", encoding="utf-8")
-    env = {"EMBEDQ_REDIS_URL": REDIS_URL, "EMBEDQ_STREAM": settings.stream}
+    env = cli_env(settings)
     done = embedq("delete", "d0", "--from", str(ids_file), env=env)
     assert done.returncode == 0, done.stderr
     assert "sent 4 deletes" in done.stdout
@@ -278,11 +323,7 @@ def test_document_sync_leaves_exactly_the_new_chunk_set(
     make_worker: Callable[..., Worker],
     sink: Sink,
 ) -> None:
-    env = {
-        "EMBEDQ_REDIS_URL": REDIS_URL,
-        "EMBEDQ_STREAM": settings.stream,
-        "EMBEDQ_COLLECTION": settings.collection,
-    }
+    env = cli_env(settings)
     sync = ["--doc-field", "doc", "--cleanup", cleanup]
     first = chunks("a", 5, "v1") + chunks("b", 3, "v1") + chunks("c", 2, "v1")
     sent = embedq("enqueue", str(write_jsonl(tmp_path / "1.jsonl", first)), *sync, env=env)
@@ -312,7 +353,7 @@ def test_document_sync_leaves_exactly_the_new_chunk_set(
 
 
 def test_sync_needs_both_options(settings: Settings, tmp_path: Path) -> None:
-    env = {"EMBEDQ_REDIS_URL": REDIS_URL, "EMBEDQ_STREAM": settings.stream}
+    env = cli_env(settings)
     src = write_jsonl(tmp_path / "x.jsonl", [{"id": "a", "text": "t"}])
     done = embedq("enqueue", str(src), "--cleanup", "full", env=env)
     assert done.returncode == 2 and "--doc-field and --cleanup go together" in done.stderr

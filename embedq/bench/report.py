@@ -18,6 +18,7 @@ LABELS = {
     "st": "(b) sentence-transformers encode",
     "classic": "(c) classic per-message worker",
     "embedq": "(d) embedq end to end",
+    "unordered": "(u) embedq, ordered per-id writes off",
 }
 SECTION = "## Worker throughput (CPU)"
 
@@ -72,7 +73,8 @@ def summarize(results: Sequence[RunResult]) -> VariantSummary:
     )
 
 
-_RATIO_NAMES = {"raw": "d/a", "st": "d/b", "classic": "d/c"}
+# d/u below 1 is what ordered per-id writes cost (u: the same worker with them off).
+_RATIO_NAMES = {"raw": "d/a", "st": "d/b", "classic": "d/c", "unordered": "d/u"}
 
 
 def run_ratios(results: Sequence[RunResult]) -> dict[str, list[float]]:

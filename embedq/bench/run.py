@@ -126,7 +126,7 @@ def run_bench(
             for variant in variants:
                 sample = classic_rows if variant == "classic" else rows
                 run_settings = _settings_for(settings, variant, run, redis_server.url, tmp)
-                if variant in ("classic", "embedq"):
+                if variant in ("classic", "embedq", "unordered"):
                     enqueue_rates.append(_enqueue(sample, run_settings))
                 result = run_in_child(BenchRun(variant, sample, run_settings, run))
                 result.run = run

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from embedq.config import Settings
@@ -158,6 +158,12 @@ def run_classic(bench_run: BenchRun) -> RunResult:
     )  # fmt: skip
 
 
+def run_unordered(bench_run: BenchRun) -> RunResult:
+    """(u) The same worker with ordered per-id writes off: what the index guarantee costs."""
+    unordered = replace(bench_run, settings=bench_run.settings.replace(ordered_writes=False))
+    return replace(run_embedq(unordered), variant="unordered")
+
+
 def run_embedq(bench_run: BenchRun) -> RunResult:
     """The real worker, drained; batch latencies from its ``batch_done`` debug events."""
     import structlog
@@ -208,8 +214,10 @@ _RUNNERS: dict[str, Callable[[BenchRun], RunResult]] = {
     "st": run_st,
     "classic": run_classic,
     "embedq": run_embedq,
+    "unordered": run_unordered,
 }
-VARIANTS = tuple(_RUNNERS)  # the order they run in, each run
+VARIANTS = ("raw", "st", "classic", "embedq")  # the default, in the order they run each run
+EXTRA_VARIANTS = ("unordered",)  # on request (--variants)
 
 
 def _child(bench_run: BenchRun) -> RunResult:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from embedq.cli import bench, dlq, ops, produce, work
+from embedq.cli import bench, dlq, ops, produce, verify, work
 from embedq.cli.feedback import one_line, unknown_variables
 from embedq.errors import ExitCode
 
@@ -65,6 +65,8 @@ def main(ctx: click.Context) -> None:
 # imports this package back (no import cycle). --help lists them sorted by name.
 for command in (
     produce.enqueue,
+    produce.delete,
+    verify.verify,
     produce.jobs,
     produce.job,
     produce.trim,

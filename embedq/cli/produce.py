@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from embedq.config import Settings
     from embedq.producer import Counts
     from embedq.sources import Fields, Rejected, Source
+    from embedq.sync import Cleanup
 
 
 @click.command()
@@ -53,9 +55,25 @@ if TYPE_CHECKING:
     help="Job id (default: generated). Re-run with the same id to resume after a stop.",
 )
 @click.option(
-    "--dedup", is_flag=True, help="Skip texts already embedded with --model, or repeated."
+    "--dedup",
+    is_flag=True,
+    help="Skip a record whose id already holds this text and meta in --collection "
+    "(or that repeats one sent earlier in this run). Another id with the same text still "
+    "gets its row; the worker reuses the vector.",
 )
-@setting("model", help="The model --dedup checks against (default: the packaged one).")
+@click.option(
+    "--doc-field",
+    default=None,
+    help="Meta field naming each record's document, for --cleanup.",
+)
+@click.option(
+    "--cleanup",
+    type=click.Choice(["incremental", "full"]),
+    default=None,
+    help="With --doc-field: delete ids a document no longer has (incremental), and also "
+    "every id of documents missing from this run (full: the source is a snapshot).",
+)
+@setting("collection", help="The collection whose index --dedup and --cleanup consult.")
 @setting("max_lag", help="Pause while the group's backlog exceeds this (0: never).")
 @setting("enqueue_chunk", "--chunk", help="Entries per atomic XADD batch.")
 @click.option(
@@ -68,16 +86,12 @@ if TYPE_CHECKING:
 @common
 def enqueue(source: str | None, **options: Any) -> None:
     """Send records from SOURCE (a file, a directory, - for stdin, or --sql) as one job."""
-    from embedq.encoder import resolve_model_dir
     from embedq.producer import check_job_id, new_job_id
     from embedq.sources import first_or_none, open_source
 
     fmt, id_prefix, sql = options.pop("fmt"), options.pop("id_prefix"), options.pop("sql")
-    job_id, dedup, progress_every = (
-        options.pop("job_id"),
-        options.pop("dedup"),
-        options.pop("progress_every"),
-    )
+    job_id, progress_every = options.pop("job_id"), options.pop("progress_every")
+    plan = _Plan(options.pop("dedup"), options.pop("doc_field"), options.pop("cleanup"))
     fields = _fields(options)
     settings = build_settings(options)
     path = _source_path(source, sql)
@@ -91,22 +105,61 @@ def enqueue(source: str | None, **options: Any) -> None:
             shown = "the query" if sql else "standard input" if path == "-" else path
             click.echo(f"nothing to enqueue: {shown} has no records")
             return ExitCode.OK
-        dedup_model = resolve_model_dir(settings.model)[1] if dedup else None
+        plan.check()
         job = job_id or new_job_id()
         check_job_id(job)
         log.info("enqueue_started", job=job, source=where.name, total=where.total)
         try:
-            counts = _send(settings, where, job, dedup_model, progress_every)
+            counts = _send(settings, where, job, plan, progress_every)
         except KeyboardInterrupt:
             return ExitCode.INTERRUPTED
         summary = counts.as_dict()
         log.info("enqueued", job=job, stream=settings.stream, **summary)
         click.echo(
             f"enqueued {counts.sent} records to {settings.stream} ({counts.rejected} rejected)"
-            f"; {counts.skipped} skipped"
+            f"; {counts.unchanged} unchanged, {counts.deleted} deleted"
             + (f", {counts.resumed} sent before" if counts.resumed else "")
             + f"; job {job}, {summary['elapsed_s']} s, {summary['records_per_s']:.0f}/s"
         )
+        return ExitCode.OK
+
+    run_guarded(body)
+
+
+@click.command()
+@click.argument("ids", nargs=-1)
+@click.option(
+    "--from",
+    "from_file",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default=None,
+    help="Read ids from this file, one per line (- for stdin).",
+)
+@setting("enqueue_chunk", "--chunk", help="Entries per pipelined XADD batch.")
+@common
+def delete(ids: tuple[str, ...], from_file: str | None, **options: Any) -> None:
+    """Remove these ids' rows: op=delete entries, ordered with the ids' writes."""
+    settings = build_settings(options)
+
+    def body() -> int:
+        from embedq.producer import Producer
+
+        wanted = list(ids)
+        if from_file is not None:
+            with click.open_file(from_file, encoding="utf-8") as f:
+                wanted += [line.strip() for line in f if line.strip()]
+        if not wanted:
+            raise ConfigError("give ids to delete, or --from FILE")
+        with Producer.connect(
+            settings.redis_url,
+            settings.stream,
+            chunk=settings.enqueue_chunk,
+            partitions=settings.partitions,
+            cluster=settings.redis_cluster,
+        ) as producer:
+            sent = producer.delete(wanted)
+        log.info("deletes_sent", count=sent, stream=settings.stream)
+        click.echo(f"sent {sent} deletes to {settings.stream}")
         return ExitCode.OK
 
     run_guarded(body)
@@ -137,8 +190,21 @@ def _fields(options: dict[str, Any]) -> Fields:
     )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What ``enqueue`` does beyond sending: dedup and document sync."""
+
+    dedup: bool
+    doc_field: str | None
+    cleanup: Cleanup | None
+
+    def check(self) -> None:
+        if (self.doc_field is None) != (self.cleanup is None):
+            raise ConfigError("--doc-field and --cleanup go together: give both, or neither")
+
+
 def _send(
-    settings: Settings, where: Source, job: str, dedup_model: str | None, progress_every: float
+    settings: Settings, where: Source, job: str, plan: _Plan, progress_every: float
 ) -> Counts:
     """Run the producer over ``where`` as ``job``, with progress.
 
@@ -148,6 +214,7 @@ def _send(
     from embedq.producer import Producer
     from embedq.progress import Progress
     from embedq.redis_connection import connect
+    from embedq.sync import DocSync
 
     def rejected(item: Rejected) -> None:
         log.warning("record_rejected", where=item.where, reason=item.reason)
@@ -159,7 +226,13 @@ def _send(
         chunk=settings.enqueue_chunk,
         partitions=settings.partitions,
         group=settings.group,
+        collection=settings.collection,
     )
+    sync = None
+    if plan.doc_field and plan.cleanup:
+        sync = DocSync(
+            producer.client, settings.stream, settings.collection, plan.doc_field, plan.cleanup
+        )
     with producer:
         try:
             return producer.run(
@@ -167,7 +240,8 @@ def _send(
                 job=job,
                 source=where.name,
                 total=where.total,
-                dedup_model=dedup_model,
+                dedup=plan.dedup,
+                sync=sync,
                 max_lag=settings.max_lag,
                 on_rejected=rejected,
                 on_progress=progress,
@@ -177,8 +251,10 @@ def _send(
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{where.name} is not UTF-8 text: {exc.reason}") from None
         except (EmbedqError, KeyboardInterrupt) as exc:
-            log.warning("enqueue_stopped", job=job, error=str(exc) or "interrupted")
-            click.echo(f"embedq: stopped; resume with --job {job}", err=True)
+            sent = producer.counts.sent
+            log.warning("enqueue_stopped", job=job, sent=sent, error=str(exc) or "interrupted")
+            if sent:  # only then can a resume help: it skips what was sent
+                click.echo(f"embedq: stopped after {sent} sent; resume with --job {job}", err=True)
             raise
         finally:
             progress.close()

@@ -31,7 +31,7 @@ def verify(repair: bool, as_json: bool, **options: Any) -> None:
         from embedq.stream import open_streams
 
         streams = open_streams(settings.replace(block_ms=0))
-        sink = open_sink(settings)
+        sink = open_sink(settings, create=False)
         sink.ensure_collection(None, "", create=False)
         drift, index = check.verify(streams, sink)
         report = drift.as_dict()

@@ -1,3 +1,7 @@
+#!lua flags=allow-oom
+-- (allow-oom: a Redis out of memory still runs this script, so workers keep draining a full
+-- Redis; what it adds is small and bounded by the entries in hand. Producers' scripts
+-- carry no such flag and are refused whole.)
 -- Move one entry to the dead-letter stream and ack it on the tasks stream, atomically.
 --
 -- KEYS[1]  tasks stream

@@ -1,3 +1,7 @@
+#!lua
+-- (A shebang script: Redis refuses it whole, before it runs, when it is out of memory, so
+-- a full Redis never keeps half of it. Scripts without one run under OOM: the ack paths
+-- rely on that to keep draining a full Redis.)
 -- Send dead-lettered entries back to the tasks stream, atomically per call.
 --
 -- KEYS[1]  tasks stream

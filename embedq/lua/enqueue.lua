@@ -1,3 +1,7 @@
+#!lua
+-- (A shebang script: Redis refuses it whole, before it runs, when it is out of memory, so
+-- a full Redis never keeps half of it. Scripts without one run under OOM: the ack paths
+-- rely on that to keep draining a full Redis.)
 -- Add a batch of entries to one tasks stream and record how far the job got, atomically.
 --
 -- KEYS[1]  tasks stream (one partition)

@@ -1,3 +1,7 @@
+#!lua flags=allow-oom
+-- (allow-oom: a Redis out of memory still runs this script, so workers keep draining a full
+-- Redis; what it adds is small and bounded by the entries in hand. Producers' scripts
+-- carry no such flag and are refused whole.)
 -- Take the write lease of each id before its row is written, unless a newer (or the same)
 -- version of it is already in the index, or another live writer holds it.
 --

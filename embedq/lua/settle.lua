@@ -1,3 +1,7 @@
+#!lua flags=allow-oom
+-- (allow-oom: a Redis out of memory still runs this script, so workers keep draining a full
+-- Redis; what it adds is small and bounded by the entries in hand. Producers' scripts
+-- carry no such flag and are refused whole.)
 -- After Milvus confirmed the writes: record each id's version in the index, release our
 -- leases, and XACK the entries, atomically.
 --

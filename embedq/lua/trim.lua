@@ -1,3 +1,7 @@
+#!lua flags=allow-oom
+-- (allow-oom: a Redis out of memory still runs this script, so workers keep draining a full
+-- Redis; what it adds is small and bounded by the entries in hand. Producers' scripts
+-- carry no such flag and are refused whole.)
 -- Trim the entries every consumer group is done with, and nothing else.
 --
 -- KEYS[1]  tasks stream

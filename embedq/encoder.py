@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedq.errors import ConfigError, EncodeFailed
+from embedq.errors import (
+    ConfigError,
+    DeviceFailed,
+    EmbedqError,
+    EncodeFailed,
+    ModelOutOfMemory,
+)
 from embedq.model_spec import DenseSpec, ModelSpec
 
 PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -122,6 +128,36 @@ def attention_for(device: str) -> str:
     faster than eager attention for MiniLM at every batch shape measured (1.5-2.6×, see
     docs/benchmarks.md)."""
     return "sdpa"
+
+
+# Errors after which a CUDA context is unusable: every later call fails too.
+_STICKY = (
+    "illegal memory access",
+    "device-side assert",
+    "cuda error",
+    "cublas_status",
+    "cudnn_status",
+    "unspecified launch failure",
+    "nccl",
+    "misaligned address",
+)
+
+
+def model_error(exc: BaseException) -> EmbedqError:
+    """Where a torch exception enters embedq: out of memory (split the batch and retry), a
+    broken device (stop the worker), or a failure that may follow one input (split to find
+    it). Classified by type first; torch raises a plain RuntimeError for CUDA faults, so
+    those go by their message."""
+    import torch
+
+    text = f"{type(exc).__name__}: {exc}"[:500]
+    if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    ):
+        return ModelOutOfMemory(f"model out of memory: {text}")
+    if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _STICKY):
+        return DeviceFailed(f"the model's device failed: {text}")
+    return EncodeFailed(f"model failed: {text}")
 
 
 class Encoder:
@@ -261,9 +297,10 @@ class Encoder:
         except ConfigError:
             raise
         except Exception as exc:
-            # CUDA OOM, shape errors, NaN guards: the caller splits the batch to find out
-            # whether one entry is to blame.
-            raise EncodeFailed(f"model failed: {type(exc).__name__}: {exc}") from exc
+            error = model_error(exc)
+            if isinstance(error, ModelOutOfMemory) and self.on_cuda:
+                torch.cuda.empty_cache()  # give the smaller batches the caching allocator's pool
+            raise error from exc
         if not np.isfinite(vectors).all():
             raise EncodeFailed("model produced non-finite values")
         return EncodedBatch(vectors=vectors, tokens=int(mask.sum()), padded_tokens=rows * width)

@@ -4,7 +4,9 @@ model once.
 Texts repeated in a batch, or whose vector the cache holds (``embedq.vector_cache``), skip
 the forward pass. When the model raises on a batch, it is split in halves until the text
 that fails is alone (``embedq.settler.isolate``); that text's items are dead-lettered
-(``encode_failed``), the rest go on.
+(``encode_failed``), the rest go on, but only once the model is seen to work on another
+input. Out of memory shrinks the batch (the same splitting); a broken device, or memory
+that does not fit one text, stops the worker (``DeviceFailed``) with nothing dead-lettered.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import structlog
 
 from embedq.encoder import Encoder
-from embedq.errors import EncodeFailed
+from embedq.errors import DeviceFailed, EncodeFailed, ModelOutOfMemory
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import Batch, Item
 from embedq.settler import isolate
@@ -48,6 +50,9 @@ class Encoding:
             on_split=self._on_encode_split,
         )
         for items, outcome in runs if todo else ():
+            if isinstance(outcome, ModelOutOfMemory):
+                # Split down to one text and still out of memory: the device, not the input.
+                raise DeviceFailed(f"out of memory for a single text: {outcome}")
             if isinstance(outcome, EncodeFailed):
                 failed[items[0].text_hash] = str(outcome)
                 continue
@@ -56,6 +61,8 @@ class Encoding:
             vectors.update(fresh)
             batch.tokens += outcome.tokens
             batch.padded_tokens += outcome.padded_tokens
+        if failed:
+            self._check_device(encoder)
         self.metrics.encoded_texts.inc(len(todo) - len(failed))
         for item in batch.items:
             if item.text_hash in failed:
@@ -63,6 +70,15 @@ class Encoding:
         batch.items = [i for i in batch.items if i.text_hash not in failed]
         if batch.items:
             batch.vectors = np.stack([vectors[i.text_hash] for i in batch.items])
+
+    def _check_device(self, encoder: Encoder) -> None:
+        """A text is poison only if the model works without it: run the smallest input
+        there is. A model that fails on that too is broken (a sticky device error that
+        every text met), and no entry may be dead-lettered for it."""
+        try:
+            encoder.forward([encoder.tokenize([" "])[0].ids])
+        except EncodeFailed as exc:
+            raise DeviceFailed(f"the model fails on any input: {exc}") from exc
 
     def _on_encode_split(self, size: int, exc: EncodeFailed) -> None:
         log.warning("batch_split", size=size, error=str(exc)[:200])

@@ -78,6 +78,17 @@ class EncodeFailed(EmbedqError):
     """The tokenizer or model raised on a batch; the batch is split to find the culprit."""
 
 
+class ModelOutOfMemory(EncodeFailed):
+    """The device ran out of memory on a batch: a smaller batch may fit (the batch is split);
+    one text alone that does not fit is a ``DeviceFailed``, not poison."""
+
+
+class DeviceFailed(EmbedqError):
+    """The model's device is broken (a sticky CUDA error, memory exhausted for a single
+    text): no input is to blame. The worker stops (exit 1, readiness false) and leaves its
+    entries pending for a healthy worker instead of dead-lettering them."""
+
+
 class SinkRejected(EmbedqError):
     """Milvus answered but refused the write (bad data, schema mismatch); not retryable as is."""
 

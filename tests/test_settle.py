@@ -261,3 +261,73 @@ def test_a_text_shared_by_thirty_ids_goes_through_the_model_once(tiny_encoder: E
     assert rig.metrics.encoded_texts._value.get() == 1 and len(rig.sink.rows) == 31
     first, last = rig.sink.rows["id-0"].vector, rig.sink.rows["id-30"].vector
     np.testing.assert_array_equal(first, last)
+
+
+class StandIn:
+    """The tiny model, failing as a GPU does on demand (a CPU cannot be made to hit a
+    sticky CUDA error or a CUDA OOM): ``fail(rows)`` returns the exception a forward pass
+    of that many rows raises, or None to run it. Errors go through the encoder's own
+    classification (``model_error``), as torch's would."""
+
+    def __init__(self, encoder: Encoder, fail: Any) -> None:
+        self._encoder = encoder
+        self._fail = fail
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def forward(self, batch: Any) -> Any:
+        from embedq.encoder import model_error
+
+        self.calls += 1
+        exc = self._fail(len(batch))
+        if exc is not None:
+            raise model_error(exc)
+        return self._encoder.forward(batch)
+
+
+def test_a_cuda_oom_shrinks_the_batch_and_dead_letters_nothing(tiny_encoder: Encoder) -> None:
+    import torch
+
+    oom = StandIn(
+        tiny_encoder,
+        lambda rows: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        if rows > 4
+        else None,
+    )
+    rig = Rig(oom, StubSink())  # type: ignore[arg-type]
+    rig.run(*rows(24))
+    assert len(rig.sink.rows) == 24 and not rig.stream.dlq.moved and not rig.stream.pending
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        MemoryError(),  # even one text does not fit
+    ],
+    ids=["sticky-cuda-error", "memory-for-one-text"],
+)
+def test_a_broken_device_stops_the_worker_and_dead_letters_nothing(
+    tiny_encoder: Encoder, error: Exception
+) -> None:
+    from embedq.errors import DeviceFailed
+
+    rig = Rig(StandIn(tiny_encoder, lambda _rows: error), StubSink())  # type: ignore[arg-type]
+    with pytest.raises(DeviceFailed):
+        rig.run(*rows(16))
+    assert not rig.stream.dlq.moved and not rig.sink.rows
+    assert len(rig.stream.pending) == 16  # left for a healthy worker
+
+
+def test_an_error_that_hits_every_text_is_the_model_not_the_input(tiny_encoder: Encoder) -> None:
+    """A model that fails on any input with an error that names no device (a corrupted
+    checkpoint, a bug) must not empty the stream into the dead-letter stream."""
+    from embedq.errors import DeviceFailed
+
+    broken = StandIn(tiny_encoder, lambda _rows: ValueError("weights are NaN"))
+    rig = Rig(broken, StubSink())  # type: ignore[arg-type]
+    with pytest.raises(DeviceFailed, match="fails on any input"):
+        rig.run(*rows(16))
+    assert not rig.stream.dlq.moved and len(rig.stream.pending) == 16

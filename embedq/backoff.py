@@ -64,8 +64,10 @@ class Retrier:
         on_failure: Callable[[str, InfrastructureError], None] | None = None,
         give_up: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], object] | None = None,
+        on_attempt: Callable[[], None] | None = None,
     ) -> None:
         self.on_failure = on_failure
+        self.on_attempt = on_attempt  # each failed attempt (embedq.watchdog: still moving)
         self.give_up = give_up
         self.sleep = sleep  # None: wait until the backoff ends or ``wake()``
         self._woken = threading.Condition()
@@ -90,6 +92,8 @@ class Retrier:
                 except InfrastructureError as exc:
                     wakes = self._wakes  # a wake from now on, even before the wait, ends it
                     attempt += 1
+                    if self.on_attempt is not None:
+                        self.on_attempt()
                     delay = compute_backoff(attempt)
                     if attempt == 1:
                         with self._lock:

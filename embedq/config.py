@@ -111,6 +111,9 @@ class Settings:
     # The index guarantee (embedq.versions): fenced, ordered per-id writes. Off only to
     # measure what it costs (`embedq bench`); never in production.
     ordered_writes: bool = True
+    # A stage busy on one batch this long is stuck: its entries are let go and liveness
+    # fails (embedq.watchdog). Above the longest forward pass and Milvus call you expect.
+    stage_timeout_s: float = 300.0
     # Vectors kept per worker process by text hash, so a repeated text skips the model.
     vector_cache_size: int = 10_000
 

@@ -15,6 +15,7 @@ import structlog
 
 from embedq.errors import InfrastructureError
 from embedq.stream import Stream
+from embedq.watchdog import Watchdog
 
 log = structlog.get_logger("embedq.heartbeat")
 
@@ -59,6 +60,9 @@ class InFlight:
         with self._lock:
             return entry_id in self._ids
 
+    def holds(self, stream: str, entry_id: str) -> bool:
+        return (stream, entry_id) in self
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._ids)
@@ -67,10 +71,18 @@ class InFlight:
 class Heartbeat:
     """Background thread: heartbeat every in-flight entry every ``interval_s``."""
 
-    def __init__(self, streams: Sequence[Stream], in_flight: InFlight, interval_s: float) -> None:
+    def __init__(
+        self,
+        streams: Sequence[Stream],
+        in_flight: InFlight,
+        interval_s: float,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self.streams = {s.keys.stream: s for s in streams}
         self.in_flight = in_flight
         self.interval_s = interval_s
+        self.watchdog = watchdog or Watchdog(float("inf"))
+        self._said_stuck = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-heartbeat", daemon=True)
 
@@ -82,7 +94,21 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
     def beat(self) -> int:
-        """One heartbeat over everything in flight; returns how many ids were lost."""
+        """One heartbeat over everything in flight; returns how many ids were lost. None
+        while a stage is stuck: its entries must become reclaimable."""
+        stuck = self.watchdog.stuck()
+        if stuck:
+            if not self._said_stuck:
+                log.error(
+                    "stage_stuck",
+                    stages={s: round(t, 1) for s, t in stuck.items()},
+                    limit_s=self.watchdog.limit_s,
+                    then="stopped heartbeating its entries: another worker reclaims them "
+                    "after min-idle; /healthz fails so the pod is restarted",
+                )
+                self._said_stuck = True
+            return 0
+        self._said_stuck = False
         lost = 0
         for key, ids in self.in_flight.snapshot().items():
             for start in range(0, len(ids), _CHUNK):

@@ -45,6 +45,7 @@ from embedq.sink import Sink, open_sink
 from embedq.stream import Stream, open_stream, partition_lanes
 from embedq.vector_cache import VectorCache
 from embedq.versions import Versions
+from embedq.watchdog import Watchdog
 from embedq.worker import Parts, Worker
 
 log = structlog.get_logger("embedq.launch")
@@ -120,7 +121,10 @@ def assemble(
     partitions = partition_lanes(stream, settings.partitions)
     stats, in_flight = Stats(), InFlight(on_change=metrics.in_flight.set)
     crash: list[BaseException] = []
-    retrying = Retrier(on_failure=count_failures(metrics), give_up=lambda: bool(crash))
+    watchdog = Watchdog(settings.stage_timeout_s)
+    retrying = Retrier(
+        on_failure=count_failures(metrics), give_up=lambda: bool(crash), on_attempt=watchdog.touch
+    )
     fault_point = fault_injector(settings.fault_point)
     settler = Settler(
         sink,
@@ -149,7 +153,8 @@ def assemble(
             sink=sink,
             metrics=metrics,
             in_flight=in_flight,
-            heartbeat=Heartbeat(partitions, in_flight, interval_s=heartbeat_interval(settings)),
+            heartbeat=Heartbeat(partitions, in_flight, heartbeat_interval(settings), watchdog),
+            watchdog=watchdog,
             reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
             batcher=batcher,
             settler=settler,
@@ -244,6 +249,7 @@ def run_worker(settings: Settings) -> Stats:
     if server is not None:
         server.watch("milvus", work.sink.ping, every_s=5.0, on_recovered=work.retrying.wake)
         server.require("progress", not_backing_off(work.retrying.waiting))
+        server.require_alive("stages", lambda: not work.parts.watchdog.stuck())
     work.install_signal_handlers()
     return work.run()
 

@@ -56,8 +56,12 @@ class Reclaimer:
         self.consumers_removed_total = 0
         self._last_tidy = float("-inf")  # the first full pass tidies
 
-    def step(self) -> list[Entry]:
-        """One XAUTOCLAIM call from the saved cursor; the entries to process now."""
+    def step(self, held: Callable[[str], bool] = lambda _entry_id: False) -> list[Entry]:
+        """One XAUTOCLAIM call from the saved cursor; the entries to process now.
+
+        ``held``: entries this worker already has in its pipeline. After a Redis outage
+        longer than min-idle its own entries look abandoned and come back here with a
+        raised delivery count; they are neither processed twice nor dead-lettered."""
         step = self.stream.autoclaim(self.min_idle_ms, self.cursor, count=self.count)
         self.cursor = step.cursor
         if step.deleted_ids:
@@ -74,15 +78,13 @@ class Reclaimer:
             )
         if self.cursor == START:
             self._tidy_consumers()
-        if not step.entries:
+        claimed = [e for e in step.entries if not held(e.entry_id)]
+        if not claimed:
             return []
-        self.claimed_total += len(step.entries)
-        keep = self.screen(step.entries)
+        self.claimed_total += len(claimed)
+        keep = self.screen(claimed)
         log.info(
-            "reclaimed",
-            count=len(step.entries),
-            kept=len(keep),
-            dead_lettered=len(step.entries) - len(keep),
+            "reclaimed", count=len(claimed), kept=len(keep), dead_lettered=len(claimed) - len(keep)
         )
         return keep
 

@@ -49,6 +49,7 @@ from embedq.settler import Settler
 from embedq.shutdown import GracefulShutdown
 from embedq.sink import Sink
 from embedq.stream import Stream, read_new_many
+from embedq.watchdog import Watchdog
 
 log = structlog.get_logger("embedq.worker")
 
@@ -78,6 +79,7 @@ class Parts:
     stop_requested: threading.Event
     crash: list[BaseException]  # the stage error that stops the worker, once set
     fault_point: Callable[[str], None]  # tests' --fault-point (embedq.launch.fault_injector)
+    watchdog: Watchdog  # stages busy past stage_timeout_s are stuck
 
 
 class Worker:
@@ -299,11 +301,7 @@ class Worker:
             key = stream.keys.stream
             # Our own entries can look idle right after a restart, before the first
             # heartbeat; they are already in the pipeline.
-            claimed = [
-                e
-                for e in self.parts.reclaimers[key].step()
-                if (key, e.entry_id) not in self.in_flight
-            ]
+            claimed = self.parts.reclaimers[key].step(held=partial(self.in_flight.holds, key))
             if claimed:
                 self.stats.add(reclaimed=len(claimed))
                 self.metrics.reclaimed.inc(len(claimed))
@@ -345,7 +343,8 @@ class Worker:
                 self._put(out, END, force=True)
                 return
             started, rows = time.perf_counter(), len(batch.items)
-            self.encode(batch, encoder)
+            with self.parts.watchdog.working():
+                self.encode(batch, encoder)
             batch.encode_s = time.perf_counter() - started
             self.metrics.forward_done(batch.encode_s, rows, batch.padded_tokens)
             self._fault_point("after_inference")
@@ -361,11 +360,11 @@ class Worker:
         next_seq, ended, tie = 0, 0, 0
         while ended < producers or waiting:
             while waiting and waiting[0][0] == next_seq:
-                self.settler.settle(heapq.heappop(waiting)[2])
+                self._settle(heapq.heappop(waiting)[2])
                 next_seq += 1
             if ended == producers:
                 if waiting:  # a gap can only mean a crashed stage; settle what is here
-                    self.settler.settle(heapq.heappop(waiting)[2])
+                    self._settle(heapq.heappop(waiting)[2])
                 continue
             item = self._get(inbox)
             if not isinstance(item, Batch):
@@ -373,6 +372,10 @@ class Worker:
                 continue
             tie += 1
             heapq.heappush(waiting, (item.seq, tie, item))
+
+    def _settle(self, batch: Batch) -> None:
+        with self.parts.watchdog.working():
+            self.settler.settle(batch)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -121,3 +121,127 @@ def test_own_pending_entries_past_max_deliveries_are_dead_lettered_on_restart(
         (b"max_deliveries", poisoned)
     ]
     assert redis_client.xpending(stream_name, "g")["pending"] == 0
+
+
+def test_poison_is_counted_exactly_even_behind_a_live_consumers_pending_entries(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    from embedq.reclaimer import Reclaimer
+
+    stream = Stream(redis_client, stream_name, "g", "reclaimer")
+    stream.ensure_group()
+    first = redis_client.xadd(stream_name, {"id": "a", "text": "x"}).decode()
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(500):
+        pipe.xadd(stream_name, {"id": f"f{i}", "text": "x"})
+    fillers = [eid.decode() for eid in pipe.execute()]
+    last = redis_client.xadd(stream_name, {"id": "b", "text": "x"}).decode()
+    redis_client.xreadgroup("g", "dead", {stream_name: ">"}, count=1000)
+    # 500 entries a live consumer holds (fresh), between two delivered 10 times (long idle).
+    redis_client.xclaim(stream_name, "g", "live", 0, fillers, justid=True)
+    redis_client.xclaim(
+        stream_name, "g", "dead", 0, [first, last], idle=600_000, retrycount=10, justid=True
+    )
+    dead: list[tuple[str, str, int]] = []
+    reclaimer = Reclaimer(
+        stream,
+        min_idle_s=60,
+        max_deliveries=5,
+        count=100,
+        dead_letter=lambda e, reason, _why, n: dead.append((e.entry_id, reason, n)),
+    )
+    assert reclaimer.step() == []
+    assert sorted(dead) == sorted([(first, "max_deliveries", 11), (last, "max_deliveries", 11)])
+
+
+def test_a_reclaimer_never_dead_letters_what_its_own_worker_holds(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    """After a Redis outage longer than min-idle a worker's own entries look abandoned."""
+    from embedq.reclaimer import Reclaimer
+
+    stream = Stream(redis_client, stream_name, "g", "me")
+    stream.ensure_group()
+    for i in range(3):
+        redis_client.xadd(stream_name, {"id": str(i), "text": "x"})
+    ours = [e.entry_id for e in stream.read_new(10, 0)]
+    redis_client.xclaim(stream_name, "g", "me", 0, ours, idle=600_000, retrycount=9, justid=True)
+    dead: list[str] = []
+    reclaimer = Reclaimer(
+        stream,
+        min_idle_s=60,
+        max_deliveries=5,
+        count=100,
+        dead_letter=lambda e, *_: dead.append(e.entry_id),
+    )
+    held = set(ours[:2])  # still in the worker's pipeline
+    assert reclaimer.step(held=held.__contains__) == []
+    assert dead == [ours[2]]
+
+
+def test_an_enqueue_retried_after_a_lost_reply_adds_nothing_twice(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    """redis-py's cluster client retries a call whose reply it lost; the script must not
+    run the batch twice (the lost reply itself is not reproduced here: the retry is)."""
+    from embedq.jobs import EnqueueBatch, JobLedger
+
+    ledger = JobLedger(redis_client, stream_name)
+    batch = EnqueueBatch(stream_name, 4, ["a", "text a", b"", b"", "b", "text b", b"", b""])
+    assert ledger.send("job-1", [batch]) == 2
+    assert ledger.send("job-1", [batch]) == 0  # the same (job, position) again
+    assert redis_client.xlen(stream_name) == 2
+    assert ledger.positions("job-1", [stream_name]) == {stream_name: 4}
+    later = EnqueueBatch(stream_name, 6, ["c", "text c", b"", b""])
+    assert ledger.send("job-1", [later]) == 1 and redis_client.xlen(stream_name) == 3
+
+
+def test_a_hung_forward_pass_lets_its_entries_go_and_fails_liveness(
+    redis_client: redis.Redis, stream_name: str, tmp_path: Path, encoder: Encoder
+) -> None:
+    """A forward pass that never returns (a stand-in: a CPU cannot hang a CUDA kernel on
+    demand) must not hold its entries forever behind a healthy-looking heartbeat."""
+    import threading
+    import time
+
+    from embedq.bench.servers import wait_until
+
+    release = threading.Event()
+
+    class Hung:
+        def __getattr__(self, name: str) -> object:
+            return getattr(encoder, name)
+
+        def forward(self, batch: object) -> object:
+            release.wait(60)
+            return encoder.forward(batch)  # type: ignore[arg-type]
+
+    for row in corpus_rows("short.jsonl", 4):
+        redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
+    settings = Settings(
+        redis_url="redis://unused",
+        stream=stream_name,
+        group="g",
+        consumer="hung",
+        milvus_uri=str(tmp_path / "milvus.db"),
+        collection="hung",
+        block_ms=100,
+        min_idle_s=1.0,
+        milvus_timeout_s=0.5,
+        stage_timeout_s=1.0,
+    )
+    sink = open_sink(settings)
+    worker = assemble(settings, Stream(redis_client, stream_name, "g", "hung"), [Hung()], sink)  # type: ignore[list-item]
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: bool(worker.parts.watchdog.stuck()), 30, "the model stage to be stuck")
+        time.sleep(2.5)  # past min-idle with no heartbeat
+        other = Stream(redis_client, stream_name, "g", "rescuer")
+        claimed = other.autoclaim(1000, "0-0", count=10)
+        assert len(claimed.entries) == 4  # another worker can take them over
+    finally:
+        release.set()
+        worker.stop_requested.set()
+        runner.join(30)
+        sink.close()

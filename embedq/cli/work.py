@@ -85,6 +85,13 @@ def init(with_collection: bool, **options: Any) -> None:
     type=float,
     help="Seconds between trims of fully acknowledged entries (0: never).",
 )
+@setting(
+    "stage_timeout_s",
+    "--stage-timeout",
+    type=float,
+    help="Seconds a stage may spend on one batch (retries count as progress) before it is "
+    "stuck: its entries are let go for another worker and /healthz fails.",
+)
 @setting("metrics_port", help="Serve /metrics, /healthz and /readyz on this port (0: off).")
 @setting("metrics_host", help="Address the metrics port binds (127.0.0.1: this machine only).")
 @setting("metrics_backlog", help="Listen backlog of the metrics port.")

@@ -9,13 +9,23 @@
 -- ARGV[1]  job id, written into every entry's `job` field; '' for no job (then KEYS[2] is
 --          not touched and may be KEYS[1])
 -- ARGV[2]  source position of the batch's last entry
--- ARGV[3..] four values per entry: id, text, meta ('' = none), text_hash ('' = none)
+-- ARGV[3..] four values per entry: id, text, meta ('' = none), text_hash ('' = none; no
+--          longer sent, kept for producers of an older version)
 --
 -- A producer killed before this script ran sent nothing of the batch; after it, all of
 -- it, and the position says so. A restart that skips every source position up to the
 -- stored one therefore sends each record exactly once in total.
+-- A batch at or below the stored position was applied already: a client that retried the
+-- call after losing its reply (redis-py's cluster client does so by itself) adds nothing
+-- the second time. Without a job there is no position to check.
 -- Returns the number of entries added.
 local stream, job = KEYS[1], ARGV[1]
+if job ~= '' then
+  local stored = redis.call('HGET', KEYS[2], 'position')
+  if stored and tonumber(stored) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
 local added = 0
 for i = 3, #ARGV, 4 do
   local id, text, meta, hash = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]

@@ -83,6 +83,13 @@ class ModelOutOfMemory(EncodeFailed):
     one text alone that does not fit is a ``DeviceFailed``, not poison."""
 
 
+class CollectionMissing(EmbedqError):
+    """The collection was dropped behind the workers' backs. Recreating it in the middle of
+    a run would leave an empty collection the index says is full, so the worker stops
+    (exit 1, entries pending); a restarted worker creates it again and clears the index,
+    and the producers re-send what it held."""
+
+
 class DeviceFailed(EmbedqError):
     """The model's device is broken (a sticky CUDA error, memory exhausted for a single
     text): no input is to blame. The worker stops (exit 1, readiness false) and leaves its

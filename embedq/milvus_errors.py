@@ -12,7 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from embedq.errors import ConfigError, EmbedqError, SinkRejected, SinkUnavailable
+from embedq.errors import (
+    CollectionMissing,
+    ConfigError,
+    EmbedqError,
+    SinkRejected,
+    SinkUnavailable,
+)
 
 # Milvus's error codes (MilvusException.code; the server's table is milvus-io/milvus
 # pkg/util/merr/errors.go) that retrying later can fix: the service is starting or
@@ -144,6 +150,19 @@ def _kind(exc: Any) -> type[EmbedqError]:
     return SinkRejected
 
 
+def _collection_missing(exc: Any, message: str) -> bool:
+    """merr's ErrCollectionNotFound (100), the legacy CollectionNotExists, or (Milvus Lite,
+    2.3.5) only the message."""
+    legacy = _legacy_code_name(getattr(exc, "compatible_code", None))
+    text = message.lower()
+    return (
+        exc.code == 100
+        or legacy == "CollectionNotExists"
+        or "collection not found" in text
+        or "can't find collection" in text
+    )
+
+
 def _legacy_code_name(code: Any) -> str:
     if not code:
         return ""
@@ -174,12 +193,17 @@ def translated(action: str) -> Iterator[None]:
 
     try:
         yield
-    except (SinkUnavailable, SinkRejected, ConfigError):
+    except (SinkUnavailable, SinkRejected, ConfigError, CollectionMissing):
         raise
     except ConnectionConfigException as exc:
         raise _lite_config_error(str(exc.message or "")) from None
     except MilvusException as exc:
         message = str(getattr(exc, "message", "") or exc)
+        if _collection_missing(exc, message):
+            raise CollectionMissing(
+                f"the collection was dropped (during {action}): restart the worker to "
+                "create it again (the index is cleared then; re-send the sources)"
+            ) from None
         kind = _kind(exc)
         if kind is ConfigError:
             raise ConfigError(

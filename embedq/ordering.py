@@ -34,6 +34,11 @@ class Ordering:
         self.lease_ms = lease_ms
         self.retrying = retrying
 
+    def clear(self) -> None:
+        """Empty the index and leases of every partition (a collection created anew)."""
+        for versions in (self.versions or {}).values():
+            versions.clear()
+
     def claim(self, stream: Stream, items: Sequence[Item]) -> tuple[list[Item], list[Item]]:
         """(to write, stale). Busy ids are asked again until their holder settles or its
         lease expires; meanwhile the heartbeat keeps our entries ours."""

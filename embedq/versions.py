@@ -113,6 +113,11 @@ class Versions:
             found: Any = self.client.hmget(self.index_key, list(ids))
         return [None if v is None else Held(*(text(v) or " ").split(" ", 1)) for v in found]
 
+    def clear(self) -> None:
+        """Forget everything: the collection was created anew and holds nothing."""
+        with translated("clear index"):
+            self.client.delete(self.index_key, self.leases_key)
+
     def scan(self, count: int = 1000) -> Any:
         """Every (id, Held) of the index, in HSCAN pages (for ``embedq verify``)."""
         with translated("HSCAN index"):

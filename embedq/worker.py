@@ -137,10 +137,14 @@ class Worker:
         for stream in self.partitions:
             if first("create group", stream.ensure_group):
                 log.info("group_created", stream=stream.keys.stream, group=stream.group)
-        first(
+        created = first(
             "prepare collection",
             lambda: self.sink.ensure_collection(self.encoder.dimension, self.encoder.name),
         )
+        if created:
+            # A new collection holds nothing, whatever an index from an earlier (dropped)
+            # one says: dedup and stale checks must not skip what it lacks.
+            first("clear index", self.settler.ordering.clear)
 
     def run(self) -> Stats:
         """Process entries until stopped (or, with ``drain``, until nothing is left)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from embedq.bench.servers import RedisServer
+from embedq.bench.servers import MilvusStandalone, RedisServer
 from embedq.config import Settings
 from embedq.encoder import Encoder
 from embedq.errors import QueueFull
@@ -244,4 +244,112 @@ def test_a_hung_forward_pass_lets_its_entries_go_and_fails_liveness(
         release.set()
         worker.stop_requested.set()
         runner.join(30)
+        sink.close()
+
+
+@pytest.fixture(scope="module")
+def quota_milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusStandalone]:
+    """A real Milvus 2.3.5 server whose quota settings deny every write (what a node over
+    its memory or disk quota does), set through its own milvus.yaml."""
+    server = MilvusStandalone(
+        tmp_path_factory.mktemp("quota-milvus"),
+        config=["quotaAndLimits.limitWriting.forceDeny=true"],
+    )
+    try:
+        server.start()
+    except TimeoutError:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+def test_milvus_denying_writes_by_quota_dead_letters_nothing(
+    redis_client: redis.Redis, stream_name: str, quota_milvus: MilvusStandalone, encoder: Encoder
+) -> None:
+    import threading
+
+    from embedq.bench.servers import wait_until
+    from embedq.errors import StageCrashed
+
+    for row in corpus_rows("short.jsonl", 20):
+        redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
+    settings = Settings(
+        stream=stream_name,
+        group="g",
+        consumer="c1",
+        milvus_uri=quota_milvus.uri,
+        collection=f"quota_{stream_name[-12:]}",
+        block_ms=100,
+        drain=True,
+        min_idle_s=30,
+    )
+    sink = open_sink(settings)
+    worker = assemble(settings, Stream(redis_client, stream_name, "g", "c1"), encoder, sink)
+    outcome: list[BaseException] = []
+    runner = threading.Thread(target=lambda: _run_into(worker, outcome), daemon=True)
+    runner.start()
+    try:
+        wait_until(
+            lambda: worker.metrics.errors.labels(kind="milvus")._value.get() >= 1,
+            60,
+            "the worker to meet the quota",
+        )
+        # Retrying, holding everything: nothing written, acked or dead-lettered.
+        assert redis_client.xlen(f"{stream_name}:dlq") == 0
+        assert redis_client.xpending(stream_name, "g")["pending"] == 20
+        assert worker.stats.texts == 0
+    finally:
+        worker.parts.crash.append(RuntimeError("test over"))  # ends the retries
+        worker.stop_requested.set()
+        runner.join(60)
+        sink.close()
+    assert outcome and isinstance(outcome[0], StageCrashed)
+    assert redis_client.xlen(f"{stream_name}:dlq") == 0
+
+
+def _run_into(worker: object, outcome: list[BaseException]) -> None:
+    try:
+        worker.run()  # type: ignore[attr-defined]
+    except BaseException as exc:
+        outcome.append(exc)
+
+
+def test_a_collection_dropped_behind_the_workers_back_stops_it_and_a_restart_recovers(
+    redis_client: redis.Redis, stream_name: str, tmp_path: Path, encoder: Encoder
+) -> None:
+    from embedq.errors import CollectionMissing
+    from embedq.versions import Versions
+
+    rows = corpus_rows("short.jsonl", 10)
+    for row in rows:
+        redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
+    settings = Settings(
+        stream=stream_name,
+        group="g",
+        consumer="c1",
+        milvus_uri=str(tmp_path / "milvus.db"),
+        collection="dropped",
+        block_ms=100,
+        drain=True,
+    )
+    sink = open_sink(settings)
+    stream = Stream(redis_client, stream_name, "g", "c1")
+    try:
+        first = assemble(settings, stream, encoder, sink)
+        first.run()
+        index = Versions(redis_client, stream.keys, "dropped")
+        assert all(index.held([r["id"] for r in rows]))
+        sink.client.drop_collection("dropped")  # behind embedq's back
+        redis_client.xadd(stream_name, {"id": "late", "text": "after the drop"})
+        with pytest.raises(CollectionMissing):
+            first.process(stream.read_new(10, 0))
+        assert redis_client.xlen(f"{stream_name}:dlq") == 0  # nothing blamed on the rows
+        assert redis_client.xpending(stream_name, "g")["pending"] == 1
+        # A restarted worker creates the collection again and forgets the old index, so the
+        # producers' re-send is written, not skipped as unchanged.
+        assemble(settings, stream, encoder, sink).run()
+        assert index.held([r["id"] for r in rows]) == [None] * len(rows)
+        assert [r["id"] for r in sink.get(["late"], with_vectors=False)] == ["late"]
+    finally:
         sink.close()

@@ -284,9 +284,13 @@ class MilvusStandalone(_Server):
     stop_signal = signal.SIGINT
     stop_wait_s = 30.0
 
-    def __init__(self, data_dir: Path, *, authorization: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, *, authorization: bool = False, config: Sequence[str] = ()
+    ) -> None:
         super().__init__(data_dir)
         self.authorization = authorization
+        # milvus.yaml overrides, "key.subkey=value" (e.g. quotaAndLimits settings).
+        self.config = list(config)
         # The default root password of a fresh server with authorization on.
         self.token = "root:Milvus" if authorization else ""
         self.children: list[tuple[int, str]] = []  # (pid, start time) of `milvus run`
@@ -315,6 +319,8 @@ class MilvusStandalone(_Server):
         if self.authorization:
             # Only ever "true": the wrapper turns auth on for any value it is given.
             args += ["--authorization-enabled", "true"]
+        for item in self.config:
+            args += ["--extra-config", item]
         self._launch(args, env={**os.environ, "ETCD_CONFIG_PATH": str(etcd_config)})
         self._wait_ready(self._answers, 300, 1.0)
         return self

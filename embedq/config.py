@@ -114,6 +114,9 @@ class Settings:
     # A stage busy on one batch this long is stuck: its entries are let go and liveness
     # fails (embedq.watchdog). Above the longest forward pass and Milvus call you expect.
     stage_timeout_s: float = 300.0
+    # Enqueue waits until this many replicas have each batch (WAIT), so a failover to one
+    # of them loses nothing the producer saw succeed. 0: async replication, no wait.
+    wait_replicas: int = 0
     # Vectors kept per worker process by text hash, so a repeated text skips the model.
     vector_cache_size: int = 10_000
 
@@ -130,12 +133,14 @@ class Settings:
             "max_meta_bytes",
             "partitions",
             "enqueue_chunk",
+            "stage_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidSetting(f"{name} must be > 0, got {getattr(self, name)}", name)
-        if self.vector_cache_size < 0:
-            raise SettingsError(f"vector_cache_size must be >= 0, got {self.vector_cache_size}")
+        for name in ("vector_cache_size", "wait_replicas"):
+            if getattr(self, name) < 0:
+                raise InvalidSetting(f"{name} must be >= 0, got {getattr(self, name)}", name)
         for name in ("max_batch_tokens", "max_batch_rows", "replicas"):
             if getattr(self, name) < 0:
                 raise InvalidSetting(

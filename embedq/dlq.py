@@ -3,7 +3,9 @@
 A dead-letter entry (on ``<stream>:dlq``) is the original entry's fields, bytes kept
 exactly, plus ``_dlq_*`` fields the dead-letter script adds: ``_dlq_reason``,
 ``_dlq_error``, ``_dlq_source_id`` (the entry id on the tasks stream),
-``_dlq_stream``, ``_dlq_deliveries``, ``_dlq_consumer`` and ``_dlq_at_ms``.
+``_dlq_stream``, ``_dlq_deliveries``, ``_dlq_consumer`` and ``_dlq_at_ms``; a field over
+64 KiB is cut to its first KiB and named in ``_dlq_truncated`` (``name:bytes``), and such
+an entry cannot be retried.
 
 ``retry`` re-enqueues the original fields as a new entry on the tasks stream (a fresh
 delivery count) and removes the dead-letter entry, atomically; fix the cause first (a
@@ -35,6 +37,8 @@ from embedq.redis_connection import translated
 DLQ_PREFIX = b"_dlq_"
 PAGE = 500
 ERROR_LIMIT = 2000  # characters of the error kept in ``_dlq_error``
+KEEP_FIELD_BYTES = 65_536  # a field larger than this is cut in the dead-letter copy ...
+KEPT_HEAD_BYTES = 1024  # ... to its first KiB, and named in ``_dlq_truncated``
 
 
 class DeadLetterQueue:
@@ -53,8 +57,14 @@ class DeadLetterQueue:
         """Copy ``entry`` here with why, and ack it on the tasks stream: one atomic script.
         False when it was no longer pending (someone else settled it): nothing written."""
         args: list[bytes | str | int] = [self.group, entry.entry_id]
+        cut = []
         for name, value in entry.fields.items():
-            args += [name, value]
+            if len(value) > KEEP_FIELD_BYTES:
+                # A 1 MB text dead-lettered for its size would be stored twice; its head is
+                # enough to recognise it. `dlq retry` refuses such an entry (it is not the
+                # original any more): re-send it from the source.
+                cut.append(f"{name.decode('utf-8', 'replace')}:{len(value)}")
+            args += [name, value[:KEPT_HEAD_BYTES] if len(value) > KEEP_FIELD_BYTES else value]
         schema: dict[str, str | int] = {
             "reason": reason,
             "error": error[:ERROR_LIMIT],
@@ -64,6 +74,8 @@ class DeadLetterQueue:
             "consumer": self.consumer,
             "at_ms": int(time.time() * 1000),
         }
+        if cut:
+            schema["truncated"] = ",".join(cut)
         for field, why in schema.items():
             args += [DLQ_PREFIX + field.encode(), why]
         with translated("dead-letter"):

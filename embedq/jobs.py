@@ -8,6 +8,8 @@ what is left by the workers' rate since their first entry of the job.
 
 from __future__ import annotations
 
+import re
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,9 +19,25 @@ import redis
 
 from embedq.config import Settings
 from embedq.entries import Entry, load_script, text
-from embedq.errors import ConfigError
+from embedq.errors import ConfigError, QueueUnavailable
 from embedq.keys import Keys, partition_streams
 from embedq.redis_connection import connect, translated
+
+WAIT_TIMEOUT_MS = 1000  # below the client's socket timeout (2 s and more)
+# Job ids go into key names: no braces (a hash tag would move keys off their partition's slot).
+JOB_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+def check_job_id(job: str) -> None:
+    if not JOB_ID.fullmatch(job):
+        raise ConfigError(
+            f"job id {job!r}: use 1-128 letters, digits and . _ - : @ (no spaces or braces)"
+        )
+
+
+def new_job_id() -> str:
+    """A sortable, unique job id: UTC start time plus random hex."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 @dataclass(frozen=True)
@@ -36,9 +54,13 @@ class JobLedger:
     """The enqueue jobs of one (base) tasks stream and its partitions: what producers send
     and workers count."""
 
-    def __init__(self, client: redis.Redis, stream: str) -> None:
+    def __init__(self, client: redis.Redis, stream: str, *, wait_replicas: int = 0) -> None:
         self.client = client
         self.keys = Keys(stream)
+        # After each batch, wait until this many replicas have it (WAIT): an enqueue that
+        # returned then survives a failover to one of them (async replication otherwise
+        # loses the last writes). 0: no wait.
+        self.wait_replicas = wait_replicas
         self._enqueue = client.register_script(load_script("enqueue.lua"))
 
     # -- producers -----------------------------------------------------------------------
@@ -56,7 +78,19 @@ class JobLedger:
                         args=[job, batch.position, *batch.values],
                     )
                 )
+                self._replicated()
         return added
+
+    def _replicated(self) -> None:
+        if not self.wait_replicas:
+            return
+        confirmed = int(self.client.wait(self.wait_replicas, WAIT_TIMEOUT_MS))
+        if confirmed < self.wait_replicas:
+            raise QueueUnavailable(
+                f"only {confirmed} of {self.wait_replicas} replicas confirmed the enqueue "
+                f"within {WAIT_TIMEOUT_MS} ms (--wait-replicas): it may be lost in a failover; "
+                "resume the job once the replicas are back"
+            )
 
     def start(self, job: str, source: str, partitions: int, total: int | None) -> None:
         """Register ``job`` (or touch it again on a resume); ``started_ms`` is kept."""

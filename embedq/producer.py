@@ -20,8 +20,6 @@ is above it instead of growing Redis without bound. The producer never trims: th
 from __future__ import annotations
 
 import queue
-import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,8 +31,7 @@ import orjson
 import redis
 import structlog
 
-from embedq.errors import ConfigError
-from embedq.jobs import EnqueueBatch, JobLedger
+from embedq.jobs import EnqueueBatch, JobLedger, check_job_id
 from embedq.keys import Keys, partition_for
 from embedq.lag import LagInfo
 from embedq.records import Record, content_hash
@@ -47,8 +44,6 @@ from embedq.versions import Versions
 log = structlog.get_logger("embedq.producer")
 
 RecordLike = Record | Mapping[str, Any]
-# Job ids go into key names: no braces (a hash tag would move keys off their partition's slot).
-JOB_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def as_record(item: RecordLike) -> Record:
@@ -65,18 +60,6 @@ def as_record(item: RecordLike) -> Record:
             f"record {doc_id!r}: meta must be a JSON object, got {type(meta).__name__}"
         )
     return Record(id=str(doc_id), text=str(text), meta=meta, job=item.get("job"))
-
-
-def check_job_id(job: str) -> None:
-    if not JOB_ID.fullmatch(job):
-        raise ConfigError(
-            f"job id {job!r}: use 1-128 letters, digits and . _ - : @ (no spaces or braces)"
-        )
-
-
-def new_job_id() -> str:
-    """A sortable, unique job id: UTC start time plus random hex."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 @dataclass
@@ -184,8 +167,13 @@ class Producer:
         partitions: int = 1,
         group: str = "embedq",
         collection: str = "embedq",
+        max_text_bytes: int = 1_000_000,
+        wait_replicas: int = 0,
     ) -> None:
-        self._ledger = JobLedger(client, stream)
+        self._ledger = JobLedger(client, stream, wait_replicas=wait_replicas)
+        # Workers dead-letter a longer text (text_too_large); the producer refuses it at
+        # the source instead of filling Redis with it.
+        self.max_text_bytes = max_text_bytes
         self.counts = Counts()  # the last run's, so far
         self.collection = collection  # whose index --dedup and --cleanup consult
         # The partition streams, for their backlog (``max_lag``): producers read nothing, so
@@ -260,12 +248,8 @@ class Producer:
                 counts.position = ordinal + 1
                 if on_progress is not None and ordinal % self.chunk == 0:
                     on_progress(counts)  # it decides how often to report
-                if sync is not None and not isinstance(item, Rejected):
-                    why = sync.see(item)
-                    bad = None if why is None else Rejected(f"record {item.id}", why)
-                else:
-                    bad = item if isinstance(item, Rejected) else None
-                if bad is not None or isinstance(item, Rejected):
+                bad = item if isinstance(item, Rejected) else self._refused(item, sync)
+                if bad is not None or isinstance(item, Rejected):  # (the second for mypy)
                     counts.rejected += 1
                     if on_rejected is not None and bad is not None:
                         on_rejected(bad)
@@ -296,6 +280,18 @@ class Producer:
         check_job_id(job)
         self._ledger.start(job, source, len(self.streams), total)
         return self._ledger.positions(job, self.streams)
+
+    def _refused(self, record: Record, sync: DocSync | None) -> Rejected | None:
+        """Why ``record`` is not sent, if it is not: too large, or (syncing) no document."""
+        if len(record.text) * 4 > self.max_text_bytes:  # UTF-8 is at most 4 bytes a char
+            size = len(record.text.encode("utf-8"))
+            if size > self.max_text_bytes:
+                return Rejected(
+                    f"record {record.id}",
+                    f"text is {size} bytes, the limit is {self.max_text_bytes} (--max-text-bytes)",
+                )
+        why = sync.see(record) if sync is not None else None
+        return None if why is None else Rejected(f"record {record.id}", why)
 
     def _clean_up(self, sync: DocSync) -> int:
         """After a run that sent everything: delete what the documents no longer have."""

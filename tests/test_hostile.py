@@ -353,3 +353,69 @@ def test_a_collection_dropped_behind_the_workers_back_stops_it_and_a_restart_rec
         assert [r["id"] for r in sink.get(["late"], with_vectors=False)] == ["late"]
     finally:
         sink.close()
+
+
+def test_oversized_texts_are_refused_at_the_producer_and_cut_in_the_dead_letter_copy(
+    redis_client: redis.Redis, stream_name: str, tmp_path: Path, encoder: Encoder
+) -> None:
+    from embedq.dlq import retry
+    from embedq.producer import as_record
+
+    producer = Producer(redis_client, stream_name, max_text_bytes=1000)
+    rejected: list[str] = []
+    counts = producer.run(
+        iter([as_record({"id": "big", "text": "é" * 600}), as_record({"id": "ok", "text": "x"})]),
+        on_rejected=lambda r: rejected.append(r.reason),
+    )
+    assert (counts.sent, counts.rejected) == (1, 1)
+    assert rejected == ["text is 1200 bytes, the limit is 1000 (--max-text-bytes)"]
+
+    # One that reached the stream anyway (another producer): its dead-letter copy keeps
+    # only the head of the text, and it cannot be retried as if it were the original.
+    redis_client.xadd(stream_name, {"id": "huge", "text": "y" * 200_000})
+    settings = Settings(
+        stream=stream_name,
+        group="g",
+        consumer="c1",
+        milvus_uri=str(tmp_path / "milvus.db"),
+        collection="big",
+        block_ms=100,
+        drain=True,
+        max_text_bytes=100_000,
+    )
+    sink = open_sink(settings)
+    stream = Stream(redis_client, stream_name, "g", "c1")
+    try:
+        assert assemble(settings, stream, encoder, sink).run().dead_lettered == 1
+    finally:
+        sink.close()
+    [(dlq_id, fields)] = redis_client.xrange(f"{stream_name}:dlq")
+    assert fields[b"_dlq_reason"] == b"text_too_large"
+    assert len(fields[b"text"]) == 1024 and fields[b"_dlq_truncated"] == b"text:200000"
+    assert retry([stream.dlq], [dlq_id.decode()]) == {}  # refused: not the original
+
+
+def test_wait_replicas_confirms_each_batch_on_a_replica_or_fails_loudly(tmp_path: Path) -> None:
+    from embedq.bench.servers import wait_until
+    from embedq.errors import QueueUnavailable
+
+    primary = RedisServer(tmp_path / "primary").start()
+    replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
+    replica.start()
+    client = primary.client()
+    try:
+        wait_until(
+            lambda: client.info("replication").get("slave0", {}).get("state") == "online",
+            30,
+            "the replica to be in sync",
+        )
+        producer = Producer(client, "rep:tasks", wait_replicas=1)
+        assert producer.enqueue([{"id": "a", "text": "on two servers"}], job="j1") == 1
+        assert replica.client().xlen("rep:tasks") == 1  # there when enqueue returned
+        replica.stop()
+        with pytest.raises(QueueUnavailable, match="0 of 1 replicas"):
+            producer.enqueue([{"id": "b", "text": "only on one"}], job="j2")
+    finally:
+        client.close()
+        replica.stop()
+        primary.stop()

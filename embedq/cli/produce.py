@@ -74,6 +74,12 @@ if TYPE_CHECKING:
     "every id of documents missing from this run (full: the source is a snapshot).",
 )
 @setting("collection", help="The collection whose index --dedup and --cleanup consult.")
+@setting("max_text_bytes", help="Reject a record whose text is longer (the workers' limit).")
+@setting(
+    "wait_replicas",
+    help="Wait until this many Redis replicas have each batch (WAIT), so a failover loses "
+    "nothing the producer saw succeed (0: no wait).",
+)
 @setting("max_lag", help="Pause while the group's backlog exceeds this (0: never).")
 @setting("enqueue_chunk", "--chunk", help="Entries per atomic XADD batch.")
 @click.option(
@@ -86,7 +92,7 @@ if TYPE_CHECKING:
 @common
 def enqueue(source: str | None, **options: Any) -> None:
     """Send records from SOURCE (a file, a directory, - for stdin, or --sql) as one job."""
-    from embedq.producer import check_job_id, new_job_id
+    from embedq.jobs import check_job_id, new_job_id
     from embedq.sources import first_or_none, open_source
 
     fmt, id_prefix, sql = options.pop("fmt"), options.pop("id_prefix"), options.pop("sql")
@@ -227,6 +233,8 @@ def _send(
         partitions=settings.partitions,
         group=settings.group,
         collection=settings.collection,
+        max_text_bytes=settings.max_text_bytes,
+        wait_replicas=settings.wait_replicas,
     )
     sync = None
     if plan.doc_field and plan.cleanup:

@@ -13,7 +13,8 @@
 -- entry, with a fresh delivery count, and the dead-letter entry is XDELed. Doing both in
 -- one script means a crash never leaves an entry in both places or in neither.
 -- An entry with no original fields (its payload was deleted before it was dead-lettered)
--- is left in place: sent back it could only be dead-lettered again.
+-- is left in place: sent back it could only be dead-lettered again; so is one whose
+-- copy was cut (_dlq_truncated): it is no longer the original.
 -- Returns a flat list: dead-letter id, new tasks-stream id ('' when skipped), ...
 local out = {}
 for i = 1, #ARGV do
@@ -22,13 +23,16 @@ for i = 1, #ARGV do
   if #found == 1 then
     local fields = found[1][2]
     local original = {}
+    local cut = false
     for j = 1, #fields, 2 do
-      if string.sub(fields[j], 1, 5) ~= '_dlq_' then
+      if fields[j] == '_dlq_truncated' then
+        cut = true
+      elseif string.sub(fields[j], 1, 5) ~= '_dlq_' then
         original[#original + 1] = fields[j]
         original[#original + 1] = fields[j + 1]
       end
     end
-    if #original > 0 then
+    if #original > 0 and not cut then
       new_id = redis.call('XADD', KEYS[1], '*', unpack(original))
       redis.call('XDEL', KEYS[2], ARGV[i])
     end

@@ -8,10 +8,12 @@ what is left by the workers' rate since their first entry of the job.
 
 from __future__ import annotations
 
+import queue
 import re
 import secrets
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +25,52 @@ from embedq.errors import ConfigError, QueueUnavailable
 from embedq.keys import Keys, partition_streams
 from embedq.redis_connection import connect, translated
 
+JOB_TTL_S = 7 * 24 * 3600  # an ended job's keys live a week (`embedq jobs --prune` sooner)
+ENDED = ("done", "failed", "interrupted")
 WAIT_TIMEOUT_MS = 1000  # below the client's socket timeout (2 s and more)
 # Job ids go into key names: no braces (a hash tag would move keys off their partition's slot).
 JOB_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+class Sender:
+    """Sends batches from a thread of its own, so that reading and parsing the source
+    overlaps the round trip and Redis's own work (a socket wait releases the GIL). At most
+    ``depth`` chunks wait; an error there stops sending and is raised in the caller."""
+
+    def __init__(
+        self, ledger: JobLedger, job: str, on_sent: Callable[[int], None], depth: int = 2
+    ) -> None:
+        self._ledger = ledger
+        self._job = job
+        self._on_sent = on_sent
+        self._queue: queue.Queue[list[EnqueueBatch] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="embedq-sender", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (batches := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking chunks so the producer never blocks on a full queue
+            try:
+                self._on_sent(self._ledger.send(self._job, batches))
+            except BaseException as exc:  # handed to the producer's thread, raised there
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, batches: list[EnqueueBatch]) -> None:
+        self._raise()
+        if batches:
+            self._queue.put(batches)
+
+    def close(self) -> None:
+        """Wait until every chunk handed over is sent (or failed), then raise any error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
 
 
 def check_job_id(job: str) -> None:
@@ -120,13 +165,47 @@ class JobLedger:
         with translated("start job"):
             pipe.execute()
 
-    def finish(self, job: str) -> None:
+    def finish(self, job: str, state: str = "sent", error: str = "") -> None:
+        """The producer is done with ``job``: ``sent`` everything, ``failed`` (``error``
+        says why) or ``interrupted``. Its keys expire ``JOB_TTL_S`` later."""
         now_ms = int(time.time() * 1000)
+        fields: dict[str, str | int] = {"state": state, "updated_ms": now_ms, "finished_ms": now_ms}
+        if error:
+            fields["error"] = error[:500]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.keys.job(job), mapping=fields)  # type: ignore[arg-type]
+        for key in self._keys_of(job):
+            pipe.expire(key, JOB_TTL_S)
         with translated("finish job"):
-            self.client.hset(
-                self.keys.job(job),
-                mapping={"state": "sent", "updated_ms": now_ms, "finished_ms": now_ms},
-            )
+            pipe.execute()
+
+    def forget(self, job: str) -> None:
+        """Remove every trace of ``job`` (one that sent nothing is not worth listing)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(self.keys.jobs, job)
+        for key in self._keys_of(job):
+            pipe.delete(key)
+        with translated("forget job"):
+            pipe.execute()
+
+    def prune(self, older_than_s: float = 0.0) -> list[str]:
+        """Forget the jobs that ended (done, failed, interrupted) at least ``older_than_s``
+        ago, and any whose keys expired; returns their ids."""
+        cutoff_ms = int((time.time() - older_than_s) * 1000)
+        gone = []
+        for job in self.ids():
+            state = self.state(job)
+            view = None if state is None else job_view(job, state)
+            ended = view is None or view.state in ENDED
+            if ended and (state is None or int(state.get("finished_ms") or 0) <= cutoff_ms):
+                self.forget(job)
+                gone.append(job)
+        return gone
+
+    def _keys_of(self, job: str) -> list[str]:
+        before = self.client.hget(self.keys.job(job), "partitions")
+        streams = partition_streams(self.keys.base, int(before or 1))
+        return [self.keys.job(job), *(Keys(s).sent(job) for s in streams)]
 
     def positions(self, job: str, streams: Sequence[str]) -> dict[str, int]:
         """The last source position ``job`` sent to each stream (-1: nothing yet)."""
@@ -192,7 +271,7 @@ class JobLedger:
 class JobView:
     job: str
     source: str
-    state: str  # sending | sent | done
+    state: str  # sending | sent | done | failed | interrupted
     partitions: int
     total: int | None
     enqueued: int

@@ -5,7 +5,7 @@ commands print (``describe``, ``consumer_table``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -159,3 +159,17 @@ def partitions_hint(base: str, found: int) -> str:
         f"note         no stream {base}, but partition streams {base}:{{p0}}.."
         f"{{p{found - 1}}} exist: add --partitions {found} (or EMBEDQ_PARTITIONS={found})"
     )
+
+
+def backlog(parts: Iterable[LagInfo]) -> tuple[int, str]:
+    """Entries the group has yet to finish, summed over partitions, and how it was measured:
+    the group's lag where Redis knows it, else the stream length (an upper bound on
+    pending + undelivered; exact once ``embedq trim`` runs)."""
+    total, how = 0, "lag"
+    for info in parts:
+        if info.group_exists and info.lag is not None:
+            total += info.lag
+        else:
+            total += info.length
+            how = "length"
+    return total, how

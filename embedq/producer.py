@@ -19,8 +19,6 @@ is above it instead of growing Redis without bound. The producer never trims: th
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,9 +29,10 @@ import orjson
 import redis
 import structlog
 
-from embedq.jobs import EnqueueBatch, JobLedger, check_job_id
+from embedq.errors import EmbedqError
+from embedq.jobs import EnqueueBatch, JobLedger, Sender, check_job_id
 from embedq.keys import Keys, partition_for
-from embedq.lag import LagInfo
+from embedq.lag import backlog
 from embedq.records import Record, content_hash
 from embedq.redis_connection import connect, translated
 from embedq.sources import Rejected
@@ -91,20 +90,6 @@ class Counts:
         }
 
 
-def backlog(parts: Iterable[LagInfo]) -> tuple[int, str]:
-    """Entries the group has yet to finish, summed over partitions, and how it was measured:
-    the group's lag where Redis knows it, else the stream length (an upper bound on
-    pending + undelivered; exact once ``embedq trim`` runs)."""
-    total, how = 0, "lag"
-    for info in parts:
-        if info.group_exists and info.lag is not None:
-            total += info.lag
-        else:
-            total += info.length
-            how = "length"
-    return total, how
-
-
 @dataclass(frozen=True)
 class _Step:
     """What every chunk of one ``Producer.run`` is checked against."""
@@ -114,45 +99,9 @@ class _Step:
     dedup: bool
     max_lag: int
     poll_s: float
-
-
-class _Sender:
-    """Sends batches from a thread of its own, so that reading and parsing the source
-    overlaps the round trip and Redis's own work (a socket wait releases the GIL). At most
-    ``depth`` chunks wait; an error there stops sending and is raised in the caller."""
-
-    def __init__(self, ledger: JobLedger, job: str, counts: Counts, depth: int = 2) -> None:
-        self._ledger = ledger
-        self._job = job
-        self._counts = counts
-        self._queue: queue.Queue[list[EnqueueBatch] | None] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="embedq-sender", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while (batches := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep taking chunks so the producer never blocks on a full queue
-            try:
-                self._counts.sent += self._ledger.send(self._job, batches)
-            except BaseException as exc:  # handed to the producer's thread, raised there
-                self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def put(self, batches: list[EnqueueBatch]) -> None:
-        self._raise()
-        if batches:
-            self._queue.put(batches)
-
-    def close(self) -> None:
-        """Wait until every chunk handed over is sent (or failed), then raise any error."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
+    sync: DocSync | None = None
+    on_rejected: Callable[[Rejected], None] | None = None
+    on_progress: Callable[[Counts], None] | None = None
 
 
 class Producer:
@@ -236,19 +185,44 @@ class Producer:
         on_rejected: Callable[[Rejected], None] | None = None,
         on_progress: Callable[[Counts], None] | None = None,
     ) -> Counts:
-        """Send ``items`` as job ``job`` (resuming it if it ran before); see the module doc."""
+        """Send ``items`` as job ``job`` (resuming it if it ran before); see the module doc.
+
+        The job ends ``sent``, or ``failed`` / ``interrupted`` (Ctrl-C, SIGTERM) when this
+        raises; a new job that sent nothing before failing is not recorded at all."""
         counts = self.counts = Counts()  # kept: a caller that sees an error reads it
         positions = self._start(job, source, total)
+        step = _Step(counts, set(), dedup, max_lag, poll_s, sync, on_rejected, on_progress)
+        try:
+            self._send(items, positions, job or "", step)
+        except BaseException as exc:
+            if job is not None:
+                self._ended_early(job, exc, fresh=max(positions.values()) < 0)
+            raise
+        if sync is not None:
+            counts.deleted = self._clean_up(sync)
+        if job is not None:
+            self._ledger.finish(job)
+        if on_progress is not None:
+            on_progress(counts)
+        return counts
+
+    def _send(
+        self, items: Iterable[Record | Rejected], positions: dict[str, int], job: str, step: _Step
+    ) -> None:
+        counts, on_progress, on_rejected = step.counts, step.on_progress, step.on_rejected
         single = self.streams[0] if len(self.streams) == 1 else None
-        sender = _Sender(self._ledger, job or "", counts)
-        step = _Step(counts, set(), dedup, max_lag, poll_s)
+
+        def sent(n: int) -> None:
+            counts.sent += n
+
+        sender = Sender(self._ledger, job, sent)
         try:
             chunk: list[tuple[int, Record, str]] = []
             for ordinal, item in enumerate(items):
                 counts.position = ordinal + 1
                 if on_progress is not None and ordinal % self.chunk == 0:
                     on_progress(counts)  # it decides how often to report
-                bad = item if isinstance(item, Rejected) else self._refused(item, sync)
+                bad = item if isinstance(item, Rejected) else self._refused(item, step.sync)
                 if bad is not None or isinstance(item, Rejected):  # (the second for mypy)
                     counts.rejected += 1
                     if on_rejected is not None and bad is not None:
@@ -265,13 +239,19 @@ class Producer:
             sender.put(self._batches(chunk, step))
         finally:
             sender.close()
-        if sync is not None:
-            counts.deleted = self._clean_up(sync)
-        if job is not None:
-            self._ledger.finish(job)
-        if on_progress is not None:
-            on_progress(counts)
-        return counts
+
+    def _ended_early(self, job: str, exc: BaseException, *, fresh: bool) -> None:
+        """Record how ``job`` ended when sending stopped on ``exc`` (best effort: Redis may be
+        what failed; the job then stays ``sending`` until its keys are pruned)."""
+        try:
+            if fresh and self.counts.sent == 0:
+                self._ledger.forget(job)  # nothing to resume: not worth listing
+            elif isinstance(exc, KeyboardInterrupt):
+                self._ledger.finish(job, "interrupted")
+            else:
+                self._ledger.finish(job, "failed", f"{type(exc).__name__}: {exc}")
+        except EmbedqError as also:
+            log.warning("job_state_not_recorded", job=job, error=str(also)[:200])
 
     def _start(self, job: str | None, source: str, total: int | None) -> dict[str, int]:
         """Register the job; the last source position it sent to each stream (-1: none)."""

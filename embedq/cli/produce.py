@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,9 @@ def enqueue(source: str | None, **options: Any) -> None:
         job = job_id or new_job_id()
         check_job_id(job)
         log.info("enqueue_started", job=job, source=where.name, total=where.total)
+        # SIGTERM (a pod stopping) ends the run like Ctrl-C: the job is recorded as
+        # interrupted, with everything sent so far, instead of staying "sending" forever.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             counts = _send(settings, where, job, plan, progress_every)
         except KeyboardInterrupt:
@@ -255,17 +259,22 @@ def _send(
                 on_progress=progress,
             )
         except OSError as exc:
+            _stopped(job, producer.counts.sent, exc)
             raise ConfigError(f"cannot read {where.name}: {exc.strerror or exc}") from None
         except UnicodeDecodeError as exc:
+            _stopped(job, producer.counts.sent, exc)
             raise ConfigError(f"{where.name} is not UTF-8 text: {exc.reason}") from None
         except (EmbedqError, KeyboardInterrupt) as exc:
-            sent = producer.counts.sent
-            log.warning("enqueue_stopped", job=job, sent=sent, error=str(exc) or "interrupted")
-            if sent:  # only then can a resume help: it skips what was sent
-                click.echo(f"embedq: stopped after {sent} sent; resume with --job {job}", err=True)
+            _stopped(job, producer.counts.sent, exc)
             raise
         finally:
             progress.close()
+
+
+def _stopped(job: str, sent: int, exc: BaseException) -> None:
+    log.warning("enqueue_stopped", job=job, sent=sent, error=str(exc) or "interrupted")
+    if sent:  # only then can a resume help: it skips what was sent
+        click.echo(f"embedq: stopped after {sent} sent; resume with --job {job}", err=True)
 
 
 def _print_jobs(views: list[Any]) -> None:
@@ -284,13 +293,31 @@ def _print_jobs(views: list[Any]) -> None:
 @click.command()
 @common
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of jobs.")
-def jobs(as_json: bool, **options: Any) -> None:
-    """List enqueue jobs: enqueued, embedded and dead-lettered counts, ETA."""
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Forget the jobs that ended (done, failed, interrupted); their keys also expire "
+    "a week after they end.",
+)
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="With --prune: only jobs that ended at least this many seconds ago.",
+)
+def jobs(as_json: bool, prune: bool, older_than: float, **options: Any) -> None:
+    """List enqueue jobs: state, enqueued, embedded and dead-lettered counts, ETA."""
     from embedq.jobs import list_jobs, open_ledger
 
     settings = build_settings(options)
 
     def body() -> int:
+        if prune:
+            gone = open_ledger(settings).prune(older_than)
+            log.info("jobs_pruned", count=len(gone))
+            click.echo(f"pruned {len(gone)} jobs" + (": " + " ".join(gone[:20]) if gone else ""))
+            return ExitCode.OK
         views = list_jobs(open_ledger(settings))
         if as_json:
             click.echo(json.dumps([v.as_dict() for v in views], sort_keys=True))

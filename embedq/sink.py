@@ -75,6 +75,11 @@ def check_lite_path(uri: str, *, create: bool = True) -> None:
         )
 
 
+def _quoted(text: str) -> str:
+    """``text`` inside a double-quoted Milvus filter string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _cut_utf8(text: str, limit: int) -> str:
     raw = text.encode("utf-8")
     if len(raw) <= limit:
@@ -349,21 +354,29 @@ class Sink:
             )
 
     def rows(self, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every row's id, content hash and version (no vectors), page by page."""
+        """Every row's id, content hash and version (no vectors), page by page.
+
+        Keyset pages (``id > last``, in primary-key order, as Milvus returns a limited
+        query): pymilvus's query iterator finds nothing on a 2.3.5 server (it cannot get
+        the server's MVCC timestamp there), and offsets stop at 16,384 rows."""
         fields = ["id", *VERSION_FIELDS] if self.versioned else ["id"]
-        with translated("query iterator"):
-            pages = self.client.query_iterator(
-                self.collection,
-                batch_size=batch_size,
-                filter='id != ""',
-                output_fields=fields,
-                timeout=self.timeout_s,
-            )
-            try:
-                while page := pages.next():
-                    yield from page
-            finally:
-                pages.close()
+        last: str | None = None
+        while True:
+            where = 'id != ""' if last is None else f'id > "{_quoted(last)}"'
+            with translated("query rows"):
+                page = self.client.query(
+                    self.collection,
+                    filter=where,
+                    output_fields=fields,
+                    limit=batch_size,
+                    consistency_level="Strong",
+                    timeout=self.timeout_s,
+                )
+            page = sorted(page, key=lambda row: str(row["id"]))
+            yield from page
+            if len(page) < batch_size:
+                return
+            last = str(page[-1]["id"])
 
     def ping(self) -> None:
         with translated("ping"):

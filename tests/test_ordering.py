@@ -260,9 +260,10 @@ def test_a_reclaimed_old_version_never_overwrites_a_newer_one(
     assert len(stream.read_new(10, 0)) == 1  # "dead" holds v1 and never acks it
     entry(redis_client, settings.stream, "x", "second version")
     worker = make_worker(
-        min_idle_s=2.0, reclaim_interval_s=0.2, milvus_timeout_s=1.0, ordered_writes=ordered
+        min_idle_s=4.0, reclaim_interval_s=0.2, milvus_timeout_s=2.0, ordered_writes=ordered
     )
-    # v1 looks busy for 2 s more: the worker writes v2 first, then reclaims v1.
+    worker.prepare()  # the collection exists before the clock below starts
+    # v1 looks busy for 4 s more: the worker writes v2 first, then reclaims v1.
     redis_client.xclaim(settings.stream, settings.group, "dead", 0, [first], justid=True)
     stats = worker.run()
     assert stats.reclaimed == 1
@@ -426,11 +427,15 @@ def test_verify_finds_rows_deleted_or_changed_behind_its_back_and_repair_fixes_t
     encoder: Encoder,
 ) -> None:
     rows = [{"id": f"v{i}", "text": f"verify text number {i}"} for i in range(8)]
-    Producer(redis_client, settings.stream).enqueue(rows)
+    odd = {"id": 'a "quoted\\ id', "text": "ids may hold quotes and backslashes"}
+    Producer(redis_client, settings.stream).enqueue([*rows, odd])
     make_worker().run()
+    # Page by page (keyset on the id), odd ids included, each row once.
+    listed = [r["id"] for r in sink.rows(batch_size=3)]
+    assert sorted(listed) == sorted([r["id"] for r in rows] + [odd["id"]])
     streams = [Stream(redis_client, settings.stream, settings.group, "verify")]
     drift, _ = verify(streams, sink)
-    assert drift.clean and (drift.rows, drift.indexed) == (8, 8)
+    assert drift.clean and (drift.rows, drift.indexed) == (9, 9)
 
     sink.delete(["v1"])  # behind embedq's back
     stray = sink.get(["v2"])[0]

@@ -129,6 +129,10 @@ def test_the_exporter_reports_every_partition(
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_get(base + "/healthz")[0] == 200, 30, "exporter")
+        # The exporter samples Redis in the background: wait for its first fresh sample.
+        wait_for(
+            lambda: "embedq_stream_up 1" in http_get(base + "/metrics")[1], 30, "a fresh sample"
+        )
         body = http_get(base + "/metrics")[1]
         for i, name in enumerate(streams):
             assert value(body, "embedq_stream_length", stream=name) == i + 1
@@ -146,8 +150,10 @@ def test_the_exporter_reports_every_partition(
         # One partition whose lag Redis cannot count: no lag series at all, not a low sum.
         # (a last-delivered id in the middle of a stream, given without ENTRIESREAD)
         redis_client.xgroup_setid(streams[2], "g", id=redis_client.xrange(streams[2])[1][0])
+        wait_for(  # the next background sample (every second) sees it
+            lambda: "embedq_stream_lag{" not in http_get(base + "/metrics")[1], 30, "no lag"
+        )
         body = http_get(base + "/metrics")[1]
-        assert "embedq_stream_lag{" not in body
         assert value(body, "embedq_stream_pending", stream=streams[3], group="g") == 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

@@ -84,6 +84,10 @@ class Stats:
     deleted: int = 0
     stale: int = 0  # entries acked without a write: a newer version was already written
     started_at: float = field(default_factory=time.monotonic)
+    # From the first entry read to the last one settled: the rate a worker reports leaves
+    # out the time it waited for work (issue 18: an exit line that counted idle time).
+    first_read_at: float | None = None
+    last_settled_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def restart(self) -> None:
@@ -92,19 +96,32 @@ class Stats:
             for name in COUNTERS:
                 setattr(self, name, 0)
             self.started_at = time.monotonic()
+            self.first_read_at = self.last_settled_at = None
+
+    def read_some(self) -> None:
+        """Entries arrived (the working time starts at the first)."""
+        if self.first_read_at is None:
+            with self._lock:
+                self.first_read_at = self.first_read_at or time.monotonic()
 
     def add(self, **counts: int) -> None:
         """Add to counters from any stage thread."""
         with self._lock:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
+            if any(counts.get(n) for n in ("texts", "dead_lettered", "deleted", "stale")):
+                self.last_settled_at = time.monotonic()
 
     def as_dict(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started_at, 1e-9)
+        working = 0.0
+        if self.first_read_at is not None and self.last_settled_at is not None:
+            working = max(self.last_settled_at - self.first_read_at, 0.0)
         return {
             **{name: getattr(self, name) for name in COUNTERS},
             "elapsed_s": round(elapsed, 3),
-            "texts_per_s": round(self.texts / elapsed, 1),
+            "working_s": round(working, 3),
+            "texts_per_s": round(self.texts / working, 1) if working > 0 else 0.0,
         }
 
 

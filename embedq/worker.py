@@ -280,6 +280,8 @@ class Worker:
 
     def _admit(self, stream: Stream, entries: list[Entry], out: queue.Queue[Stage]) -> None:
         self.in_flight.add((stream.keys.stream, e.entry_id) for e in entries)
+        if entries:
+            self.stats.read_some()
         self._fault_point("after_read")
         for batch in self._timed("tokenize", lambda: self.batcher.batches(stream, entries)):
             self._put(out, batch)

@@ -331,3 +331,17 @@ def test_an_error_that_hits_every_text_is_the_model_not_the_input(tiny_encoder: 
     with pytest.raises(DeviceFailed, match="fails on any input"):
         rig.run(*rows(16))
     assert not rig.stream.dlq.moved and len(rig.stream.pending) == 16
+
+
+def test_the_reported_rate_leaves_out_the_time_spent_waiting_for_work() -> None:
+    import time
+
+    stats = Stats()
+    time.sleep(0.3)  # idle: nothing in the stream yet
+    stats.read_some()
+    time.sleep(0.1)
+    stats.add(texts=10)
+    summary = stats.as_dict()
+    assert summary["elapsed_s"] >= 0.4
+    assert 0.1 <= summary["working_s"] < 0.3
+    assert summary["texts_per_s"] > 10 / 0.3  # not diluted by the idle 0.3 s

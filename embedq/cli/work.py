@@ -107,7 +107,8 @@ def worker(**options: Any) -> None:
         summary = run_worker(settings).as_dict()
         click.echo(
             f"embedded {summary['texts']} texts in {summary['elapsed_s']} s "
-            f"({summary['texts_per_s']} texts/s), {summary['dead_lettered']} dead-lettered"
+            f"({summary['working_s']} s working, {summary['texts_per_s']} texts/s), "
+            f"{summary['dead_lettered']} dead-lettered"
         )
         return 0
 

@@ -44,6 +44,7 @@ from embedq.errors import InfrastructureError, StageCrashed
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import END, Batch, Stage, Stats
+from embedq.read_window import ReadWindow
 from embedq.reclaimer import Reclaimer, ReclaimSummary, run_reclaim_all
 from embedq.settler import Settler
 from embedq.shutdown import GracefulShutdown
@@ -103,6 +104,7 @@ class Worker:
         self._last_reclaim = 0.0
         self._last_trim = time.monotonic()
         self._fault_point = parts.fault_point
+        self.window = ReadWindow(self.settings.read_count)  # count, bounded by bytes
 
     @property
     def stats(self) -> Stats:
@@ -299,7 +301,10 @@ class Worker:
             found = self._reclaimed()
             if found:
                 return found
-        return read_new_many(self.partitions, self.settings.read_count, self.settings.block_ms)
+        windows = read_new_many(self.partitions, self.window.count(), self.settings.block_ms)
+        for _stream, entries in windows:
+            self.window.saw(entries)
+        return windows
 
     def _reclaimed(self) -> list[tuple[Stream, list[Entry]]]:
         found = []

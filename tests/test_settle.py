@@ -345,3 +345,20 @@ def test_the_reported_rate_leaves_out_the_time_spent_waiting_for_work() -> None:
     assert summary["elapsed_s"] >= 0.4
     assert 0.1 <= summary["working_s"] < 0.3
     assert summary["texts_per_s"] > 10 / 0.3  # not diluted by the idle 0.3 s
+
+
+def test_a_read_window_shrinks_when_entries_are_large_and_grows_back() -> None:
+    from embedq.entries import Entry
+    from embedq.read_window import ReadWindow
+
+    window = ReadWindow(512, max_bytes=10_000_000)
+    assert window.count() == 512
+    huge = [Entry(f"1-{i}", {b"id": b"x", b"text": b"y" * 1_000_000}) for i in range(3)]
+    window.saw(huge)
+    assert window.count() == 9  # 10 MB / ~1 MB entries: the next read stays under the bound
+    small = [Entry(f"2-{i}", {b"id": b"x", b"text": b"short"}) for i in range(100)]
+    for _ in range(60):
+        window.saw(small)
+    assert window.count() == 512
+    window.saw([Entry("3-0", {b"text": b"z" * 50_000_000})])
+    assert window.count() == 1  # never zero

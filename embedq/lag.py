@@ -39,9 +39,22 @@ class LagInfo:
     consumers: list[ConsumerInfo]
     dlq_length: int
     group_exists: bool
+    # Redis's memory (INFO memory) where the stream lives: used and maxmemory (0: no limit).
+    used_memory: int = 0
+    maxmemory: int = 0
+
+    @property
+    def redis_full(self) -> bool:
+        """At ``maxmemory`` (with ``noeviction``, producers' writes are refused)."""
+        return 0 < self.maxmemory <= self.used_memory
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "redis_memory": {
+                "used_bytes": self.used_memory,
+                "max_bytes": self.maxmemory,
+                "full": self.redis_full,
+            },
             "stream": self.stream,
             "group": self.group,
             "group_exists": self.group_exists,
@@ -81,6 +94,8 @@ def merge_partitions(base: str, group: str, parts: Sequence[LagInfo]) -> LagInfo
         length=sum(p.length for p in parts),
         lag=None if None in lags else sum(lag or 0 for lag in lags),
         pending=sum(p.pending for p in parts),
+        used_memory=max(p.used_memory for p in parts),  # the fullest node
+        maxmemory=max(p.maxmemory for p in parts),
         last_delivered_id=None,  # one per partition
         entries_read=None if not reads or None in reads else sum(r or 0 for r in reads),
         consumers=sorted(consumers.values(), key=lambda c: c.name),
@@ -111,6 +126,12 @@ def describe(info: LagInfo) -> list[str]:
             f"pending      {info.pending}",
         ]
     lines.append(f"dead-letter  {info.dlq_length}")
+    if info.redis_full:
+        lines.append(
+            f"redis        FULL: {info.used_memory:,} bytes used of maxmemory "
+            f"{info.maxmemory:,}; producers are refused, workers go on (free memory: "
+            "embedq trim, a larger maxmemory)"
+        )
     return lines
 
 

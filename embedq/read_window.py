@@ -1,4 +1,5 @@
-"""How many entries to read at once, bounded by bytes as well as by count.
+"""Reading new entries: how many at once (bounded by bytes as well as by count), and one
+read over several partition streams.
 
 XREADGROUP takes a count, not a size: 512 entries of 1 MB texts would be half a gigabyte
 in one read, held whole while its oversized entries wait to be dead-lettered. The window
@@ -8,9 +9,13 @@ would exceed ``max_bytes``; at least one entry is always read.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from typing import Any
 
-from embedq.entries import Entry
+from embedq.entries import Entry, as_entries, text
+from embedq.redis_connection import is_cluster
+from embedq.stream import Stream
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -35,3 +40,45 @@ class ReadWindow:
         mean = sum(len(k) + len(v) for e in entries for k, v in e.fields.items()) / len(entries)
         weight = 1.0 if mean > self._mean_bytes else 0.2
         self._mean_bytes += weight * (mean - self._mean_bytes)
+
+
+def read_new_many(
+    lanes: Sequence[Stream], count: int, block_ms: int
+) -> list[tuple[Stream, list[Entry]]]:
+    """One XREADGROUP over several partition streams of one group (one BLOCK for all):
+    up to ``count`` new entries per stream, each list paired with its stream."""
+    if len(lanes) == 1:
+        entries = lanes[0].read_new(count, block_ms)
+        return [(lanes[0], entries)] if entries else []
+    first = lanes[0]
+    if is_cluster(first.client):
+        return _read_each(lanes, count, block_ms)
+    by_key = {lane.keys.stream: lane for lane in lanes}
+
+    def call() -> Any:
+        return first.client.xreadgroup(
+            first.group,
+            first.consumer,
+            dict.fromkeys(by_key, ">"),
+            count=count,
+            block=block_ms if block_ms > 0 else None,
+        )
+
+    reply: Any = first._with_group("XREADGROUP >", call, siblings=lanes[1:])
+    return [(by_key[text(key) or ""], as_entries(raw)) for key, raw in (reply or []) if raw]
+
+
+def _read_each(
+    lanes: Sequence[Stream], count: int, block_ms: int
+) -> list[tuple[Stream, list[Entry]]]:
+    """``read_new_many`` on a Redis Cluster, which refuses one command over keys of several
+    slots (CROSSSLOT) and gives every partition a slot of its own: one read per partition
+    without blocking; when all were empty, one BLOCK on a partition picked at random (each
+    gets its turn), short enough that entries arriving on the others wait little."""
+    found = [(lane, lane.read_new(count, 0)) for lane in lanes]
+    found = [(lane, entries) for lane, entries in found if entries]
+    if found or block_ms <= 0:
+        return found
+    lane = random.choice(lanes)
+    entries = lane.read_new(count, max(10, block_ms // len(lanes)))
+    return [(lane, entries)] if entries else []

@@ -7,9 +7,8 @@ this boundary (``embedq.redis_connection.translated``), so callers only see embe
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import redis
@@ -271,6 +270,27 @@ class Stream:
         return int(summary["pending"])
 
     def lag(self) -> LagInfo:
+        """The group's backlog on this stream, and Redis's memory where it lives."""
+        info = self._lag()
+        used, limit = self._memory()
+        return replace(info, used_memory=used, maxmemory=limit)
+
+    def _memory(self) -> tuple[int, int]:
+        """(used_memory, maxmemory) of the node holding this stream; (0, 0) when INFO is not
+        allowed (an ACL user without it): the lag is still worth reporting."""
+        with translated("INFO memory"):
+            try:
+                if is_cluster(self.client):
+                    cluster: Any = self.client  # a RedisCluster (typed as Redis, see connect)
+                    node = cluster.get_node_from_key(self.keys.stream)
+                    found: Any = cluster.info("memory", target_nodes=node)
+                else:
+                    found = self.client.info("memory")
+            except redis.ResponseError:
+                return 0, 0
+        return int(found.get("used_memory", 0)), int(found.get("maxmemory", 0))
+
+    def _lag(self) -> LagInfo:
         with translated("XINFO"):
             pipe = self.client.pipeline(transaction=False)
             pipe.xlen(self.keys.stream)
@@ -373,45 +393,3 @@ def partition_lanes(stream: Stream, partitions: int) -> list[Stream]:
 def open_streams(settings: Settings) -> list[Stream]:
     """Every tasks stream ``settings`` names: its partitions, or the one stream."""
     return partition_lanes(open_stream(settings), settings.partitions)
-
-
-def read_new_many(
-    lanes: Sequence[Stream], count: int, block_ms: int
-) -> list[tuple[Stream, list[Entry]]]:
-    """One XREADGROUP over several partition streams of one group (one BLOCK for all):
-    up to ``count`` new entries per stream, each list paired with its stream."""
-    if len(lanes) == 1:
-        entries = lanes[0].read_new(count, block_ms)
-        return [(lanes[0], entries)] if entries else []
-    first = lanes[0]
-    if is_cluster(first.client):
-        return _read_each(lanes, count, block_ms)
-    by_key = {lane.keys.stream: lane for lane in lanes}
-
-    def call() -> Any:
-        return first.client.xreadgroup(
-            first.group,
-            first.consumer,
-            dict.fromkeys(by_key, ">"),
-            count=count,
-            block=block_ms if block_ms > 0 else None,
-        )
-
-    reply: Any = first._with_group("XREADGROUP >", call, siblings=lanes[1:])
-    return [(by_key[text(key) or ""], as_entries(raw)) for key, raw in (reply or []) if raw]
-
-
-def _read_each(
-    lanes: Sequence[Stream], count: int, block_ms: int
-) -> list[tuple[Stream, list[Entry]]]:
-    """``read_new_many`` on a Redis Cluster, which refuses one command over keys of several
-    slots (CROSSSLOT) and gives every partition a slot of its own: one read per partition
-    without blocking; when all were empty, one BLOCK on a partition picked at random (each
-    gets its turn), short enough that entries arriving on the others wait little."""
-    found = [(lane, lane.read_new(count, 0)) for lane in lanes]
-    found = [(lane, entries) for lane, entries in found if entries]
-    if found or block_ms <= 0:
-        return found
-    lane = random.choice(lanes)
-    entries = lane.read_new(count, max(10, block_ms // len(lanes)))
-    return [(lane, entries)] if entries else []

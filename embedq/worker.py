@@ -44,12 +44,12 @@ from embedq.errors import InfrastructureError, StageCrashed
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import END, Batch, Stage, Stats
-from embedq.read_window import ReadWindow
+from embedq.read_window import ReadWindow, read_new_many
 from embedq.reclaimer import Reclaimer, ReclaimSummary, run_reclaim_all
 from embedq.settler import Settler
 from embedq.shutdown import GracefulShutdown
 from embedq.sink import Sink
-from embedq.stream import Stream, read_new_many
+from embedq.stream import Stream
 from embedq.watchdog import Watchdog
 
 log = structlog.get_logger("embedq.worker")

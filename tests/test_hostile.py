@@ -53,6 +53,12 @@ def test_a_full_redis_refuses_producers_clearly_while_workers_keep_draining(
     assert "Traceback" not in refused.stderr
     said = [line for line in refused.stderr.splitlines() if not line.startswith("{")]
     assert said[-1].startswith("embedq: redis is out of memory"), refused.stderr
+    # An operator sees it where they look first.
+    env = {"EMBEDQ_REDIS_URL": full_redis.url, "EMBEDQ_STREAM": stream}
+    shown = embedq("lag", env=env)
+    assert shown.returncode == 0 and "FULL" in shown.stdout, shown.stdout + shown.stderr
+    as_json = json.loads(embedq("lag", "--json", env=env).stdout)
+    assert as_json["redis_memory"]["full"] is True
 
     # A worker started on the full Redis drains it: reads, the fenced write, acks and the
     # dead letter all go through; only job counters and error hints are refused (skipped).

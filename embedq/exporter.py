@@ -217,6 +217,9 @@ def stream_gauges(
     fam = {
         "length": ("Entries in the tasks stream", s),
         "dlq_length": ("Entries in the dead-letter stream", s),
+        "redis_used_memory_bytes": ("used_memory of the Redis holding the stream", s),
+        "redis_maxmemory_bytes": ("maxmemory of that Redis (0: no limit)", s),
+        "redis_full": ("1 when that Redis is at maxmemory: producers are refused", s),
         "group_exists": ("1 when the consumer group exists", g),
         "lag": ("Entries not yet delivered to the group (XINFO lag); absent when unknown", g),
         "lag_unknown": ("1 when Redis cannot compute the lag (NULL): see the backlog", g),
@@ -246,6 +249,9 @@ def stream_gauges(
         stream, group = [info.stream], [info.stream, info.group]
         families["length"].add_metric(stream, info.length)
         families["dlq_length"].add_metric(stream, info.dlq_length)
+        families["redis_used_memory_bytes"].add_metric(stream, info.used_memory)
+        families["redis_maxmemory_bytes"].add_metric(stream, info.maxmemory)
+        families["redis_full"].add_metric(stream, int(info.redis_full))
         families["group_exists"].add_metric(group, int(info.group_exists))
         families["backlog"].add_metric(group, st.backlog)
         families["oldest_waiting_age_seconds"].add_metric(group, age_s(st.oldest_waiting_ms))

@@ -31,7 +31,14 @@ class Sample:
         before the first worker show throughput at its second sample, not a minute later
         when the group-less samples have left the window (issue 18)."""
         if self.info.entries_read is None:
-            return None if self.info.group_exists else 0
+            if not self.info.group_exists:
+                return 0
+            # Redis does not count reads here (a partition merged in without one, a group
+            # set to an arbitrary id): what left the stream's backlog is the same count, as
+            # long as no trim runs between two samples (issue 12: throughput "unknown"
+            # next to a backlog visibly falling).
+            backlog = self.backlog
+            return None if backlog is None else self.info.length - backlog
         return self.info.entries_read - self.info.pending
 
     @property

@@ -324,3 +324,12 @@ def test_init_creates_the_group_at_0_without_model_side_packages(
     assert group["lag"] == 5  # at 0, not at $: the five early entries will be read
     again = init()
     assert again.returncode == 0 and "already there" in again.stdout
+
+
+def test_throughput_is_known_when_redis_does_not_count_reads_but_the_backlog_is() -> None:
+    """``embedq top`` showed "throughput unknown" next to a backlog falling at 64/s."""
+    window = Window(60)
+    window.add(lag_info(lag=2000, pending=100, entries_read=None, length=3000), at_s=0)
+    r = window.add(lag_info(lag=1400, pending=60, entries_read=None, length=3000), at_s=10)
+    assert r.done_per_s == 64.0 and r.backlog_change_per_s == -64.0
+    assert "throughput   64.0/s" in render(lag_info(lag=1400, pending=60, entries_read=None), r)

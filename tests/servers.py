@@ -3,6 +3,7 @@ certificate authority, a wait that fails the test, and a plain HTTP GET."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import urllib.error
@@ -53,3 +54,68 @@ def http_get(url: str) -> tuple[int, str]:
         return int(exc.code), exc.read().decode()
     except OSError:
         return 0, ""
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy in front of one Redis that, once armed, forwards the next request that
+    holds ``marker`` to Redis, swallows Redis's reply and closes the client's connection:
+    the command ran, the client never heard so (a lost reply, as a network cut gives)."""
+
+    def __init__(self, upstream_port: int, marker: bytes) -> None:
+        import socket
+        import threading
+
+        from embedq.bench.servers import free_port
+
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.marker = marker
+        self.armed = threading.Event()
+        self.dropped = 0
+        self._swallow: set[int] = set()  # client sockets whose next reply is dropped
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for source, sink in ((client, upstream), (upstream, client)):
+                t = threading.Thread(
+                    target=self._pump, args=(source, sink, source is client), daemon=True
+                )
+                t.start()
+
+    def _pump(self, source: object, sink: object, from_client: bool) -> None:
+        import socket
+
+        src, dst = source, sink
+        assert isinstance(src, socket.socket) and isinstance(dst, socket.socket)
+        try:
+            while data := src.recv(65536):
+                if from_client and self.armed.is_set() and self.marker in data:
+                    self.armed.clear()
+                    self._swallow.add(id(src))  # the reply to this request, on its way back
+                elif not from_client and id(dst) in self._swallow:
+                    self._swallow.discard(id(dst))
+                    self.dropped += 1
+                    return  # the reply is not forwarded; `finally` cuts the connection
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()

@@ -425,3 +425,40 @@ def test_wait_replicas_confirms_each_batch_on_a_replica_or_fails_loudly(tmp_path
         client.close()
         replica.stop()
         primary.stop()
+
+
+def test_a_lost_reply_on_a_cluster_does_not_send_records_twice(tmp_path: Path) -> None:
+    """redis-py's cluster client retries a command whose reply it lost. A real cluster node
+    (one node holding every slot, announcing a reply-dropping proxy as its address, so the
+    client talks through it) runs the enqueue script, the proxy swallows the reply: the
+    client's retry must add nothing."""
+    from embedq.bench.servers import wait_until
+
+    from .servers import ReplyDroppingProxy
+
+    node = RedisServer(tmp_path / "node", cluster=True).start()
+    admin = node.client()
+    proxy = ReplyDroppingProxy(node.port, b"EVALSHA")
+    try:
+        admin.config_set("cluster-announce-ip", "127.0.0.1")
+        admin.config_set("cluster-announce-port", proxy.port)
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        wait_until(lambda: admin.cluster("info")["cluster_state"] == "ok", 30, "the cluster")
+        # Clients are sent to the proxy: the slot map names its port, not the node's.
+        wait_until(
+            lambda: admin.execute_command("CLUSTER", "SLOTS")[0][2][1] == proxy.port,
+            30,
+            "the slot map to announce the proxy",
+        )
+        producer = Producer.connect(f"redis://127.0.0.1:{proxy.port}/0", "{t}:tasks", cluster=True)
+        producer.enqueue([{"id": "warm", "text": "loads the script"}], job="warm-up")
+        proxy.armed.set()
+        rows = [{"id": f"r{i}", "text": f"record {i}"} for i in range(5)]
+        assert producer.enqueue(rows, job="lost-reply") in (0, 5)  # the retry added nothing
+        assert proxy.dropped == 1  # the reply really was lost, and the client retried
+        assert admin.xlen("{t}:tasks") == 6  # warm-up + the 5, once each
+        producer.close()
+    finally:
+        proxy.close()
+        admin.close()
+        node.stop()

@@ -1,8 +1,9 @@
 """Ordered per-id writes, as the settler uses them (the mechanism is ``embedq.versions``).
 
-``claim`` splits a stream's items into those to write now and those already superseded by
-a recorded newer version (stale: acked, not written), waiting while another worker holds
-an id's lease. ``commit`` records what was written and acks every entry in one script.
+``claim`` splits a stream's items into those to write now, those already superseded by a
+recorded newer version (stale: acked, not written) and those another worker is writing
+(busy: asked again after ``wait``, once the others are settled). ``commit`` records what
+was written and acks every entry in one script.
 With ``ordered_writes`` off (only to measure what ordering costs) every item is written and
 ``commit`` is a plain XACK.
 """
@@ -39,29 +40,30 @@ class Ordering:
         for versions in (self.versions or {}).values():
             versions.clear()
 
-    def claim(self, stream: Stream, items: Sequence[Item]) -> tuple[list[Item], list[Item]]:
-        """(to write, stale). Busy ids are asked again until their holder settles or its
-        lease expires; meanwhile the heartbeat keeps our entries ours."""
+    def claim(
+        self, stream: Stream, items: Sequence[Item]
+    ) -> tuple[list[Item], list[Item], list[Item]]:
+        """(to write, stale, busy), from one fence call. Busy ids are another worker's
+        write in progress: the caller settles the others first and asks again for these
+        after ``wait``, so it never holds leases while it waits (two workers each holding
+        an id the other wants would otherwise wait out each other's leases)."""
         if self.versions is None or not items:
-            return list(items), []
+            return list(items), [], []
         versions = self.versions[stream.keys.stream]
+        wanted = [(i.record.id, i.version) for i in items]
+        statuses = self.retrying(
+            "fence", partial(versions.acquire, stream.consumer, self.lease_ms, wanted)
+        )
         go: list[Item] = []
         stale: list[Item] = []
-        waiting, wait_s = list(items), _WAIT_S
-        while True:
-            wanted = [(i.record.id, i.version) for i in waiting]
-            statuses = self.retrying(
-                "fence", partial(versions.acquire, stream.consumer, self.lease_ms, wanted)
-            )
-            busy: list[Item] = []
-            for item, status in zip(waiting, statuses, strict=True):
-                {GO: go, STALE: stale, BUSY: busy}[status].append(item)
-            if not busy:
-                return go, stale
-            log.debug("write_waits", ids=len(busy), why="another worker is writing these ids")
-            waiting = busy
-            time.sleep(wait_s)
-            wait_s = min(wait_s * 2, _MAX_WAIT_S)
+        busy: list[Item] = []
+        for item, status in zip(items, statuses, strict=True):
+            {GO: go, STALE: stale, BUSY: busy}[status].append(item)
+        return go, stale, busy
+
+    def wait(self, attempt: int) -> None:
+        """Before asking again for busy ids: short, growing pauses."""
+        time.sleep(min(_WAIT_S * 2**attempt, _MAX_WAIT_S))
 
     def commit(
         self,

@@ -103,8 +103,22 @@ class Settler:
             self._settle(stream, items, batch)
 
     def _settle(self, stream: Stream, items: list[Item], batch: Batch) -> None:
+        attempt = 0
+        while items:
+            go, stale, busy = self.ordering.claim(stream, items)
+            self._settle_claimed(stream, go, stale, batch)
+            if busy:
+                log.debug("write_waits", ids=len(busy), why="another worker writes these ids")
+                self.ordering.wait(attempt)
+                attempt += 1
+            items = busy
+
+    def _settle_claimed(
+        self, stream: Stream, go: list[Item], stale: list[Item], batch: Batch
+    ) -> None:
+        if not go and not stale:
+            return
         started = time.perf_counter()
-        go, stale = self.ordering.claim(stream, items)
         self.fault_point("after_fence")
         written, refused = self._write([i for i in go if not i.record.is_delete])
         deletes = [i for i in go if i.record.is_delete]

@@ -26,6 +26,7 @@ LAG_KEYS = {
     "entries_read",
     "dlq_length",
     "consumers",
+    "redis_memory",
 }
 
 

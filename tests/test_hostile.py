@@ -25,6 +25,20 @@ from .conftest import corpus_rows
 from .test_cli import embedq
 
 
+def local(stream: str, tmp_path: Path, **changes: object) -> Settings:
+    """A drained worker's settings on ``stream`` (group g, consumer c1), writing to a Milvus
+    Lite file of the test's own; the worker gets its Redis client from the test."""
+    base: dict[str, object] = {
+        "stream": stream,
+        "group": "g",
+        "consumer": "c1",
+        "milvus_uri": str(tmp_path / "milvus.db"),
+        "block_ms": 100,
+        "drain": True,
+    }
+    return Settings(**{**base, **changes})  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def full_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis", "--maxmemory-policy", "noeviction").start()
@@ -62,17 +76,7 @@ def test_a_full_redis_refuses_producers_clearly_while_workers_keep_draining(
 
     # A worker started on the full Redis drains it: reads, the fenced write, acks and the
     # dead letter all go through; only job counters and error hints are refused (skipped).
-    settings = Settings(
-        redis_url=full_redis.url,
-        stream=stream,
-        group="g",
-        consumer="c1",
-        milvus_uri=str(tmp_path / "milvus.db"),
-        collection="full",
-        block_ms=100,
-        drain=True,
-        min_idle_s=30,
-    )
+    settings = local(stream, tmp_path, redis_url=full_redis.url, collection="full")
     client.config_set("maxmemory", 0)
     Stream(client, stream, "g", "c1").ensure_group()  # the group needs room once
     client.config_set("maxmemory", 1)
@@ -99,16 +103,8 @@ def test_own_pending_entries_past_max_deliveries_are_dead_lettered_on_restart(
     good = corpus_rows("short.jsonl", 3)
     for row in good:
         redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
-    settings = Settings(
-        redis_url="redis://unused",
-        stream=stream_name,
-        group="g",
-        consumer="crashy",
-        milvus_uri=str(tmp_path / "milvus.db"),
-        collection="pending",
-        block_ms=100,
-        drain=True,
-        max_deliveries=3,
+    settings = local(
+        stream_name, tmp_path, consumer="crashy", collection="pending", max_deliveries=3
     )
     stream = Stream(redis_client, stream_name, "g", "crashy")
     stream.ensure_group()
@@ -224,14 +220,12 @@ def test_a_hung_forward_pass_lets_its_entries_go_and_fails_liveness(
 
     for row in corpus_rows("short.jsonl", 4):
         redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
-    settings = Settings(
-        redis_url="redis://unused",
-        stream=stream_name,
-        group="g",
+    settings = local(
+        stream_name,
+        tmp_path,
         consumer="hung",
-        milvus_uri=str(tmp_path / "milvus.db"),
         collection="hung",
-        block_ms=100,
+        drain=False,
         min_idle_s=1.0,
         milvus_timeout_s=0.5,
         stage_timeout_s=1.0,
@@ -280,15 +274,11 @@ def test_milvus_denying_writes_by_quota_dead_letters_nothing(
 
     for row in corpus_rows("short.jsonl", 20):
         redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
-    settings = Settings(
-        stream=stream_name,
-        group="g",
-        consumer="c1",
+    settings = local(
+        stream_name,
+        Path(),
         milvus_uri=quota_milvus.uri,
         collection=f"quota_{stream_name[-12:]}",
-        block_ms=100,
-        drain=True,
-        min_idle_s=30,
     )
     sink = open_sink(settings)
     worker = assemble(settings, Stream(redis_client, stream_name, "g", "c1"), encoder, sink)
@@ -330,15 +320,7 @@ def test_a_collection_dropped_behind_the_workers_back_stops_it_and_a_restart_rec
     rows = corpus_rows("short.jsonl", 10)
     for row in rows:
         redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
-    settings = Settings(
-        stream=stream_name,
-        group="g",
-        consumer="c1",
-        milvus_uri=str(tmp_path / "milvus.db"),
-        collection="dropped",
-        block_ms=100,
-        drain=True,
-    )
+    settings = local(stream_name, tmp_path, collection="dropped")
     sink = open_sink(settings)
     stream = Stream(redis_client, stream_name, "g", "c1")
     try:
@@ -379,16 +361,7 @@ def test_oversized_texts_are_refused_at_the_producer_and_cut_in_the_dead_letter_
     # One that reached the stream anyway (another producer): its dead-letter copy keeps
     # only the head of the text, and it cannot be retried as if it were the original.
     redis_client.xadd(stream_name, {"id": "huge", "text": "y" * 200_000})
-    settings = Settings(
-        stream=stream_name,
-        group="g",
-        consumer="c1",
-        milvus_uri=str(tmp_path / "milvus.db"),
-        collection="big",
-        block_ms=100,
-        drain=True,
-        max_text_bytes=100_000,
-    )
+    settings = local(stream_name, tmp_path, collection="big", max_text_bytes=100_000)
     sink = open_sink(settings)
     stream = Stream(redis_client, stream_name, "g", "c1")
     try:

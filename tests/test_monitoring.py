@@ -50,7 +50,9 @@ from .test_cli import embedq
 pytestmark = pytest.mark.slow
 
 STREAM, GROUP = "tasks", "embedq"
-DRAIN = 1500  # entries: 8-16 s for one CPU worker here, long enough to sample rates
+# Entries: long enough a drain to sample rates once the 5 s window lies inside it. 1,500
+# drained in 6 s on a quiet machine (too short); 3,000 takes 12-30 s here.
+DRAIN = 3000
 SG = f'stream=~"{STREAM}(:[{{]p[0-9]+[}}])?", group="{GROUP}"'
 
 

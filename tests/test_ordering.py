@@ -462,3 +462,39 @@ def _row(stored: dict[str, Any], text: str) -> Any:
         text=text,
         meta={},
     )
+
+
+def test_two_workers_each_holding_an_id_the_other_wants_do_not_wait_for_each_other(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    """A holds x and wants y; B holds y and wants x. Neither may wait with its leases held
+    (they would wait out each other's leases): claim hands back the busy ids at once, the
+    caller settles the rest (releasing its leases) and asks again."""
+    from embedq.backoff import Retrier
+    from embedq.ordering import Ordering
+    from embedq.pipeline import Item
+    from embedq.records import Record
+
+    a_stream = Stream(redis_client, stream_name, "g", "A")
+    b_stream = Stream(redis_client, stream_name, "g", "B")
+    x1, y1 = entry(redis_client, stream_name, "x", "1"), entry(redis_client, stream_name, "y", "1")
+    x2, y2 = entry(redis_client, stream_name, "x", "2"), entry(redis_client, stream_name, "y", "2")
+
+    def item(stream: Stream, doc: str, version: str) -> Item:
+        from embedq.entries import Entry
+
+        return Item(stream, Entry(version, {}), Record(doc, "t"), content_hash="h")
+
+    versions = {stream_name: Versions(redis_client, Keys(stream_name), "c")}
+    ordering = Ordering(versions, 60_000, Retrier())
+    go_a, _, busy_a = ordering.claim(a_stream, [item(a_stream, "x", x1)])
+    go_b, _, busy_b = ordering.claim(b_stream, [item(b_stream, "y", y2)])
+    assert len(go_a) == len(go_b) == 1 and not busy_a and not busy_b
+    started = time.monotonic()
+    go, stale, busy = ordering.claim(a_stream, [item(a_stream, "x", x1), item(a_stream, "y", y1)])
+    assert [i.record.id for i in go] == ["x"] and [i.record.id for i in busy] == ["y"]
+    assert not stale
+    assert time.monotonic() - started < 1  # handed back, not waited for
+    ordering.commit(a_stream, go, [], go)  # A settles x: its lease goes
+    go, _, busy = ordering.claim(b_stream, [item(b_stream, "x", x2)])
+    assert [i.record.id for i in go] == ["x"] and not busy  # B gets x now

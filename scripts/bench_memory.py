@@ -18,9 +18,9 @@ from pathlib import Path
 
 from embedq import logs
 from embedq.config import Settings
+from embedq.launch import build_worker
 from embedq.producer import Producer
 from embedq.redis_connection import connect
-from embedq.launch import build_worker
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "long.jsonl"
 

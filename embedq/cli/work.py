@@ -86,6 +86,10 @@ def init(with_collection: bool, **options: Any) -> None:
     help="Seconds between trims of fully acknowledged entries (0: never).",
 )
 @setting(
+    "vector_cache_size",
+    help="Vectors kept by text hash so a repeated text skips the model (0: off).",
+)
+@setting(
     "stage_timeout_s",
     "--stage-timeout",
     type=float,

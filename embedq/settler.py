@@ -239,21 +239,14 @@ class Settler:
 
     def record_error(self, items: Sequence[Item], error: str) -> None:
         """Why these entries are late, for a reclaimer that dead-letters them later."""
-        for stream, entries in _by_stream(items).items():
+        for stream, group in _by_stream_items(items).items():
             # Redis may be down too; the error is only a hint.
             with contextlib.suppress(InfrastructureError):
-                stream.record_error([e.entry_id for e in entries], error)
+                stream.record_error([e.entry_id for i in group for e in i.entries], error)
 
 
 def _by_stream_items(items: Sequence[Item]) -> dict[Stream, list[Item]]:
     grouped: dict[Stream, list[Item]] = {}
     for item in items:
         grouped.setdefault(item.stream, []).append(item)
-    return grouped
-
-
-def _by_stream(items: Sequence[Item]) -> dict[Stream, list[Entry]]:
-    grouped: dict[Stream, list[Entry]] = {}
-    for item in items:
-        grouped.setdefault(item.stream, []).extend(item.entries)
     return grouped

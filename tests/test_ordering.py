@@ -55,21 +55,14 @@ def redis_client(aof_redis: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(
-    stream_name: str, aof_redis: RedisServer, milvus_standalone: MilvusStandalone
+    settings: Settings, aof_redis: RedisServer, milvus_standalone: MilvusStandalone
 ) -> Settings:
-    return Settings(
+    """conftest's settings, on the private AOF Redis and a collection of its own on the
+    real Milvus server (tests share the server)."""
+    return settings.replace(
         redis_url=aof_redis.url,
-        stream=stream_name,
-        group="g",
-        consumer="c1",
         milvus_uri=milvus_standalone.uri,
         collection=f"t_{uuid.uuid4().hex[:12]}",
-        block_ms=100,
-        drain=True,
-        min_idle_s=30,
-        reclaim_interval_s=1,
-        max_batch_tokens=4096,
-        max_batch_rows=64,
     )
 
 

@@ -20,7 +20,7 @@ from embedq.encoder import Encoder, Tokenized
 from embedq.entries import Entry, entry_order
 from embedq.errors import EncodeFailed, PoisonInput
 from embedq.metrics import WorkerMetrics
-from embedq.pipeline import Batch, Item, Stats
+from embedq.pipeline import Batch, Item, Stats, supersede
 from embedq.records import Limits, content_hash, decode
 from embedq.stream import Stream
 
@@ -59,14 +59,23 @@ class Batcher:
 
     def batches(self, stream: Stream, entries: Sequence[Entry]) -> list[Batch]:
         """Contract checks, tokenization and supersession; poison entries leave here."""
-        items = self._decode(stream, entries)
+        with self.stats.cpu("decode"):
+            items = self._decode(stream, entries)
         writes = [i for i in items if not i.record.is_delete]
+        with self.stats.cpu("tokenize"):
+            tokenized = self._tokenize(writes)
+        with self.stats.cpu("plan"):
+            return self._plan(items, writes, tokenized)
+
+    def _plan(
+        self, items: list[Item], writes: list[Item], tokenized: list[Tokenized | None]
+    ) -> list[Batch]:
         valid = [
             item
-            for item, tok in zip(writes, self._tokenize(writes), strict=True)
+            for item, tok in zip(writes, tokenized, strict=True)
             if tok is not None and self._admit(item, tok)
         ]
-        latest = _supersede(sorted([*valid, *(i for i in items if i.record.is_delete)], key=_order))
+        latest = supersede(sorted([*valid, *(i for i in items if i.record.is_delete)], key=_order))
         kept = [i for i in latest if not i.record.is_delete]
         deletes = [i for i in latest if i.record.is_delete]
         plan = plan_batches(
@@ -131,15 +140,3 @@ class Batcher:
 
 def _order(item: Item) -> tuple[int, int]:
     return entry_order(item.entry.entry_id)
-
-
-def _supersede(items: list[Item]) -> list[Item]:
-    """The last item per id, in stream order; the earlier ones ride along as superseded and
-    are acked with it, so an old text never overwrites a newer one out of order."""
-    latest: dict[str, Item] = {}
-    for item in items:
-        previous = latest.pop(item.record.id, None)
-        if previous is not None:
-            item.superseded = [*previous.superseded, previous.entry]
-        latest[item.record.id] = item
-    return list(latest.values())

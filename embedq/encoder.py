@@ -10,6 +10,7 @@ downloaded: the model is a local directory.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,21 @@ class EncodedBatch:
     vectors: npt.NDArray[np.float32]
     tokens: int  # real (unpadded) tokens in the batch
     padded_tokens: int
+    # This thread's CPU seconds: building the input tensors, the model, pooling to vectors.
+    cpu_s: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def padded(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
+    """(input ids, attention mask) as int64 matrices padded on the right, built in one
+    pass over a flat array rather than one slice assignment per row."""
+    lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
+    width = int(lengths.max())
+    mask = np.arange(width, dtype=np.int64)[None, :] < lengths[:, None]
+    input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    input_ids[mask] = np.fromiter(
+        (t for ids in batch for t in ids), dtype=np.int64, count=int(lengths.sum())
+    )
+    return input_ids, mask.astype(np.int64)
 
 
 def resolve_device(device: str) -> str:
@@ -141,6 +157,24 @@ _STICKY = (
     "nccl",
     "misaligned address",
 )
+
+
+def _drop_unused_pooler(model: Any) -> None:
+    """BERT-style models end in a pooler (dense + tanh over the CLS token) that
+    sentence-transformers never reads: skip it where the model's forward allows (a model
+    whose forward needs it keeps it). With few layers, as on a fast GPU, it was 7 % of the
+    forward's CPU."""
+    import torch
+
+    pooler = getattr(model, "pooler", None)
+    if not isinstance(pooler, torch.nn.Module):
+        return
+    model.pooler = None
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.ones((1, 2), dtype=torch.long, device=model.device))
+    except (TypeError, AttributeError):
+        model.pooler = pooler
 
 
 def model_error(exc: BaseException) -> EmbedqError:
@@ -188,6 +222,7 @@ class Encoder:
         if not getattr(self.tokenizer, "is_fast", False):
             raise ConfigError(f"{self.model_dir} has no fast tokenizer (tokenizer.json)")
         self.model.eval().to(self.device)
+        _drop_unused_pooler(self.model)
         self.max_seq_length = self._max_seq_length()
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.wants_token_types = "token_type_ids" in self.tokenizer.model_input_names
@@ -267,14 +302,11 @@ class Encoder:
     def forward(self, batch: Sequence[Sequence[int]]) -> EncodedBatch:
         """Embed one padded batch of token-id lists; float32 vectors, one row per input."""
         torch = self._torch
+        started = time.thread_time()
         rows = len(batch)
-        width = max(len(ids) for ids in batch)
+        input_ids, mask = padded(batch, self.pad_id)
+        width = input_ids.shape[1]
         shortest = min(len(ids) for ids in batch)
-        input_ids = np.full((rows, width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((rows, width), dtype=np.int64)
-        for i, ids in enumerate(batch):
-            input_ids[i, : len(ids)] = ids
-            mask[i, : len(ids)] = 1
         try:
             with torch.inference_mode(), self._on_stream():
                 ids_t = self._to_device(torch.from_numpy(input_ids))
@@ -286,7 +318,9 @@ class Encoder:
                     inputs["attention_mask"] = mask_t
                 if self.wants_token_types:
                     inputs["token_type_ids"] = torch.zeros_like(ids_t)
+                built = time.thread_time()
                 hidden = self.model(**inputs).last_hidden_state
+                modelled = time.thread_time()
                 pooled = self._pool(hidden, mask_t).float()
                 for layer in self._dense:
                     pooled = layer(pooled)
@@ -303,7 +337,13 @@ class Encoder:
             raise error from exc
         if not np.isfinite(vectors).all():
             raise EncodeFailed("model produced non-finite values")
-        return EncodedBatch(vectors=vectors, tokens=int(mask.sum()), padded_tokens=rows * width)
+        done = time.thread_time()
+        return EncodedBatch(
+            vectors=vectors,
+            tokens=int(mask.sum()),
+            padded_tokens=rows * width,
+            cpu_s=(built - started, modelled - built, done - modelled),
+        )
 
     def _on_stream(self) -> Any:
         import contextlib

@@ -19,7 +19,7 @@ import structlog
 from embedq.encoder import Encoder
 from embedq.errors import DeviceFailed, EncodeFailed, ModelOutOfMemory
 from embedq.metrics import WorkerMetrics
-from embedq.pipeline import Batch, Item
+from embedq.pipeline import Batch, Item, Stats
 from embedq.settler import isolate
 from embedq.vector_cache import VectorCache
 
@@ -29,10 +29,13 @@ Reject = Callable[[Item, str, str], None]
 
 
 class Encoding:
-    def __init__(self, cache: VectorCache, reject: Reject, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, cache: VectorCache, reject: Reject, metrics: WorkerMetrics, stats: Stats
+    ) -> None:
         self.cache = cache
         self.reject = reject
         self.metrics = metrics
+        self.stats = stats
 
     def encode(self, batch: Batch, encoder: Encoder) -> None:
         """Fill ``batch.vectors``, running the model once per distinct text it has no
@@ -56,6 +59,9 @@ class Encoding:
             if isinstance(outcome, EncodeFailed):
                 failed[items[0].text_hash] = str(outcome)
                 continue
+            tensors_s, model_s, pool_s = outcome.cpu_s
+            self.stats.charge("forward", tensors_s + model_s)
+            self.stats.charge("pool", pool_s)
             fresh = {i.text_hash: v for i, v in zip(items, outcome.vectors, strict=True)}
             self.cache.put_many(fresh)
             vectors.update(fresh)

@@ -158,7 +158,9 @@ def assemble(
             reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
             batcher=batcher,
             settler=settler,
-            encoding=Encoding(VectorCache(settings.vector_cache_size), settler.reject, metrics),
+            encoding=Encoding(
+                VectorCache(settings.vector_cache_size), settler.reject, metrics, stats
+            ),
             retrying=retrying,
             stats=stats,
             stop_requested=threading.Event(),

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from embedq.entries import Entry
+from embedq.entries import Entry, entry_order
 from embedq.records import Record
 from embedq.stream import Stream
 
@@ -57,6 +59,49 @@ class Batch:
     padded_tokens: int = 0
     encode_s: float = 0.0
     created_at: float = field(default_factory=time.perf_counter)  # for latency to the ack
+    parts: int = 1  # model batches merged into this one for writing (``merged``)
+
+    def attach_vectors(self) -> None:
+        """Each item holds its own vector (rows of ``vectors``), so items can regroup."""
+        if self.items and self.vectors is not None:
+            for item, vector in zip(self.items, self.vectors, strict=True):
+                item.vector = vector
+            self.vectors = None
+
+
+def merged(batches: Sequence[Batch]) -> Batch:
+    """Consecutive batches as one write: one fence, one upsert, one settle for all of them
+    (the writer's per-call costs are per write, not per model batch). An id in more than
+    one of them keeps its newest version; the older entries ride along as superseded."""
+    if len(batches) == 1:
+        return batches[0]
+    for batch in batches:
+        batch.attach_vectors()
+    everything = [i for b in batches for i in (*b.deletes, *b.items)]
+    latest = supersede(sorted(everything, key=lambda i: entry_order(i.entry.entry_id)))
+    return Batch(
+        seq=batches[0].seq,
+        items=[i for i in latest if not i.record.is_delete],
+        deletes=[i for i in latest if i.record.is_delete],
+        tokens=sum(b.tokens for b in batches),
+        padded_tokens=sum(b.padded_tokens for b in batches),
+        encode_s=sum(b.encode_s for b in batches),
+        created_at=min(b.created_at for b in batches),
+        parts=sum(b.parts for b in batches),
+    )
+
+
+def supersede(items: list[Item]) -> list[Item]:
+    """The last item per id of ``items`` (in stream order); the earlier ones ride along as
+    superseded and are acked with it, so an old text never overwrites a newer one out of
+    order."""
+    latest: dict[str, Item] = {}
+    for item in items:
+        previous = latest.pop(item.record.id, None)
+        if previous is not None:
+            item.superseded = [*previous.superseded, previous.entry, *item.superseded]
+        latest[item.record.id] = item
+    return list(latest.values())
 
 
 class End:
@@ -88,6 +133,9 @@ class Stats:
     # out the time it waited for work (issue 18: an exit line that counted idle time).
     first_read_at: float | None = None
     last_settled_at: float | None = None
+    # CPU seconds by stage (read, decode, tokenize, forward, pool, build_rows, upsert, ack,
+    # ...), each thread's own time: what feeding a fast device costs per text (issue 13).
+    cpu_s: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def restart(self) -> None:
@@ -97,6 +145,20 @@ class Stats:
                 setattr(self, name, 0)
             self.started_at = time.monotonic()
             self.first_read_at = self.last_settled_at = None
+            self.cpu_s = {}
+
+    @contextmanager
+    def cpu(self, stage: str) -> Iterator[None]:
+        """Charge this thread's CPU time inside the block to ``stage``."""
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            self.charge(stage, time.thread_time() - started)
+
+    def charge(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.cpu_s[stage] = self.cpu_s.get(stage, 0.0) + seconds
 
     def read_some(self) -> None:
         """Entries arrived (the working time starts at the first)."""
@@ -122,6 +184,12 @@ class Stats:
             "elapsed_s": round(elapsed, 3),
             "working_s": round(working, 3),
             "texts_per_s": round(self.texts / working, 1) if working > 0 else 0.0,
+            "cpu_us_per_text": {
+                stage: round(seconds / self.texts * 1e6, 1)
+                for stage, seconds in sorted(self.cpu_s.items())
+            }
+            if self.texts
+            else {},
         }
 
 

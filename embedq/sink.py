@@ -8,7 +8,6 @@ retries for minutes while the entries it holds look abandoned.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from embedq.columns import TEXT_MAX_BYTES, Columns, meta_json, send
 from embedq.config import Settings
 from embedq.errors import ConfigError, SinkRejected
 from embedq.milvus_errors import translated
@@ -27,7 +27,6 @@ log = structlog.get_logger("embedq.sink")
 
 ID_MAX_BYTES = 512
 VERSION_FIELDS = ("content_hash", "version")  # what `embedq verify` compares with the index
-TEXT_MAX_BYTES = 65_535  # Milvus' VARCHAR limit; stored text is cut there, vectors are not
 REQUEST_BUDGET_BYTES = 16 * 1024 * 1024  # one request may carry 64 MB; stay well under
 
 
@@ -78,13 +77,6 @@ def check_lite_path(uri: str, *, create: bool = True) -> None:
 def _quoted(text: str) -> str:
     """``text`` inside a double-quoted Milvus filter string."""
     return text.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _cut_utf8(text: str, limit: int) -> str:
-    raw = text.encode("utf-8")
-    if len(raw) <= limit:
-        return text
-    return raw[:limit].decode("utf-8", "ignore")
 
 
 class Sink:
@@ -249,28 +241,44 @@ class Sink:
 
     # -- writes ----------------------------------------------------------------------
 
-    def _payload(self, row: Row) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "id": row.id,
-            "vector": row.vector.tolist(),
-            "meta": row.meta if row.meta is not None else {},
-        }
-        if self.store_text:
-            payload["text"] = _cut_utf8(row.text, TEXT_MAX_BYTES)
-        if self.versioned:
-            payload["content_hash"], payload["version"] = row.content_hash, row.version
-        return payload
+    @property
+    def fields(self) -> list[str]:
+        """The fields a row carries, in the collection's schema order."""
+        return (
+            ["id", "vector"]
+            + (["text"] if self.store_text else [])
+            + ["meta"]
+            + (list(VERSION_FIELDS) if self.versioned else [])
+        )
 
     def upsert(self, rows: Sequence[Row]) -> int:
-        """Write rows; returns how many Milvus confirmed. Raises before confirming anything
-        partial: the caller acks only after this returns."""
+        """Write rows (``upsert_columns`` for a batch already held as columns)."""
         if not rows:
             return 0
+        return self.upsert_columns(
+            Columns(
+                ids=[r.id for r in rows],
+                vectors=np.stack([r.vector for r in rows]).astype(np.float32, copy=False),
+                texts=[r.text for r in rows],
+                metas=[meta_json(r.meta) for r in rows],
+                content_hashes=[r.content_hash for r in rows],
+                versions=[r.version for r in rows],
+            )
+        )
+
+    def upsert_columns(self, columns: Columns) -> int:
+        """Write rows; returns how many Milvus confirmed. Raises before confirming anything
+        partial: the caller acks only after this returns."""
         written = 0
-        for chunk in self._chunks([self._payload(r) for r in rows]):
+        for chunk in columns.chunks(REQUEST_BUDGET_BYTES):
             with translated("upsert"):
-                result = self.client.upsert(self.collection, chunk, timeout=self.timeout_s)
-            written += int(result.get("upsert_count", len(chunk)))
+                sent = send(self.client, self.collection, chunk, self.fields, self.timeout_s)
+                if sent is None:
+                    result = self.client.upsert(
+                        self.collection, chunk.rows(self.fields), timeout=self.timeout_s
+                    )
+                    sent = int(result.get("upsert_count", len(chunk)))
+            written += sent
         return written
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -278,26 +286,6 @@ class Sink:
         if ids:
             with translated("delete"):
                 self.client.delete(self.collection, ids=list(ids), timeout=self.timeout_s)
-
-    def _chunks(self, payloads: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-        chunk: list[dict[str, Any]] = []
-        size = 0
-        for p in payloads:
-            # float32 on the wire plus strings and JSON; close enough to stay under the cap.
-            cost = (
-                len(p["vector"]) * 4
-                + len(p["id"])
-                + len(p.get("text", "")) * 4
-                + len(json.dumps(p["meta"]))
-                + 64
-            )
-            if chunk and size + cost > REQUEST_BUDGET_BYTES:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(p)
-            size += cost
-        if chunk:
-            yield chunk
 
     # -- reads -----------------------------------------------------------------------
 

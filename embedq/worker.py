@@ -23,6 +23,7 @@ Everything a worker uses is built by ``embedq.launch`` and handed in.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import queue
 import threading
@@ -43,7 +44,7 @@ from embedq.entries import Entry
 from embedq.errors import InfrastructureError, StageCrashed
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.metrics import WorkerMetrics
-from embedq.pipeline import END, Batch, Stage, Stats
+from embedq.pipeline import END, Batch, Stage, Stats, merged
 from embedq.read_window import ReadWindow, read_new_many
 from embedq.reclaimer import Reclaimer, ReclaimSummary, run_reclaim_all
 from embedq.settler import Settler
@@ -57,6 +58,9 @@ log = structlog.get_logger("embedq.worker")
 T = TypeVar("T")
 
 QUEUE_BATCHES = 4  # batches waiting between two stages; small keeps memory flat
+# Rows one write may merge from consecutive encoded batches: CPU batches are small (64 rows),
+# and each write pays a fence, an upsert call and a settle whatever its size.
+WRITE_ROWS = 1024
 _POLL_S = 0.2
 
 
@@ -256,7 +260,8 @@ class Worker:
             for entries in self._own_pending(stream):
                 self._admit(stream, entries, out)
         while not self.stop_requested.is_set():
-            windows = self._timed("read", lambda: self.retrying("read", self.read))
+            with self.stats.cpu("read"):
+                windows = self._timed("read", lambda: self.retrying("read", self.read))
             for stream, entries in windows:
                 self._admit(stream, entries, out)
             if not windows and self.settings.drain and self._drained():
@@ -368,11 +373,22 @@ class Worker:
 
     def _write_stage(self, inbox: queue.Queue[Stage], producers: int) -> None:
         waiting: list[tuple[int, int, Batch]] = []  # replicas may finish out of order
-        next_seq, ended, tie = 0, 0, 0
+        next_seq, ended, tie = 0, 0, itertools.count()
         while ended < producers or waiting:
-            while waiting and waiting[0][0] == next_seq:
-                self._settle(heapq.heappop(waiting)[2])
+            # Everything already encoded joins this write (merged, up to WRITE_ROWS): the
+            # per-write costs (fence, upsert call, settle) are paid once for all of it.
+            for item in _ready(inbox):
+                if isinstance(item, Batch):
+                    heapq.heappush(waiting, (item.seq, next(tie), item))
+                else:
+                    ended += 1
+            ready: list[Batch] = []
+            while waiting and waiting[0][0] == next_seq and _rows(ready) < WRITE_ROWS:
+                ready.append(heapq.heappop(waiting)[2])
                 next_seq += 1
+            if ready:
+                self._settle(merged(ready))
+                continue
             if ended == producers:
                 if waiting:  # a gap can only mean a crashed stage; settle what is here
                     self._settle(heapq.heappop(waiting)[2])
@@ -381,8 +397,7 @@ class Worker:
             if not isinstance(item, Batch):
                 ended += 1
                 continue
-            tie += 1
-            heapq.heappush(waiting, (item.seq, tie, item))
+            heapq.heappush(waiting, (item.seq, next(tie), item))
 
     def _settle(self, batch: Batch) -> None:
         with self.parts.watchdog.working():
@@ -416,3 +431,17 @@ class Worker:
             except queue.Empty:
                 if self._crash is not None:
                     return END
+
+
+def _ready(inbox: queue.Queue[Stage]) -> list[Stage]:
+    """What the queue holds right now, without waiting."""
+    found: list[Stage] = []
+    while True:
+        try:
+            found.append(inbox.get_nowait())
+        except queue.Empty:
+            return found
+
+
+def _rows(batches: Sequence[Batch]) -> int:
+    return sum(len(b.items) + len(b.deletes) for b in batches)

@@ -11,10 +11,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from embedq.columns import Columns
 from embedq.entries import Entry
 from embedq.errors import SinkRejected, SinkUnavailable
 from embedq.keys import Keys
 from embedq.sink import Row
+
+FIELDS = ("id", "vector", "text", "meta", "content_hash", "version")
 
 
 @dataclass
@@ -108,6 +113,15 @@ class StubSink:
             self.rows[row.id] = row
             self.events.append(("write", row.id))
         return len(rows)
+
+    def upsert_columns(self, columns: Columns) -> int:
+        return self.upsert(
+            [
+                Row(r["id"], np.asarray(r["vector"], dtype=np.float32), r["text"], r["meta"],
+                    r["content_hash"], r["version"])
+                for r in columns.rows(FIELDS)
+            ]
+        )  # fmt: skip
 
     def delete(self, ids: Sequence[str]) -> None:
         self.calls += 1

@@ -66,7 +66,7 @@ class Rig:
             metrics=metrics,
             stats=self.stats,
         )
-        self.encoding = Encoding(VectorCache(cache), self.settler.reject, metrics)
+        self.encoding = Encoding(VectorCache(cache), self.settler.reject, metrics, self.stats)
         self.metrics = metrics
 
     def run(self, *rows: dict[str, str]) -> list[str]:

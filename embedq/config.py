@@ -105,6 +105,9 @@ class Settings:
     # Throughput work: model replicas per device, and one worker process per listed device.
     replicas: int = 0  # 0: auto (embedq.replicas.replicas_for: 2 on a multi-core CPU, else 1)
     devices: str = ""  # "" (use --device), "all", or a list such as "0,1" / "cuda:0,cuda:1"
+    # Worker processes per device (each its own consumer, sharing the device): one Python
+    # process cannot feed a fast GPU alone (docs/benchmarks.md, "Feeding a GPU").
+    procs_per_device: int = 1
     # Start-up: how long a worker keeps trying its first connection to Redis and Milvus
     # before it exits with ExitCode.CONNECT; 0 waits forever.
     connect_timeout_s: float = 60.0
@@ -134,6 +137,7 @@ class Settings:
             "partitions",
             "enqueue_chunk",
             "stage_timeout_s",
+            "procs_per_device",
         )
         for name in positive:
             if getattr(self, name) <= 0:

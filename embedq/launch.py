@@ -264,14 +264,21 @@ def run_reclaim(settings: Settings, *, once: bool) -> ReclaimSummary:
 
 
 def run_device_workers(settings: Settings) -> int:
-    """``--devices``: one worker process per listed device, supervised here."""
-    per_device = settings_per_device(settings, parse_devices(settings.devices))
+    """``--devices`` / ``--procs-per-device``: worker processes per device (the listed ones,
+    or ``--device``), supervised here."""
+    devices = parse_devices(settings.devices) or [resolve_device(settings.device)]
+    per_device = settings_per_device(settings, devices, settings.procs_per_device)
     return run_per_device(per_device, worker_process, grace_s=settings.grace_s + 5)
 
 
 def worker_process(settings: Settings) -> int:
     """What each device's process runs: a whole worker on that device."""
     logs.configure(settings.log_level, settings.log_json, settings.secrets)
+    if settings.device == "cpu" and settings.procs_per_device > 1:
+        # Processes sharing the CPU share its cores too (torch would give each all of them).
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.procs_per_device))
     try:
         # A second signal or an expired grace period ends the process inside the worker.
         run_worker(settings.replace(metrics_port=0))

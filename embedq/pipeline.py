@@ -8,6 +8,7 @@ stage queues carry ``Batch | End``: ``END`` tells the next stage that nothing fo
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -116,6 +117,11 @@ END: Final = End()
 Stage = Batch | End
 
 
+def _process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass
 class Stats:
     """What a worker did, for its exit line and its ``worker_stopped`` log."""
@@ -136,6 +142,7 @@ class Stats:
     # CPU seconds by stage (read, decode, tokenize, forward, pool, build_rows, upsert, ack,
     # ...), each thread's own time: what feeding a fast device costs per text (issue 13).
     cpu_s: dict[str, float] = field(default_factory=dict)
+    process_cpu_at_start: float = field(default_factory=_process_cpu_s)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def restart(self) -> None:
@@ -146,6 +153,7 @@ class Stats:
             self.started_at = time.monotonic()
             self.first_read_at = self.last_settled_at = None
             self.cpu_s = {}
+            self.process_cpu_at_start = _process_cpu_s()
 
     @contextmanager
     def cpu(self, stage: str) -> Iterator[None]:
@@ -184,6 +192,9 @@ class Stats:
             "elapsed_s": round(elapsed, 3),
             "working_s": round(working, 3),
             "texts_per_s": round(self.texts / working, 1) if working > 0 else 0.0,
+            # Every thread's CPU since the run started (model loading left out), peak RSS.
+            "process_cpu_s": round(_process_cpu_s() - self.process_cpu_at_start, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "cpu_us_per_text": {
                 stage: round(seconds / self.texts * 1e6, 1)
                 for stage, seconds in sorted(self.cpu_s.items())

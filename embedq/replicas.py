@@ -94,17 +94,23 @@ def parse_devices(spec: str, cuda_count: int | None = None) -> list[str]:
     return devices
 
 
-def settings_per_device(settings: Settings, devices: Sequence[str]) -> list[Settings]:
-    """One worker's settings per device; consumer names stay stable across restarts
-    (``<consumer>-cuda0``), so a restarted process re-reads its own pending entries."""
+def settings_per_device(
+    settings: Settings, devices: Sequence[str], procs: int = 1
+) -> list[Settings]:
+    """One worker's settings per device and process; consumer names stay stable across
+    restarts (``<consumer>-cuda0``, ``<consumer>-cuda0-p1`` with ``procs`` > 1), so a
+    restarted process re-reads its own pending entries."""
     return [
         settings.replace(
             device=device,
             devices="",
+            procs_per_device=procs,
             consumer=f"{settings.consumer}-{device.replace(':', '')}"
-            + (str(i) if device == "cpu" else ""),
+            + (str(i) if device == "cpu" else "")
+            + (f"-p{p}" if procs > 1 else ""),
         )
         for i, device in enumerate(devices)
+        for p in range(procs)
     ]
 
 

@@ -50,6 +50,18 @@ from embedq.cli.options import LOG_LEVEL, build_settings, model, run_guarded, se
     help="Write the results into this markdown file (e.g. docs/benchmarks.md).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option(
+    "--feed",
+    is_flag=True,
+    help="The feed benchmark instead: embedq with a zero-layer copy of the model against "
+    "the bare sink, tokenizer and Redis, on a private Milvus 2.3.5 server (--variants unused).",
+)
+@click.option(
+    "--procs",
+    default="1,2",
+    show_default=True,
+    help="With --feed: worker process counts to run (each a variant).",
+)
 @model
 @setting("read_count", help="Entries per read window, for (a) and (d).")
 @setting("max_batch_tokens", help="Padded tokens per batch, for (a) and (d) (0: auto).")
@@ -70,6 +82,11 @@ def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: A
         # A drained worker waits one BLOCK before it notices the stream is empty; keep
         # that wait out of the measurement.
         options["block_ms"] = 100
+    if options.pop("feed"):
+        procs = _counts(options.pop("procs"))
+        _feed(corpus, n, options["runs"], procs, options.get("model") or "", output=output)
+        return
+    options.pop("procs")
     n_classic: int = options.pop("n_classic")
     runs: int = options.pop("runs")
     as_json: bool = options.pop("as_json")
@@ -92,6 +109,42 @@ def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: A
             click.echo(json.dumps(report.as_dict(), default=str))
         else:
             click.echo(markdown(report))
+        return 0
+
+    run_guarded(body)
+
+
+def _counts(spec: str) -> list[int]:
+    try:
+        counts = [int(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.UsageError(f"--procs {spec}: give process counts such as 1,2")
+    return counts
+
+
+def _feed(
+    corpus: Path, n: int, runs: int, procs: list[int], model: str, *, output: Path | None
+) -> None:
+    from embedq.bench.feed_run import feed_markdown, run_feed_bench
+    from embedq.encoder import resolve_model_dir
+
+    def body() -> int:
+        report = run_feed_bench(
+            corpus,
+            resolve_model_dir(model)[0],
+            n=n,
+            runs=runs,
+            procs=procs,
+            command="embedq " + " ".join(sys.argv[1:]),
+            progress=lambda line: click.echo(line, err=True),
+        )
+        text = feed_markdown(report)
+        if output is not None:
+            with output.open("a", encoding="utf-8") as handle:
+                handle.write("\n" + text)
+        click.echo(text)
         return 0
 
     run_guarded(body)

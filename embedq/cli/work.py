@@ -76,6 +76,11 @@ def init(with_collection: bool, **options: Any) -> None:
     "(0: auto, 2 on a CPU, 1 on CUDA).",
 )
 @setting("devices", help="One worker process per device: all, or a list such as 0,1.")
+@setting(
+    "procs_per_device",
+    help="Worker processes per device, each its own consumer sharing the device (a fast GPU "
+    "needs more than one Python process to feed it); supervised like --devices.",
+)
 @setting("block_ms", help="XREADGROUP BLOCK in milliseconds.")
 @setting("drain", is_flag=True, help="Exit 0 once nothing is left to read or pending.")
 @setting("fault_point", hidden=True)
@@ -106,7 +111,7 @@ def worker(**options: Any) -> None:
     def body() -> int:
         from embedq.launch import run_device_workers, run_worker
 
-        if settings.devices:
+        if settings.devices or settings.procs_per_device > 1:
             return run_device_workers(settings)
         summary = run_worker(settings).as_dict()
         click.echo(

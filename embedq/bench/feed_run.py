@@ -1,0 +1,145 @@
+"""``embedq bench --feed``: the feed variants (``embedq.bench.feed``) run side by side,
+interleaved run by run, on one private Redis and one Milvus 2.3.5 server; the report."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from embedq.bench.feed import (
+    FeedResult,
+    feed_ratios,
+    run_feed,
+    run_redis,
+    run_sink,
+    run_tokenizer,
+    zero_layer_copy,
+)
+from embedq.bench.run import load_sample, loadavg, machine_facts
+from embedq.bench.servers import MilvusStandalone, RedisServer
+
+
+@dataclass
+class FeedReport:
+    corpus: str
+    command: str
+    n: int
+    runs: int
+    procs: list[int]
+    machine: dict[str, Any]
+    loadavg_before: tuple[float, float, float]
+    loadavg_after: tuple[float, float, float]
+    started_at: str
+    results: list[FeedResult]
+
+    def medians(self) -> dict[str, FeedResult]:
+        """Per variant: the run with the median texts/s (its stages and RSS with it)."""
+        out: dict[str, FeedResult] = {}
+        for variant in dict.fromkeys(r.variant for r in self.results):
+            mine = sorted((r for r in self.results if r.variant == variant), key=_rate)
+            out[variant] = mine[len(mine) // 2]
+        return out
+
+
+def _rate(result: FeedResult) -> float:
+    return result.texts_per_s
+
+
+def run_feed_bench(
+    corpus: Path,
+    model_dir: Path,
+    *,
+    n: int,
+    runs: int,
+    procs: list[int],
+    command: str = "",
+    progress: Callable[[str], None] = lambda _line: None,
+) -> FeedReport:
+    """Every variant ``runs`` times, interleaved, on one private Redis and Milvus server."""
+    rows = load_sample(corpus, n)
+    before, started_at = loadavg(), datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results: list[FeedResult] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="embedq-feed-") as tmp,
+        RedisServer(Path(tmp) / "redis") as redis_server,
+        MilvusStandalone(Path(tmp) / "milvus") as milvus,
+    ):
+        zero = zero_layer_copy(model_dir, Path(tmp) / "zero-layer-model")
+        dimension = _dimension(zero)
+        for run in range(1, runs + 1):
+            steps: list[tuple[str, Callable[[], FeedResult]]] = [
+                (f"feed×{p}", partial(run_feed, rows, procs=p, model=zero,
+                 redis_url=redis_server.url, milvus_uri=milvus.uri, name=f"feed{p}r{run}",
+                 run=run)) for p in procs
+            ]  # fmt: skip
+            steps += [
+                ("sink", partial(run_sink, rows, milvus_uri=milvus.uri, name=f"sink{run}",
+                 run=run, dimension=dimension, columns=False)),
+                ("sink-columns", partial(run_sink, rows, milvus_uri=milvus.uri,
+                 name=f"cols{run}", run=run, dimension=dimension, columns=True)),
+                ("tokenizer", partial(run_tokenizer, rows, model=zero, run=run)),
+                ("redis", partial(run_redis, rows, redis_url=redis_server.url,
+                 name=f"bare{run}", run=run)),
+            ]  # fmt: skip
+            for label, step in steps:
+                result = step()
+                results.append(result)
+                progress(f"run {run}/{runs} {label:<13} {result.texts_per_s:9.0f} texts/s")
+    return FeedReport(corpus.name, command, len(rows), runs, procs, machine_facts(), before,
+                      loadavg(), started_at, results)  # fmt: skip
+
+
+def _dimension(model: Path) -> int:
+    from embedq.model_spec import ModelSpec
+
+    spec = ModelSpec.load(model)
+    if spec.dense:
+        return spec.dense[-1].out_features
+    config = json.loads((model / "config.json").read_text())
+    return int(config["hidden_size"]) * len(spec.pooling)
+
+
+STAGES = ("read", "decode", "tokenize", "plan", "forward", "pool", "fence", "build_rows",
+          "upsert", "ack", "jobs", "metrics")  # fmt: skip
+
+
+def feed_markdown(report: FeedReport) -> str:
+    medians = report.medians()
+    lines = [
+        f"Machine: {report.machine['cpu']}, {report.machine['cores']} cores; "
+        f"{report.started_at}; load {report.loadavg_before[0]:.2f} → "
+        f"{report.loadavg_after[0]:.2f}; {report.n} texts of {report.corpus}, "
+        f"{report.runs} runs interleaved (medians).",
+        "",
+        "```sh",
+        report.command,
+        "```",
+        "",
+        "| variant | texts/s (median) | per run | ratio to min(f, g, h) | peak RSS MB |",
+        "|---|--:|---|--:|--:|",
+    ]
+    ratios = feed_ratios(report.results)
+    for variant, result in medians.items():
+        per_run = ", ".join(f"{r.texts_per_s:,.0f}" for r in report.results if r.variant == variant)
+        ratio = f"{ratios[variant]:.2f}" if variant in ratios else ""
+        rss = f"{result.peak_rss_mb:.0f}" if result.peak_rss_mb else ""
+        lines.append(f"| {variant} | {result.texts_per_s:,.0f} | {per_run} | {ratio} | {rss} |")
+    feeds = [v for v in medians if v.startswith("feed")]
+    if feeds:
+        lines += ["", "CPU µs per text by stage (worker threads' own CPU time; the median run):",
+                  "", "| stage | " + " | ".join(feeds) + " |",
+                  "|---|" + "--:|" * len(feeds)]  # fmt: skip
+        for stage in STAGES:
+            cells = [f"{medians[v].cpu_us_per_text.get(stage, 0.0):.1f}" for v in feeds]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        totals = [f"{sum(medians[v].cpu_us_per_text.values()):.1f}" for v in feeds]
+        process = [f"{medians[v].process_cpu_us_per_text:.1f}" for v in feeds]
+        lines.append("| **sum of stages** | " + " | ".join(totals) + " |")
+        lines.append("| whole process(es) | " + " | ".join(process) + " |")
+    return "\n".join(lines) + "\n"

@@ -125,7 +125,6 @@ def assemble(
     retrying = Retrier(
         on_failure=count_failures(metrics), give_up=lambda: bool(crash), on_attempt=watchdog.touch
     )
-    fault_point = fault_injector(settings.fault_point)
     settler = Settler(
         sink,
         JobLedger(stream.client, stream.keys.stream),
@@ -135,7 +134,7 @@ def assemble(
         in_flight=in_flight,
         metrics=metrics,
         stats=stats,
-        fault_point=fault_point,
+        fault_point=fault_injector(settings.fault_point),
     )
     batcher = Batcher(
         encoders[0],
@@ -165,7 +164,7 @@ def assemble(
             stats=stats,
             stop_requested=threading.Event(),
             crash=crash,
-            fault_point=fault_point,
+            fault_point=settler.fault_point,
         )
     )
 

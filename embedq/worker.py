@@ -22,8 +22,6 @@ Everything a worker uses is built by ``embedq.launch`` and handed in.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import queue
 import threading
@@ -47,6 +45,7 @@ from embedq.metrics import WorkerMetrics
 from embedq.pipeline import END, Batch, Stage, Stats, merged
 from embedq.read_window import ReadWindow, read_new_many
 from embedq.reclaimer import Reclaimer, ReclaimSummary, run_reclaim_all
+from embedq.reorder import Reorder, drain_now
 from embedq.settler import Settler
 from embedq.shutdown import GracefulShutdown
 from embedq.sink import Sink
@@ -372,32 +371,19 @@ class Worker:
     # -- stage 3: write, then ack ----------------------------------------------------
 
     def _write_stage(self, inbox: queue.Queue[Stage], producers: int) -> None:
-        waiting: list[tuple[int, int, Batch]] = []  # replicas may finish out of order
-        next_seq, ended, tie = 0, 0, itertools.count()
-        while ended < producers or waiting:
+        held, ended = Reorder(), 0  # replicas may finish out of order
+        while ended < producers or len(held):
             # Everything already encoded joins this write (merged, up to WRITE_ROWS): the
             # per-write costs (fence, upsert call, settle) are paid once for all of it.
-            for item in _ready(inbox):
-                if isinstance(item, Batch):
-                    heapq.heappush(waiting, (item.seq, next(tie), item))
-                else:
-                    ended += 1
-            ready: list[Batch] = []
-            while waiting and waiting[0][0] == next_seq and _rows(ready) < WRITE_ROWS:
-                ready.append(heapq.heappop(waiting)[2])
-                next_seq += 1
+            for item in drain_now(inbox):
+                ended += held.take(item)
+            ready = held.ready(WRITE_ROWS)
             if ready:
                 self._settle(merged(ready))
-                continue
-            if ended == producers:
-                if waiting:  # a gap can only mean a crashed stage; settle what is here
-                    self._settle(heapq.heappop(waiting)[2])
-                continue
-            item = self._get(inbox)
-            if not isinstance(item, Batch):
-                ended += 1
-                continue
-            heapq.heappush(waiting, (item.seq, next(tie), item))
+            elif ended == producers:
+                self._settle(held.pop_any())  # a gap: only a crashed stage leaves one
+            else:
+                ended += held.take(self._get(inbox))
 
     def _settle(self, batch: Batch) -> None:
         with self.parts.watchdog.working():
@@ -431,17 +417,3 @@ class Worker:
             except queue.Empty:
                 if self._crash is not None:
                     return END
-
-
-def _ready(inbox: queue.Queue[Stage]) -> list[Stage]:
-    """What the queue holds right now, without waiting."""
-    found: list[Stage] = []
-    while True:
-        try:
-            found.append(inbox.get_nowait())
-        except queue.Empty:
-            return found
-
-
-def _rows(batches: Sequence[Batch]) -> int:
-    return sum(len(b.items) + len(b.deletes) for b in batches)

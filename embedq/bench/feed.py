@@ -62,6 +62,7 @@ class FeedResult:
     peak_rss_mb: float = 0.0
     cpu_us_per_text: dict[str, float] = field(default_factory=dict)
     process_cpu_us_per_text: float = 0.0  # every thread of every worker, start-up left out
+    rss_mb: dict[str, float] = field(default_factory=dict)  # summed RSS at 25/50/90 % acked
 
 
 def zero_layer_copy(model_dir: Path, into: Path) -> Path:
@@ -120,56 +121,70 @@ def run_feed(
 
     with Producer.connect(redis_url, name) as producer:
         producer.enqueue(rows)
-    base = [
-        sys.executable,
-        "-m",
-        "embedq.cli",
-        "worker",
-        "--drain",
-        "--model",
-        str(model),
-        "--redis-url",
-        redis_url,
-        "--stream",
-        name,
-        "--milvus-uri",
-        milvus_uri,
-        "--collection",
-        name,
-        "--log-level",
-        "info",
-        "--metrics-port",
-        "0",
-        *GPU_SHAPES,
-    ]
+    base = [sys.executable, "-m", "embedq.cli", "worker", "--drain", "--model", str(model),
+            "--redis-url", redis_url, "--stream", name, "--milvus-uri", milvus_uri,
+            "--collection", name, "--log-level", "info", *GPU_SHAPES]  # fmt: skip
+    # One intra-op thread each: the zero-layer forward is tiny, and processes sharing the
+    # cores must not each start a thread per core.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     workers = [
-        subprocess.Popen(
-            [*base, "--consumer", f"{name}-{i}"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        subprocess.Popen([*base, "--consumer", f"{name}-{i}"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for i in range(procs)
-    ]
+    ]  # fmt: skip
     logs: list[bytes] = [b""] * procs
     readers = [threading.Thread(target=_collect, args=(w, logs, i)) for i, w in enumerate(workers)]
     for t in readers:
         t.start()
-    samples: list[tuple[float, int]] = []
-    while any(w.poll() is None for w in workers):
-        samples.append((time.perf_counter(), acked(redis_url, name, "embedq")))
-        time.sleep(0.05)
-    samples.append((time.perf_counter(), acked(redis_url, name, "embedq")))
-    peak = 0.0
+    samples, rss = _watch(workers, redis_url, name)
     for t in readers:
         t.join()
-    for w in workers:
+    for w, log in zip(workers, logs, strict=True):
         if w.returncode != 0:
-            tail = logs[workers.index(w)][-800:]
-            raise RuntimeError(f"a feed worker exited {w.returncode}: {tail!r}")
-    stopped = [_stopped(log) for log in logs]
-    peak = max(float(s.get("peak_rss_mb", 0.0)) for s in stopped)
+            raise RuntimeError(f"a feed worker exited {w.returncode}: {log[-800:]!r}")
+    result = _summary([_stopped(log) for log in logs], f"feed×{procs}", run)
+    result.texts_per_s = rate_between(samples, len(rows))
+    result.rss_mb = _rss_at(samples, rss, len(rows))
+    return result
+
+
+def _watch(
+    workers: list[subprocess.Popen[bytes]], redis_url: str, name: str
+) -> tuple[list[tuple[float, int]], list[float]]:
+    """(time, acknowledged) every 50 ms until the workers exit, and their summed RSS (MB)."""
+    samples: list[tuple[float, int]] = []
+    rss: list[float] = []
+    while any(w.poll() is None for w in workers):
+        samples.append((time.perf_counter(), acked(redis_url, name, "embedq")))
+        rss.append(sum(_rss_mb(w.pid) for w in workers))
+        time.sleep(0.05)
+    samples.append((time.perf_counter(), acked(redis_url, name, "embedq")))
+    rss.append(0.0)
+    return samples, rss
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _rss_at(samples: list[tuple[float, int]], rss: list[float], total: int) -> dict[str, float]:
+    """Resident memory when 25 %, 50 % and 90 % of the backlog was acknowledged: flat
+    means the worker's memory does not grow with the backlog."""
+    out: dict[str, float] = {}
+    for level in (0.25, 0.5, 0.9):
+        i = next((i for i, (_t, a) in enumerate(samples) if a >= level * total), -1)
+        out[f"{int(level * 100)}%"] = round(rss[i], 1) if i >= 0 else 0.0
+    return out
+
+
+def _summary(stopped: list[dict[str, Any]], variant: str, run: int) -> FeedResult:
+    """The workers' own accounts: texts, CPU per stage (weighted by texts), peak RSS."""
     texts = sum(int(s["texts"]) for s in stopped)
     stages: dict[str, float] = {}
     for s in stopped:
@@ -177,14 +192,11 @@ def run_feed(
             stages[stage] = stages.get(stage, 0.0) + us * int(s["texts"]) / max(texts, 1)
     process_us = sum(float(s.get("process_cpu_s", 0.0)) for s in stopped) / max(texts, 1) * 1e6
     return FeedResult(
-        f"feed×{procs}",
-        run,
-        texts,
-        rate_between(samples, len(rows)),
-        peak,
+        variant, run, texts, 0.0,
+        max(float(s.get("peak_rss_mb", 0.0)) for s in stopped),
         {k: round(v, 1) for k, v in sorted(stages.items())},
         round(process_us, 1),
-    )
+    )  # fmt: skip
 
 
 def _collect(proc: subprocess.Popen[bytes], logs: list[bytes], i: int) -> None:

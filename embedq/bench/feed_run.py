@@ -121,8 +121,9 @@ def feed_markdown(report: FeedReport) -> str:
         report.command,
         "```",
         "",
-        "| variant | texts/s (median) | per run | ratio to min(f, g, h) | peak RSS MB |",
-        "|---|--:|---|--:|--:|",
+        "| variant | texts/s (median) | per run | ratio to min(f, g, h) | peak RSS MB "
+        "| RSS at 25/50/90 % acked |",
+        "|---|--:|---|--:|--:|---|",
     ]
     ratios = feed_ratios(report.results)
     for variant, result in medians.items():

@@ -381,7 +381,8 @@ class Worker:
             if ready:
                 self._settle(merged(ready))
             elif ended == producers:
-                self._settle(held.pop_any())  # a gap: only a crashed stage leaves one
+                if len(held):  # a gap: only a crashed stage leaves one
+                    self._settle(held.pop_any())
             else:
                 ended += held.take(self._get(inbox))
 

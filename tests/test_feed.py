@@ -292,3 +292,19 @@ def test_bare_redis_read_and_ack_counts_every_entry(tmp_path: Path) -> None:
         client = server.client()
         assert result.texts == 1200 and client.xpending("bare", "bare")["pending"] == 0
         client.close()
+
+
+def test_the_writer_gets_batches_back_in_read_order_up_to_its_row_budget() -> None:
+    from embedq.pipeline import END, Batch
+    from embedq.reorder import Reorder
+
+    held = Reorder()
+    batches = [Batch(seq=i, items=[object()] * 3) for i in range(5)]  # type: ignore[list-item]
+    assert held.take(batches[2]) == 0 and held.take(batches[1]) == 0
+    assert held.ready(100) == []  # 0 has not arrived: nothing may be written before it
+    held.take(batches[0])
+    assert [b.seq for b in held.ready(6)] == [0, 1]  # 6 rows: two batches of three
+    assert [b.seq for b in held.ready(6)] == [2]
+    held.take(batches[4])
+    assert held.ready(100) == [] and held.take(END) == 1
+    assert held.pop_any().seq == 4 and len(held) == 0  # past a gap (a crashed replica)

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import orjson
 
 from embedq.errors import SinkRejected
+from embedq.sparse import EMPTY
 
 TEXT_MAX_BYTES = 65_535  # Milvus' VARCHAR limit; stored text is cut there, vectors are not
 
@@ -36,6 +37,8 @@ class Columns:
     metas: Sequence[bytes]  # JSON, as Milvus stores it (``meta_json``)
     content_hashes: Sequence[str]
     versions: Sequence[str]
+    # A sparse model's vectors (embedq.sparse), one per row; empty for a dense-only model.
+    sparse: Sequence[dict[int, float] | None] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -48,14 +51,16 @@ class Columns:
             self.metas[start:stop],
             self.content_hashes[start:stop],
             self.versions[start:stop],
+            self.sparse[start:stop],
         )
 
     def request_bytes(self) -> list[int]:
         """Roughly what each row costs on the wire (float32 vector, strings, JSON)."""
         width = int(self.vectors.shape[1]) * 4 + 64 if len(self.ids) else 0
+        sparse = [len(v or ()) * 8 for v in self.sparse] or [0] * len(self.ids)
         return [
-            width + len(i) + len(t) * 4 + len(m)
-            for i, t, m in zip(self.ids, self.texts, self.metas, strict=True)
+            width + len(i) + len(t) * 4 + len(m) + n
+            for i, t, m, n in zip(self.ids, self.texts, self.metas, sparse, strict=True)
         ]
 
     def chunks(self, budget_bytes: int) -> list[Columns]:
@@ -74,12 +79,14 @@ class Columns:
     def rows(self, fields: Sequence[str]) -> list[dict[str, Any]]:
         """One dict per row with ``fields``, for a client without a gRPC stub (``send``
         returned None)."""
+        sparse = [v or EMPTY for v in self.sparse] or [EMPTY] * len(self.ids)
         return [
             {k: v for k, v in (("id", i), ("vector", vec.tolist()), ("text", cut_utf8(t)),
-             ("meta", orjson.loads(m)), ("content_hash", h), ("version", ver)) if k in fields}
-            for i, vec, t, m, h, ver in zip(
+             ("meta", orjson.loads(m)), ("content_hash", h), ("version", ver),
+             ("sparse", sp)) if k in fields}
+            for i, vec, t, m, h, ver, sp in zip(
                 self.ids, self.vectors, self.texts, self.metas, self.content_hashes,
-                self.versions, strict=True,
+                self.versions, sparse, strict=True,
             )
         ]  # fmt: skip
 
@@ -125,6 +132,18 @@ def _float_column(name: str, vectors: npt.NDArray[np.float32]) -> Any:
     return field
 
 
+def _sparse_column(name: str, rows: Sequence[dict[int, float] | None]) -> Any:
+    """Sparse vectors as Milvus stores them (pymilvus's own conversion); an empty one as
+    ``embedq.sparse.EMPTY``, since Milvus refuses empty sparse vectors."""
+    from pymilvus.client.entity_helper import sparse_rows_to_proto
+    from pymilvus.grpc_gen import schema_pb2
+
+    field = schema_pb2.FieldData(type=schema_pb2.DataType.SparseFloatVector, field_name=name)
+    field.vectors.sparse_float_vector.CopyFrom(sparse_rows_to_proto([r or EMPTY for r in rows]))
+    field.vectors.dim = field.vectors.sparse_float_vector.dim
+    return field
+
+
 def _string_column(name: str, values: Sequence[str]) -> Any:
     from pymilvus.grpc_gen import schema_pb2
 
@@ -146,6 +165,7 @@ def field_data(columns: Columns, fields: Sequence[str]) -> list[Any]:
     build = {
         "id": lambda: _string_column("id", columns.ids),
         "vector": lambda: _float_column("vector", columns.vectors),
+        "sparse": lambda: _sparse_column("sparse", columns.sparse),
         "text": lambda: _string_column("text", [cut_utf8(t) for t in columns.texts]),
         "meta": lambda: _json_column("meta", columns.metas),
         "content_hash": lambda: _string_column("content_hash", columns.content_hashes),

@@ -69,6 +69,8 @@ class Settings:
     model: str = ""  # a local directory; empty means the packaged all-MiniLM-L6-v2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    dimensions: int = 0  # Matryoshka: keep the first N dimensions, renormalised; 0 keeps all
+    force_dimensions: bool = False  # truncate a model that does not declare Matryoshka training
     read_count: int = 512
     max_batch_tokens: int = 0  # 0: auto, per device (embedq.batching.batch_limits)
     max_batch_rows: int = 0  # 0: auto, per device
@@ -142,7 +144,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidSetting(f"{name} must be > 0, got {getattr(self, name)}", name)
-        for name in ("vector_cache_size", "wait_replicas"):
+        for name in ("vector_cache_size", "wait_replicas", "dimensions"):
             if getattr(self, name) < 0:
                 raise InvalidSetting(f"{name} must be >= 0, got {getattr(self, name)}", name)
         for name in ("max_batch_tokens", "max_batch_rows", "replicas"):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from embedq import matryoshka
 from embedq.errors import (
     ConfigError,
     DeviceFailed,
@@ -27,6 +28,7 @@ from embedq.errors import (
     ModelOutOfMemory,
 )
 from embedq.model_spec import DenseSpec, ModelSpec
+from embedq.sparse import SparseVector, load_head, model_class
 
 PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -102,6 +104,7 @@ class EncodedBatch:
     padded_tokens: int
     # This thread's CPU seconds: building the input tensors, the model, pooling to vectors.
     cpu_s: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sparse: list[SparseVector] | None = None  # one per row, from the same forward pass
 
 
 def padded(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
@@ -197,10 +200,13 @@ def model_error(exc: BaseException) -> EmbedqError:
 class Encoder:
     """A sentence-transformers-compatible embedder behind tokenize / forward / post-process."""
 
-    def __init__(self, model: str = "", device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self, model: str = "", device: str = "auto", dtype: str = "auto", *,
+        dimensions: int = 0, force_dimensions: bool = False,
+    ) -> None:  # fmt: skip
         import torch
         import transformers
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         self.model_dir, self.name = resolve_model_dir(model)
@@ -211,7 +217,7 @@ class Encoder:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 str(self.model_dir), use_fast=True, local_files_only=True
             )
-            self.model = AutoModel.from_pretrained(
+            self.model = model_class(self.spec).from_pretrained(
                 str(self.model_dir),
                 local_files_only=True,
                 dtype=self.dtype,
@@ -234,7 +240,12 @@ class Encoder:
         self._dense = [self._load_dense(d) for d in self.spec.dense]
         hidden = int(self.model.config.hidden_size)
         width = hidden * len(self.spec.pooling)
-        self.dimension = self.spec.dense[-1].out_features if self.spec.dense else width
+        native = self.spec.dense[-1].out_features if self.spec.dense else width
+        # Sparse outputs (embedq.sparse) from the same forward pass; SPLADE has no dense one.
+        self.head = load_head(self.spec, self.model_dir, self.tokenizer, self.model)
+        native = 0 if self.head is not None and not self.head.dense else native
+        self.dimensions = matryoshka.check(dimensions, native, self.model_dir, force_dimensions)
+        self.dimension = self.dimensions or native  # 0: no dense vector
         self._torch = torch
         # Each replica issues its work on its own CUDA stream, so K replicas driven by K
         # threads overlap copies and kernels on one GPU. None on CPU.
@@ -319,15 +330,10 @@ class Encoder:
                 if self.wants_token_types:
                     inputs["token_type_ids"] = torch.zeros_like(ids_t)
                 built = time.thread_time()
-                hidden = self.model(**inputs).last_hidden_state
+                output = self.model(**inputs)
                 modelled = time.thread_time()
-                pooled = self._pool(hidden, mask_t).float()
-                for layer in self._dense:
-                    pooled = layer(pooled)
-                if self.spec.normalize:
-                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                # A blocking copy on this replica's stream: it waits for this batch only.
-                vectors = pooled.cpu().numpy().astype(np.float32, copy=False)
+                vectors = self._dense_vectors(output, mask_t)
+                sparse = self.head.sparse(output, ids_t, mask_t) if self.head else None
         except ConfigError:
             raise
         except Exception as exc:
@@ -343,7 +349,22 @@ class Encoder:
             tokens=int(mask.sum()),
             padded_tokens=rows * width,
             cpu_s=(built - started, modelled - built, done - modelled),
+            sparse=sparse,
         )
+
+    def _dense_vectors(self, output: Any, mask_t: Any) -> npt.NDArray[np.float32]:
+        if not self.dimension:  # a SPLADE model: sparse vectors only
+            return np.zeros((mask_t.shape[0], 0), dtype=np.float32)
+        torch = self._torch
+        pooled = self._pool(output.last_hidden_state, mask_t).float()
+        for layer in self._dense:
+            pooled = layer(pooled)
+        if self.spec.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        if self.dimensions:
+            pooled = matryoshka.truncate(pooled, self.dimensions)
+        # A blocking copy on this replica's stream: it waits for this batch only.
+        return pooled.cpu().numpy().astype(np.float32, copy=False)  # type: ignore[no-any-return]
 
     def _on_stream(self) -> Any:
         import contextlib

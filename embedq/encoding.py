@@ -21,7 +21,8 @@ from embedq.errors import DeviceFailed, EncodeFailed, ModelOutOfMemory
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import Batch, Item, Stats
 from embedq.settler import isolate
-from embedq.vector_cache import VectorCache
+from embedq.sparse import SparseVector
+from embedq.vector_cache import Vector, VectorCache
 
 log = structlog.get_logger("embedq.encoding")
 
@@ -30,9 +31,12 @@ Reject = Callable[[Item, str, str], None]
 
 class Encoding:
     def __init__(
-        self, cache: VectorCache, reject: Reject, metrics: WorkerMetrics, stats: Stats
+        self, cache: VectorCache[Vector], reject: Reject, metrics: WorkerMetrics, stats: Stats
     ) -> None:
         self.cache = cache
+        # A sparse model's vectors, beside the dense ones; a tenth as many, as a SPLADE
+        # vector of a few hundred entries costs ten times a 384-d array in a dict.
+        self.sparse_cache: VectorCache[SparseVector] = VectorCache(cache.capacity // 10)
         self.reject = reject
         self.metrics = metrics
         self.stats = stats
@@ -43,6 +47,9 @@ class Encoding:
         (with every item of the same text)."""
         hashes = {item.text_hash for item in batch.items}
         vectors = self.cache.get_many(hashes)
+        sparse = self.sparse_cache.get_many(hashes) if encoder.head else {}
+        if encoder.head:  # both outputs come from one pass: both must be cached to skip it
+            vectors = {h: v for h, v in vectors.items() if h in sparse}
         todo = list({i.text_hash: i for i in batch.items if i.text_hash not in vectors}.values())
         self.metrics.vector_cache_hits.inc(len(batch.items) - len(todo))
         failed: dict[str, str] = {}
@@ -65,6 +72,10 @@ class Encoding:
             fresh = {i.text_hash: v for i, v in zip(items, outcome.vectors, strict=True)}
             self.cache.put_many(fresh)
             vectors.update(fresh)
+            if outcome.sparse is not None:
+                more = {i.text_hash: v for i, v in zip(items, outcome.sparse, strict=True)}
+                self.sparse_cache.put_many(more)
+                sparse.update(more)
             batch.tokens += outcome.tokens
             batch.padded_tokens += outcome.padded_tokens
         if failed:
@@ -76,6 +87,8 @@ class Encoding:
         batch.items = [i for i in batch.items if i.text_hash not in failed]
         if batch.items:
             batch.vectors = np.stack([vectors[i.text_hash] for i in batch.items])
+            if encoder.head:
+                batch.sparse = [sparse[i.text_hash] for i in batch.items]
 
     def _check_device(self, encoder: Encoder) -> None:
         """A text is poison only if the model works without it: run the smallest input

@@ -47,6 +47,11 @@ class SettingsError(ConfigError, ValueError):
     """
 
 
+class ModelMismatch(ConfigError):
+    """The collection records another model's fingerprint: this model's vectors must not be
+    written into it (nor searched with it)."""
+
+
 class InfrastructureError(EmbedqError):
     """A dependency failed in a way that retrying later can fix."""
 

@@ -81,9 +81,20 @@ def resolve_batch_settings(settings: Settings, device: str | None = None) -> Set
     )
 
 
+def encoder_for(settings: Settings) -> Encoder:
+    """The model ``settings`` name, with its ``--dimensions``."""
+    return Encoder(
+        settings.model,
+        settings.device,
+        settings.dtype,
+        dimensions=settings.dimensions,
+        force_dimensions=settings.force_dimensions,
+    )
+
+
 def load_encoders(settings: Settings) -> list[Encoder]:
     """The model, once, and a replica per extra model thread (weights shared)."""
-    first = Encoder(settings.model, settings.device, settings.dtype)
+    first = encoder_for(settings)
     runtime = resolve_runtime(settings, first.device)
     if first.device == "cpu" and runtime.replicas > 1:
         share = share_cpu_threads(runtime.replicas)

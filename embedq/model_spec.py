@@ -2,6 +2,11 @@
 pooling modes, dense layers, normalization, ``max_seq_length`` and lower-casing, read from
 ``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json`` and each Dense
 module's ``config.json``. ``embedq.encoder`` runs the model as this ``ModelSpec`` says.
+
+Two sparse layouts are recognised too (``embedq.sparse`` runs them): a ``SparseEncoder``
+(an MLM transformer, ``transformer_task: fill-mask`` or the older ``MLMTransformer``, then
+``SpladePooling``) and BGE-M3 (``sparse_linear.pt`` beside the weights). Whether the model
+was trained for Matryoshka truncation comes from its model card's tags (``embedq.matryoshka``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ class DenseSpec:
 
 
 @dataclass(frozen=True)
+class SpladeSpec:
+    """``SpladePooling``'s config: max or sum over tokens, relu or log1p_relu first."""
+
+    strategy: str = "max"
+    activation: str = "relu"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What the sentence-transformers config says to do after the transformer."""
 
@@ -58,20 +71,32 @@ class ModelSpec:
     max_seq_length: int | None = None
     do_lower_case: bool = False
     dense: tuple[DenseSpec, ...] = field(default_factory=tuple)
+    splade: SpladeSpec | None = None  # a SparseEncoder: sparse output only, no dense vector
+    bge_m3: bool = False  # sparse_linear.pt beside the weights: dense and lexical weights
+
+    @property
+    def sparse(self) -> bool:
+        return self.splade is not None or self.bge_m3
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelSpec:
+        bge_m3 = (model_dir / "sparse_linear.pt").is_file()
         modules_file = model_dir / "modules.json"
         if not modules_file.is_file():
+            if bge_m3:
+                # FlagEmbedding's BGEM3FlagModel: the CLS token, normalised.
+                return cls(pooling=("cls",), normalize=True, bge_m3=True)
             # A plain transformers checkpoint: sentence-transformers would mean-pool it.
             return cls(pooling=("mean",), normalize=False)
-        found: dict[str, Any] = {}
+        found: dict[str, Any] = {"bge_m3": bge_m3}
         dense: list[DenseSpec] = []
         for module in sorted(_read(modules_file), key=lambda m: m.get("idx", 0)):
             kind = module["type"].rsplit(".", 1)[-1]
             mdir = model_dir / module.get("path", "")
-            if kind == "Transformer":
+            if kind in ("Transformer", "MLMTransformer"):
                 found.update(_transformer_options(mdir))
+            elif kind == "SpladePooling":
+                found["splade"] = _splade(mdir)
             elif kind == "Pooling":
                 found["pooling"] = _pooling_modes(_read(mdir / "config.json"), mdir)
             elif kind == "Dense":
@@ -93,6 +118,9 @@ def _transformer_options(mdir: Path) -> dict[str, Any]:
     if not cfg_file.is_file():
         return {}
     cfg = _read(cfg_file)
+    task = cfg.get("transformer_task", "feature-extraction")
+    if task not in ("feature-extraction", "fill-mask"):
+        raise ConfigError(f"{cfg_file}: transformer_task {task!r} is not supported")
     return {
         "max_seq_length": cfg.get("max_seq_length"),
         "do_lower_case": bool(cfg.get("do_lower_case", False)),
@@ -108,3 +136,14 @@ def _dense(mdir: Path) -> DenseSpec:
         bias=bool(cfg.get("bias", True)),
         activation=str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")),
     )
+
+
+def _splade(mdir: Path) -> SpladeSpec:
+    cfg = _read(mdir / "config.json")
+    spec = SpladeSpec(
+        strategy=str(cfg.get("pooling_strategy", "max")),
+        activation=str(cfg.get("activation_function", "relu")),
+    )
+    if spec.strategy not in ("max", "sum") or spec.activation not in ("relu", "log1p_relu"):
+        raise ConfigError(f"{mdir}/config.json: SPLADE pooling {spec} is not supported")
+    return spec

@@ -35,6 +35,7 @@ class Item:
     text_hash: str = ""  # the text alone: the vector cache's key
     ids: list[int] = field(default_factory=list)  # token ids, once tokenized
     vector: npt.NDArray[np.float32] | None = None  # once encoded
+    sparse: dict[int, float] | None = None  # once encoded, by a sparse model (embedq.sparse)
     superseded: list[Entry] = field(default_factory=list)  # older entries for the same id
 
     @property
@@ -56,6 +57,7 @@ class Batch:
     items: list[Item]
     deletes: list[Item] = field(default_factory=list)  # op=delete: no model, no vector
     vectors: npt.NDArray[np.float32] | None = None  # one per item, once encoded
+    sparse: list[dict[int, float]] | None = None  # one per item, from a sparse model
     tokens: int = 0
     padded_tokens: int = 0
     encode_s: float = 0.0
@@ -68,6 +70,10 @@ class Batch:
             for item, vector in zip(self.items, self.vectors, strict=True):
                 item.vector = vector
             self.vectors = None
+        if self.items and self.sparse is not None:
+            for item, sparse in zip(self.items, self.sparse, strict=True):
+                item.sparse = sparse
+            self.sparse = None
 
 
 def merged(batches: Sequence[Batch]) -> Batch:

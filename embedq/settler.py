@@ -186,6 +186,7 @@ class Settler:
             metas=[meta_json(i.record.meta) for i in held],
             content_hashes=[i.content_hash for i in held],
             versions=[i.version for i in held],
+            sparse=[i.sparse for i in held],
         )
 
     def _count(self, batch: Batch, items: list[Item], *, write_s: float, ack_s: float) -> None:

@@ -4,6 +4,12 @@ Upsert keyed by the producer's id makes every write idempotent: a redelivered en
 overwrites its own row instead of adding a second one (a plain insert would not). Every
 call carries a timeout shorter than the reclaim threshold, because pymilvus otherwise
 retries for minutes while the entries it holds look abandoned.
+
+What the model makes decides the fields: ``vector`` (dense), ``sparse``
+(SPARSE_FLOAT_VECTOR, inverted index, inner product), or both. The collection records the
+model's name and fingerprint (``embedq.fingerprint``) in its properties, and a writer with
+another model is refused. ``--collection`` may name an alias (``embedq migrate``): writers
+resolve it once, at start, and keep writing to that collection when the alias moves.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +28,10 @@ from embedq.columns import TEXT_MAX_BYTES, Columns, meta_json, send
 from embedq.config import Settings
 from embedq.errors import ConfigError, SinkRejected
 from embedq.milvus_errors import translated
+from embedq.schema import check_fields, check_model, collection_args, model_properties
+
+if TYPE_CHECKING:
+    from embedq.encoder import Encoder
 
 log = structlog.get_logger("embedq.sink")
 
@@ -38,6 +48,7 @@ class Row:
     meta: dict[str, Any] | None
     content_hash: str = ""  # embedq.records.content_hash of what the producer sent
     version: str = ""  # the stream entry id this row is the effect of (embedq.versions)
+    sparse: dict[int, float] | None = None  # token id -> weight (SPLADE, BGE-M3)
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,8 @@ class Sink:
         self._client: Any = None
         self._connect_lock = threading.Lock()
         self.dimension: int | None = None
+        self.sparse = False  # the collection has a ``sparse`` field
+        self.target = collection  # where writes go: the collection an alias named at start
 
     @property
     def client(self) -> Any:
@@ -128,13 +141,18 @@ class Sink:
     # -- schema ----------------------------------------------------------------------
 
     def ensure_collection(
-        self, dimension: int | None, model_name: str, *, create: bool = True
+        self,
+        dimension: int | None,
+        model_name: str,
+        *,
+        create: bool = True,
+        sparse: bool = False,
+        fingerprint: str = "",
     ) -> bool:
-        """Create the collection if missing; True when created. Refuses a dimension mismatch.
-
-        With ``create=False`` (readers such as ``embedq search``) a missing collection is a
-        ``ConfigError`` instead. ``dimension`` None (``embedq verify``, which loads no model)
-        opens an existing collection without checking it."""
+        """Create the collection if missing (True when created); refuse one whose fields or
+        fingerprint are not the model's. ``create=False`` (readers: ``embedq search``): a
+        missing collection is a ``ConfigError``. ``dimension``: 0 for no dense vector, None
+        (``embedq verify``, no model) opens an existing collection without checking it."""
         client = self.client
         with translated("describe collection"):
             exists = client.has_collection(self.collection, timeout=self.timeout_s)
@@ -142,31 +160,25 @@ class Sink:
                 info = client.describe_collection(self.collection, timeout=self.timeout_s)
         if exists:
             if dimension is not None:
-                self._check_existing(info, dimension, model_name)
-            names = {f["name"] for f in info["fields"]}
-            self.store_text = self.store_text and "text" in names
-            self.versioned = set(VERSION_FIELDS) <= names
-            if not self.versioned:
-                log.warning(
-                    "collection_unversioned",
-                    collection=self.collection,
-                    why="created before rows carried content_hash and version: writes work, "
-                    "embedq verify cannot compare contents",
-                )
-            self.dimension = dimension
-            with translated("load collection"):
-                client.load_collection(self.collection, timeout=self.timeout_s)
+                check_model(info, self.collection, sparse=sparse, fingerprint=fingerprint)
+                check_fields(info, self.collection, dimension, model_name)
+            self._open_existing(info, dimension)
             return False
         if not create or dimension is None:
             raise ConfigError(
                 f"collection {self.collection} does not exist at {self.uri} "
                 "(no worker has written to it yet; check --collection)"
             )
-        schema, index = self._schema(dimension, model_name), self._index()
+        schema = self._schema(dimension, model_name, sparse)
+        index = self._index(dense=dimension > 0, sparse=sparse)
         try:
             with translated("create collection"):
                 client.create_collection(
-                    self.collection, schema=schema, index_params=index, timeout=self.timeout_s
+                    self.collection,
+                    schema=schema,
+                    index_params=index,
+                    properties=model_properties(model_name, fingerprint),
+                    timeout=self.timeout_s,
                 )
         except SinkRejected:
             # Workers started together (a scale-up from zero) race to create it; the loser
@@ -174,19 +186,46 @@ class Sink:
             with translated("describe collection"):
                 if not client.has_collection(self.collection, timeout=self.timeout_s):
                     raise
-            return self.ensure_collection(dimension, model_name)
-        self.dimension = dimension
+            return self.ensure_collection(
+                dimension, model_name, sparse=sparse, fingerprint=fingerprint
+            )
+        self.dimension, self.sparse, self.target = dimension, sparse, self.collection
         log.info(
             "collection_created",
             collection=self.collection,
             dimension=dimension,
+            sparse=sparse,
             model=model_name,
+            fingerprint=fingerprint,
             index="FLAT" if is_lite(self.uri) else "HNSW",
         )
         return True
 
-    def _schema(self, dimension: int, model_name: str) -> Any:
-        """id (primary key), vector, text (unless not stored) and meta; nothing dynamic."""
+    def ensure_for(self, encoder: Encoder, *, create: bool = True) -> bool:
+        """``ensure_collection`` for what ``encoder``'s model makes and records."""
+        return self.ensure_collection(**collection_args(encoder), create=create)
+
+    def _open_existing(self, info: dict[str, Any], dimension: int | None) -> None:
+        """Take an existing collection's fields as they are, and load it."""
+        self.target = str(info.get("collection_name") or self.collection)
+        names = {f["name"] for f in info["fields"]}
+        self.sparse = "sparse" in names
+        self.store_text = self.store_text and "text" in names
+        self.versioned = set(VERSION_FIELDS) <= names
+        if not self.versioned:
+            log.warning(
+                "collection_unversioned",
+                collection=self.collection,
+                why="created before rows carried content_hash and version: writes work, "
+                "embedq verify cannot compare contents",
+            )
+        self.dimension = dimension if "vector" in names else 0
+        with translated("load collection"):
+            self.client.load_collection(self.target, timeout=self.timeout_s)
+
+    def _schema(self, dimension: int, model_name: str, sparse: bool = False) -> Any:
+        """id (primary key), vector (unless the model makes none), sparse (if it makes one),
+        text (unless not stored) and meta; nothing dynamic."""
         from pymilvus import DataType
 
         schema = self.client.create_schema(
@@ -195,7 +234,10 @@ class Sink:
             description=f"embedq model={model_name} dim={dimension}",
         )
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+        if dimension:
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+        if sparse:
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
         if self.store_text:
             schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
         schema.add_field("meta", DataType.JSON)
@@ -203,12 +245,15 @@ class Sink:
             schema.add_field(name, DataType.VARCHAR, max_length=64)
         return schema
 
-    def _index(self) -> Any:
-        """Cosine over the vector: FLAT on Milvus Lite, which searches exactly, else HNSW."""
+    def _index(self, *, dense: bool = True, sparse: bool = False) -> Any:
+        """Cosine over the vector: FLAT on Milvus Lite, which searches exactly, else HNSW;
+        inner product over the sparse vector (an inverted index, exact)."""
         index = self.client.prepare_index_params()
-        if is_lite(self.uri):
+        if sparse:
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+        if dense and is_lite(self.uri):
             index.add_index("vector", index_type="FLAT", metric_type="COSINE")
-        else:
+        elif dense:
             index.add_index(
                 "vector",
                 index_type="HNSW",
@@ -217,35 +262,15 @@ class Sink:
             )
         return index
 
-    def _check_existing(self, info: dict[str, Any], dimension: int, model_name: str) -> None:
-        vector = next((f for f in info["fields"] if f["name"] == "vector"), None)
-        if vector is None:
-            raise ConfigError(
-                f"collection {self.collection} exists but has no 'vector' field; "
-                "it was not created by embedq (choose another --collection)"
-            )
-        found = int(vector["params"]["dim"])
-        if found != dimension:
-            raise ConfigError(
-                f"collection {self.collection} holds {found}-dimensional vectors but the model "
-                f"makes {dimension}: use another --collection or the model it was built with"
-            )
-        description = str(info.get("description", ""))
-        if f"model={model_name} " not in description + " " and description.startswith("embedq"):
-            log.warning(
-                "collection_model_differs",
-                collection=self.collection,
-                collection_description=description,
-                model=model_name,
-            )
-
     # -- writes ----------------------------------------------------------------------
 
     @property
     def fields(self) -> list[str]:
         """The fields a row carries, in the collection's schema order."""
         return (
-            ["id", "vector"]
+            ["id"]
+            + (["vector"] if self.dimension != 0 else [])
+            + (["sparse"] if self.sparse else [])
             + (["text"] if self.store_text else [])
             + ["meta"]
             + (list(VERSION_FIELDS) if self.versioned else [])
@@ -263,6 +288,7 @@ class Sink:
                 metas=[meta_json(r.meta) for r in rows],
                 content_hashes=[r.content_hash for r in rows],
                 versions=[r.version for r in rows],
+                sparse=[r.sparse for r in rows],
             )
         )
 
@@ -272,10 +298,10 @@ class Sink:
         written = 0
         for chunk in columns.chunks(REQUEST_BUDGET_BYTES):
             with translated("upsert"):
-                sent = send(self.client, self.collection, chunk, self.fields, self.timeout_s)
+                sent = send(self.client, self.target, chunk, self.fields, self.timeout_s)
                 if sent is None:
                     result = self.client.upsert(
-                        self.collection, chunk.rows(self.fields), timeout=self.timeout_s
+                        self.target, chunk.rows(self.fields), timeout=self.timeout_s
                     )
                     sent = int(result.get("upsert_count", len(chunk)))
             written += sent
@@ -285,7 +311,7 @@ class Sink:
         """Remove these ids' rows (absent ids are fine); raises before confirming."""
         if ids:
             with translated("delete"):
-                self.client.delete(self.collection, ids=list(ids), timeout=self.timeout_s)
+                self.client.delete(self.target, ids=list(ids), timeout=self.timeout_s)
 
     # -- reads -----------------------------------------------------------------------
 
@@ -326,7 +352,7 @@ class Sink:
     def get(self, ids: Sequence[str], *, with_vectors: bool = True) -> list[dict[str, Any]]:
         fields = (
             ["id", "meta"]
-            + (["vector"] if with_vectors else [])
+            + (["vector"] if with_vectors and self.dimension != 0 else [])
             + (["text"] if self.store_text else [])
             + (list(VERSION_FIELDS) if self.versioned else [])
         )

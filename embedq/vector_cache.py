@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 Vector = npt.NDArray[np.float32]
+V = TypeVar("V")
 
 
-class VectorCache:
+class VectorCache(Generic[V]):
+    """An LRU of vectors by text hash (dense arrays, or a sparse model's dicts)."""
+
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._vectors: OrderedDict[str, Vector] = OrderedDict()
+        self._vectors: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()  # model replicas run on several threads
 
-    def get_many(self, keys: set[str]) -> dict[str, Vector]:
+    def get_many(self, keys: set[str]) -> dict[str, V]:
         if not self.capacity:
             return {}
         found = {}
@@ -38,7 +42,7 @@ class VectorCache:
                     found[key] = vector
         return found
 
-    def put_many(self, vectors: dict[str, Vector]) -> None:
+    def put_many(self, vectors: dict[str, V]) -> None:
         if not self.capacity:
             return
         with self._lock:

@@ -144,7 +144,7 @@ class Worker:
                 log.info("group_created", stream=stream.keys.stream, group=stream.group)
         created = first(
             "prepare collection",
-            lambda: self.sink.ensure_collection(self.encoder.dimension, self.encoder.name),
+            lambda: self.sink.ensure_for(self.encoder),
         )
         if created:
             # A new collection holds nothing, whatever an index from an earlier (dropped)

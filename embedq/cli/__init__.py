@@ -5,7 +5,7 @@ Every option is a flag that also reads ``EMBEDQ_<NAME>`` (e.g. ``--redis-url`` a
 
 The shared option machinery lives in ``options``; the commands, grouped by what they are
 for, in ``produce`` (enqueue, jobs, job, trim), ``work`` (init, worker, reclaim), ``ops``
-(lag, top, exporter, search), ``dlq`` (the dlq group) and ``bench``. Command modules
+(lag, top, exporter, search), ``dlq`` (the dlq group), ``migrate`` and ``bench``. Command modules
 import nothing heavy at the top (torch, pymilvus, numpy load inside command bodies), so
 the CLI starts fast and ``init``/``enqueue`` run in the small producer image.
 """
@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from embedq.cli import bench, dlq, ops, produce, verify, work
+from embedq.cli import bench, dlq, migrate, ops, produce, verify, work
 from embedq.cli.feedback import one_line, unknown_variables
 from embedq.errors import ExitCode
 
@@ -77,6 +77,7 @@ for command in (
     ops.top,
     ops.exporter,
     ops.search,
+    migrate.migrate,
     dlq.dlq,
     bench.bench,
 ):

@@ -70,23 +70,48 @@ def lag(as_json: bool, **options: Any) -> None:
 @click.argument("query")
 @click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of hits.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "dense", "sparse", "hybrid"]),
+    default="auto",
+    show_default=True,
+    help="Dense, sparse or both fused; auto uses every vector field the collection has.",
+)
+@click.option(
+    "--ranker",
+    type=click.Choice(["rrf", "weighted"]),
+    default="rrf",
+    show_default=True,
+    help="How hybrid fuses the two lists: reciprocal rank (k=60) or weighted scores.",
+)
+@click.option(
+    "--weights",
+    default="0.5,0.5",
+    show_default=True,
+    help="DENSE,SPARSE weights for --ranker weighted.",
+)
 @milvus_reading
 @model
 @LOG_LEVEL
 def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
-    """Embed QUERY with the worker's model and print the nearest stored entries."""
-    from embedq.encoder import Encoder, resolve_model_dir
+    """Embed QUERY with the worker's model and print the nearest stored entries (dense,
+    sparse or hybrid, by what the collection holds: --mode)."""
+    from embedq import retrieval
+    from embedq.encoder import resolve_model_dir
+    from embedq.launch import encoder_for
     from embedq.sink import open_sink
 
+    mode = options.pop("mode")
+    fusion = _fusion(options.pop("ranker"), options.pop("weights"))
     settings = build_settings(options)
 
     def body() -> int:
         resolve_model_dir(settings.model)  # the cheap checks first, then the model loads
         sink = open_sink(settings, create=False)
         sink.ping()
-        encoder = Encoder(settings.model, settings.device, settings.dtype)
-        sink.ensure_collection(encoder.dimension, encoder.name, create=False)
-        hits = sink.search(encoder.encode([query])[0], top_k)
+        encoder = encoder_for(settings)
+        sink.ensure_for(encoder, create=False)
+        hits = retrieval.search(sink, encoder, query, top_k, mode=mode, fusion=fusion)
         if as_json:
             click.echo(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False))
             return ExitCode.OK
@@ -98,6 +123,18 @@ def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
         return ExitCode.OK
 
     run_guarded(body)
+
+
+def _fusion(ranker: str, weights: str) -> Any:
+    from embedq.retrieval import Fusion
+
+    try:
+        dense, sparse = (float(w) for w in weights.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{weights!r}: give two numbers, DENSE,SPARSE (e.g. 0.7,0.3)", param_hint="--weights"
+        ) from None
+    return Fusion(ranker=ranker, dense_weight=dense, sparse_weight=sparse)  # type: ignore[arg-type]
 
 
 @click.command()

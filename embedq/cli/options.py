@@ -130,6 +130,18 @@ def model(func: F) -> F:
                 type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
                 help="auto is fp16 on CUDA, fp32 on CPU.",
             ),
+            setting(
+                "dimensions",
+                type=click.IntRange(min=0),
+                help="Matryoshka: keep the first N dimensions, renormalised (0: all); the "
+                "collection is created with N.",
+            ),
+            setting(
+                "force_dimensions",
+                is_flag=True,
+                help="Truncate with --dimensions a model whose card declares no Matryoshka "
+                "training.",
+            ),
         ]
     ):
         func = decorate(func)

@@ -49,11 +49,11 @@ def init(with_collection: bool, **options: Any) -> None:
                 + ("created at 0" if created else "already there")
             )
         if with_collection:
-            from embedq.encoder import Encoder
+            from embedq.launch import encoder_for
             from embedq.sink import open_sink
 
-            encoder = Encoder(settings.model, settings.device, settings.dtype)
-            made = open_sink(settings).ensure_collection(encoder.dimension, encoder.name)
+            encoder = encoder_for(settings)
+            made = open_sink(settings).ensure_for(encoder)
             click.echo(
                 f"collection {settings.collection}: "
                 + ("created" if made else "already there")

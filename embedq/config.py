@@ -124,6 +124,19 @@ class Settings:
     wait_replicas: int = 0
     # Vectors kept per worker process by text hash, so a repeated text skips the model.
     vector_cache_size: int = 10_000
+    # Online requests (embedq serve, embedq.api): workers read the interactive lane before
+    # the bulk stream; off leaves online requests to other workers.
+    online: bool = True
+    api_host: str = "0.0.0.0"  # noqa: S104 -- a gateway serves other machines
+    api_port: int = 8000
+    api_keys: str = field(default="", repr=False)  # comma-separated; empty: no auth
+    api_rate_limit: float = 0.0  # requests per second per key, shared by all gateways; 0: off
+    api_rate_burst: int = 0  # requests a key may send at once; 0: one second's worth
+    api_timeout_s: float = 10.0  # a request no worker answered by then gets 503
+    api_max_inputs: int = 256  # inputs per request
+    api_max_input_bytes: int = 65_536  # UTF-8 bytes per input
+    api_max_body_bytes: int = 4 * 1024 * 1024  # bytes per request body
+    api_max_in_flight: int = 256  # requests one gateway process holds at once; then 503
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url, cluster=self.redis_cluster)
@@ -163,11 +176,28 @@ class Settings:
             )
         if not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"metrics_port must be 0 (off) to 65535, got {self.metrics_port}")
+        self._check_api()
         if self.metrics_backlog <= 0:
             raise SettingsError(f"metrics_backlog must be > 0, got {self.metrics_backlog}")
         for name in ("max_lag", "trim_interval_s", "connect_timeout_s"):
             if getattr(self, name) < 0:
                 raise InvalidSetting(f"{name} must be >= 0, got {getattr(self, name)}", name)
+
+    def _check_api(self) -> None:
+        api = ("api_timeout_s", "api_max_inputs", "api_max_input_bytes", "api_max_body_bytes")
+        for name in (*api, "api_max_in_flight"):
+            if getattr(self, name) <= 0:
+                raise InvalidSetting(f"{name} must be > 0, got {getattr(self, name)}", name)
+        for name in ("api_rate_limit", "api_rate_burst"):
+            if getattr(self, name) < 0:
+                raise InvalidSetting(f"{name} must be >= 0, got {getattr(self, name)}", name)
+        if not 0 < self.api_port <= 65535:
+            raise InvalidSetting(f"api_port must be 1 to 65535, got {self.api_port}", "api_port")
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        """The accepted API keys (``api_keys`` split at commas, blanks dropped)."""
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     def _check_choices(self) -> None:
         if self.on_overlong not in ("truncate", "reject"):
@@ -226,6 +256,7 @@ class Settings:
         if ":" in self.milvus_token:  # user:password tokens: the password alone too
             found.append(self.milvus_token.split(":", 1)[1])
         found += dsn_secrets(self.dsn)
+        found += self.api_key_list
         return tuple(s for s in found if s)
 
     @property

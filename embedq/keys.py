@@ -29,6 +29,15 @@ lives on the partition's Redis Cluster slot:
 ``P:sent:J``          hash: the last source position job ``J`` sent to ``P`` and how many
                       entries it sent; written in the same script as the XADDs
 
+The interactive lane (``embedq serve``, online requests ahead of the bulk backlog) is one
+stream per deployment, ``L = S:online`` (``S:{online}`` when ``S`` has no hash tag, so that
+its reply keys share its cluster slot):
+
+``L``                 the lane stream: one entry per input of a request (``embedq.lane``)
+``L:dlq``             its dead-letter stream
+``L:reply:R``         list: request ``R``'s answers (raw float32 vectors), short TTL
+``S:ratelimit:K``     hash: the token bucket of API key ``K`` (a digest, never the key)
+
 With one partition ``P`` is ``S`` itself; on a cluster, give ``S`` a hash tag
 (``embedq:{t}:tasks``) so that ``S:dlq`` and ``S:sent:J`` share its slot. The consumer
 group (default ``embedq``) lives on every partition stream.
@@ -52,6 +61,10 @@ class Keys:
     """Keys of one tasks stream; ``stream`` may be a partition (``S:{p3}``) of ``base``."""
 
     stream: str
+    # The interactive lane (``lane_stream``): entries answered on reply keys, never written
+    # to Milvus. Said by whoever opens it, never guessed from the name (a tasks stream may
+    # be called anything).
+    online: bool = False
 
     @property
     def dlq(self) -> str:
@@ -87,6 +100,20 @@ class Keys:
 
     def leases(self, collection: str) -> str:
         return f"{self.stream}:leases:{collection}"
+
+
+    def reply(self, request_id: str) -> str:
+        """Request ``request_id``'s reply list, on the lane's cluster slot."""
+        return f"{self.stream}:reply:{request_id}"
+
+    def rate_limit(self, key_digest: str) -> str:
+        return f"{self.base}:ratelimit:{key_digest}"
+
+
+def lane_stream(base: str) -> str:
+    """The interactive lane of tasks stream ``base`` (one per deployment, whatever the
+    partitions): ``base:online``, tagged ``{online}`` when ``base`` has no tag of its own."""
+    return f"{base}:online" if hash_tag(base) != base else f"{base}:{{online}}"
 
 
 def partition_streams(base: str, partitions: int) -> list[str]:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import structlog
 
@@ -28,7 +29,16 @@ from embedq.encoding import Encoding
 from embedq.errors import ConfigError, ExitCode, InfrastructureError
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.jobs import JobLedger
+from embedq.keys import lane_stream
 from embedq.metrics import WorkerMetrics
+from embedq.online import (
+    LaneBatcher,
+    Lanes,
+    LaneStream,
+    OnlineEncoding,
+    OnlineLane,
+    rejecting,
+)
 from embedq.ordering import Ordering
 from embedq.pipeline import Stats
 from embedq.reclaimer import Reclaimer, ReclaimSummary
@@ -43,7 +53,7 @@ from embedq.replicas import (
 from embedq.settler import Settler
 from embedq.sink import Sink, open_sink
 from embedq.stream import Stream, open_stream, partition_lanes
-from embedq.vector_cache import VectorCache
+from embedq.vector_cache import Vector, VectorCache
 from embedq.versions import Versions
 from embedq.watchdog import Watchdog
 from embedq.worker import Parts, Worker
@@ -129,7 +139,7 @@ def assemble(
     encoders = [encoders] if isinstance(encoders, Encoder) else list(encoders)
     settings = resolve_batch_settings(settings, encoders[0].device)
     metrics = metrics or WorkerMetrics(stream=settings.stream, group=settings.group)
-    partitions = partition_lanes(stream, settings.partitions)
+    partitions = worker_streams(settings, stream)
     stats, in_flight = Stats(), InFlight(on_change=metrics.in_flight.set)
     crash: list[BaseException] = []
     watchdog = Watchdog(settings.stage_timeout_s)
@@ -147,13 +157,10 @@ def assemble(
         stats=stats,
         fault_point=fault_injector(settings.fault_point),
     )
-    batcher = Batcher(
-        encoders[0],
-        batch_policy(settings),
-        dead_letter=settler.dead_letter,
-        reject=settler.reject,
-        metrics=metrics,
-        stats=stats,
+    stop_requested = threading.Event()
+    lane = online_lane(settings, partitions[-1], in_flight, retrying, stop_requested)
+    batcher, encoding = reader_and_model(
+        settings, encoders[0], lane, settler, metrics=metrics, stats=stats
     )
     return Worker(
         Parts(
@@ -168,15 +175,66 @@ def assemble(
             reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
             batcher=batcher,
             settler=settler,
-            encoding=Encoding(
-                VectorCache(settings.vector_cache_size), settler.reject, metrics, stats
-            ),
+            encoding=encoding,
             retrying=retrying,
             stats=stats,
-            stop_requested=threading.Event(),
+            stop_requested=stop_requested,
             crash=crash,
             fault_point=settler.fault_point,
+            inbox=partial(Lanes, while_full=lane.poll if lane else None),
         )
+    )
+
+
+def worker_streams(settings: Settings, stream: Stream) -> list[Stream]:
+    """What a worker reads: ``stream``'s partitions, then (unless ``--no-online``) the
+    interactive lane, which reads put first (embedq.online)."""
+    partitions = partition_lanes(stream, settings.partitions)
+    if settings.online:
+        lane = lane_stream(stream.keys.base)
+        partitions.append(LaneStream(stream.client, lane, stream.group, stream.consumer))
+    return partitions
+
+
+def reader_and_model(
+    settings: Settings,
+    encoder: Encoder,
+    lane: OnlineLane | None,
+    settler: Settler,
+    *,
+    metrics: WorkerMetrics,
+    stats: Stats,
+) -> tuple[Batcher, Encoding]:
+    """The batcher and the model stage's work; with the interactive lane's hooks when the
+    worker answers online requests (embedq.online)."""
+    reject = rejecting(lane, settler.reject) if lane else settler.reject
+    kw: dict[str, Any] = {"dead_letter": settler.dead_letter, "reject": reject}
+    kw |= {"metrics": metrics, "stats": stats}
+    policy = batch_policy(settings)
+    cache: VectorCache[Vector] = VectorCache(settings.vector_cache_size)
+    if lane is None:
+        return Batcher(encoder, policy, **kw), Encoding(cache, reject, metrics, stats)
+    encoding = OnlineEncoding(lane, cache, reject, metrics, stats)
+    return LaneBatcher(lane, encoder, policy, **kw), encoding
+
+
+def online_lane(
+    settings: Settings,
+    lane: Stream,
+    in_flight: InFlight,
+    retrying: Retrier,
+    stop: threading.Event,
+) -> OnlineLane | None:
+    """The worker's side of the interactive lane (None with ``--no-online``)."""
+    if not settings.online:
+        return None
+    return OnlineLane(
+        lane,
+        in_flight,
+        retrying,
+        reply_ttl_ms=int(settings.api_timeout_s * 1000) + 5000,
+        read_count=settings.read_count,
+        stop=stop,
     )
 
 
@@ -192,9 +250,7 @@ def count_failures(metrics: WorkerMetrics) -> Callable[[str, InfrastructureError
 def ordering(settings: Settings, partitions: Sequence[Stream], retrying: Retrier) -> Ordering:
     """Fenced per-id writes on every partition; a lease lasts as long as a dead worker's
     entries take to become reclaimable."""
-    versions = {
-        s.keys.stream: Versions(s.client, s.keys, settings.collection) for s in partitions
-    }
+    versions = {s.keys.stream: Versions(s.client, s.keys, settings.collection) for s in partitions}
     return Ordering(
         versions if settings.ordered_writes else None, int(settings.min_idle_s * 1000), retrying
     )

@@ -75,6 +75,12 @@ class Batch:
                 item.sparse = sparse
             self.sparse = None
 
+    @property
+    def online(self) -> bool:
+        """Items of the interactive lane: answered on reply keys, never written (a window
+        is batched per stream, so a batch is all lane or all bulk; embedq.online)."""
+        return bool(self.items) and self.items[0].stream.keys.online
+
 
 def merged(batches: Sequence[Batch]) -> Batch:
     """Consecutive batches as one write: one fence, one upsert, one settle for all of them

@@ -46,7 +46,9 @@ def read_new_many(
     lanes: Sequence[Stream], count: int, block_ms: int
 ) -> list[tuple[Stream, list[Entry]]]:
     """One XREADGROUP over several partition streams of one group (one BLOCK for all):
-    up to ``count`` new entries per stream, each list paired with its stream."""
+    up to ``count`` new entries per stream, each list paired with its stream. The
+    interactive lane, when among them, is read first (embedq.online)."""
+    lanes = sorted((s for s in lanes if s.readable()), key=lambda s: not s.keys.online)
     if len(lanes) == 1:
         entries = lanes[0].read_new(count, block_ms)
         return [(lanes[0], entries)] if entries else []

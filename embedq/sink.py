@@ -315,13 +315,15 @@ class Sink:
 
     # -- reads -----------------------------------------------------------------------
 
-    def search(self, vector: npt.NDArray[np.float32], k: int) -> list[Hit]:
+    def search(self, vector: npt.NDArray[np.float32], k: int, where: str = "") -> list[Hit]:
+        """The ``k`` nearest rows, among those matching the Milvus expression ``where``."""
         fields = ["meta"] + (["text"] if self.store_text else [])
         with translated("search"):
             result = self.client.search(
                 self.collection,
                 [vector.tolist()],
                 limit=k,
+                filter=where,
                 output_fields=fields,
                 timeout=self.timeout_s,
             )

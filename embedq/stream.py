@@ -25,6 +25,7 @@ log = structlog.get_logger("embedq.stream")
 
 T = TypeVar("T")
 
+
 @dataclass(frozen=True)
 class Claimed:
     """One XAUTOCLAIM step: entries now ours, ids whose payload is gone, the next cursor."""
@@ -37,9 +38,11 @@ class Claimed:
 class Stream:
     """The tasks stream of one consumer group, and its dead-letter stream."""
 
-    def __init__(self, client: redis.Redis, stream: str, group: str, consumer: str) -> None:
+    def __init__(
+        self, client: redis.Redis, stream: str, group: str, consumer: str, *, online: bool = False
+    ) -> None:
         self.client = client
-        self.keys = Keys(stream)
+        self.keys = Keys(stream, online=online)  # online: the interactive lane (embedq.online)
         self.group = group
         self.consumer = consumer
         self.dlq = DeadLetterQueue(client, self.keys, group, consumer)
@@ -48,6 +51,11 @@ class Stream:
         self._delete_idle_consumers = client.register_script(
             load_script("delete_idle_consumers.lua")
         )
+
+    def readable(self) -> bool:
+        """Whether reads may include this stream now (always; the interactive lane may not
+        be there yet: embedq.online.LaneStream)."""
+        return True
 
     # -- group lifecycle -------------------------------------------------------------
 

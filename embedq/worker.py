@@ -84,6 +84,7 @@ class Parts:
     crash: list[BaseException]  # the stage error that stops the worker, once set
     fault_point: Callable[[str], None]  # tests' --fault-point (embedq.launch.fault_injector)
     watchdog: Watchdog  # stages busy past stage_timeout_s are stuck
+    inbox: Callable[[int], queue.Queue[Stage]] = queue.Queue  # the model stage's (online.Lanes)
 
 
 class Worker:
@@ -163,8 +164,7 @@ class Worker:
             return self.stats
         self._log_start()
         self.stats.restart()
-        tokenized: queue.Queue[Stage] = queue.Queue(maxsize=QUEUE_BATCHES)
-        encoded: queue.Queue[Stage] = queue.Queue(maxsize=QUEUE_BATCHES)
+        tokenized, encoded = self.parts.inbox(QUEUE_BATCHES), queue.Queue[Stage](QUEUE_BATCHES)
         self.metrics.watch_queues(tokenized=tokenized, encoded=encoded)
         stages = [self._thread("reader", lambda: self._read_stage(tokenized))]
         stages += [

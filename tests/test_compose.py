@@ -115,7 +115,7 @@ def test_every_embedq_variable_is_a_setting_and_secrets_come_from_env(
     stream_settings = {
         (s["environment"]["EMBEDQ_STREAM"], s["environment"]["EMBEDQ_GROUP"])
         for n, s in compose["services"].items()
-        if n in ("init", "worker", "worker-cpu", "producer", "exporter")
+        if n in ("init", "worker", "worker-cpu", "producer", "exporter", "gateway")
     }
     assert len(stream_settings) == 1  # init, workers and producer agree on stream and group
 
@@ -156,3 +156,21 @@ def test_one_exporter_serves_the_stream_gauges_and_prometheus_scrapes_it_all(
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_gateway_serves_through_the_workers_with_keys_from_env(
+    compose: dict[str, Any],
+) -> None:
+    """Issue 14: `embedq serve` in the small image, on loopback, keys from .env, healthy
+    only when /readyz says so."""
+    services = compose["services"]
+    gateway = services["gateway"]
+    assert gateway["command"] == ["serve"]
+    assert gateway["image"] == services["producer"]["image"]  # no model in it
+    env = gateway["environment"]
+    assert env["EMBEDQ_API_KEYS"].startswith("${EMBEDQ_API_KEYS:?")
+    port = env["EMBEDQ_API_PORT"]
+    assert gateway["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert f":{port}/readyz" in " ".join(gateway["healthcheck"]["test"])
+    assert gateway["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert Settings(api_port=int(port), api_keys="k1, k2").api_key_list == ("k1", "k2")

@@ -71,6 +71,22 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "volume": {"persistentVolumeClaim": {"claimName": "m"}},
         },
     },
+    # The online gateway, with API keys from a chart-made Secret (trial) and KEDA off,
+    # so that the workers' HPA and the gateway's are side by side.
+    "gateway": {
+        "gateway": {"enabled": True, "rateLimit": 20, "requestTimeoutS": 5},
+        "keda": {"enabled": False},
+        "secrets": {
+            "existingSecret": "",
+            "create": True,
+            "redisPassword": "r3dis-Passw0rd-xyz",
+            "milvusToken": "root:M1lvus-t0ken-xyz",
+            "apiKeys": "sk-gw-alpha-0123,sk-gw-beta-4567",
+        },
+    },
+    "gateway-open": {
+        "gateway": {"enabled": True, "requireApiKeys": False, "autoscaling": {"enabled": False}},
+    },
 }
 
 _str_map = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -342,6 +358,15 @@ def one(docs: list[dict[str, Any]], kind: str, component: str = "worker") -> dic
     return found
 
 
+def worker_hpas(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The workers' HPA (not the gateway's)."""
+    return [
+        h
+        for h in by_kind(docs, "HorizontalPodAutoscaler")
+        if h["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+    ]
+
+
 def worker_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     return container
@@ -426,12 +451,12 @@ def test_keda_trigger_matches_the_workers_settings(
     scaled = by_kind(docs, "ScaledObject")
     if not values["keda"]["enabled"]:
         assert scaled == [] and by_kind(docs, "TriggerAuthentication") == []
-        hpa = by_kind(docs, "HorizontalPodAutoscaler")
+        hpa = worker_hpas(docs)
         assert len(hpa) == int(values["autoscaling"]["enabled"])
         replicas = one(docs, "Deployment")["spec"].get("replicas")
         assert replicas == (None if hpa else values["replicaCount"])
         return
-    assert by_kind(docs, "HorizontalPodAutoscaler") == []  # KEDA owns the HPA
+    assert worker_hpas(docs) == []  # KEDA owns the workers' HPA
     assert "replicas" not in one(docs, "Deployment")["spec"]
     (so,) = scaled
     settings = settings_from_env(worker_container(docs), SECRETS)
@@ -803,3 +828,72 @@ def test_the_prometheus_rule_carries_the_readme_alerts() -> None:
     for alert in alerts:  # every shipped alert is explained where operators read
         assert f"`{alert}`" in readme, alert
     assert by_kind(render({}), "PrometheusRule") == []
+
+
+SECRETS_WITH_KEYS = {**SECRETS, "api-keys": "sk-gw-alpha-0123,sk-gw-beta-4567"}
+
+
+def test_the_gateway_serves_through_the_chart(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """Issue 14: the gateway's Deployment, Service and HPA; its settings match the workers'
+    stream, keys come from the Secret, its probes are routes `embedq serve` answers, and no
+    worker selector counts its pods."""
+    from embedq.api.app import create_app
+
+    name, docs = rendered
+    values = helm.Chart.load(CHART).merge_values(VALUE_SETS[name])
+    gateways = [
+        d
+        for d in docs
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway"
+    ]
+    if not values["gateway"]["enabled"]:
+        assert gateways == []
+        return
+    deployment = one(docs, "Deployment", component="gateway")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["serve"]
+    assert container["image"].startswith(values["hookImage"]["repository"] + ":")
+    settings = settings_from_env(container, SECRETS_WITH_KEYS)
+    workers = settings_from_env(worker_container(docs), SECRETS_WITH_KEYS)
+    assert (settings.redis_url, settings.stream, settings.group, settings.partitions) == (
+        workers.redis_url,
+        workers.stream,
+        workers.group,
+        workers.partitions,
+    )
+    assert (settings.milvus_uri, settings.collection) == (workers.milvus_uri, workers.collection)
+    # Workers keep answers as long as the gateway waits for them.
+    assert workers.api_timeout_s == settings.api_timeout_s == values["gateway"]["requestTimeoutS"]
+    env = env_of(container)
+    if values["gateway"]["requireApiKeys"]:
+        assert settings.api_key_list == ("sk-gw-alpha-0123", "sk-gw-beta-4567")
+        assert "value" not in env["EMBEDQ_API_KEYS"]
+        assert env["EMBEDQ_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "api-keys"
+    else:
+        assert "EMBEDQ_API_KEYS" not in env
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert settings.api_port == port
+    routes = {getattr(r, "path", "") for r in create_app(settings).routes}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
+        assert container[probe]["httpGet"]["path"] in routes
+    assert {"/v1/embeddings", "/v1/search", "/metrics"} <= routes
+    service = one(docs, "Service", component="gateway")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    hpas = [h for h in by_kind(docs, "HorizontalPodAutoscaler") if h in gateways]
+    assert len(hpas) == int(values["gateway"]["autoscaling"]["enabled"])
+    for hpa in hpas:
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert "replicas" not in deployment["spec"]
+    for selector in (
+        one(docs, "Deployment")["spec"]["selector"]["matchLabels"],
+        one(docs, "Service")["spec"]["selector"],
+        one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ):
+        assert not selector.items() <= pod["metadata"]["labels"].items(), selector
+    if name == "gateway":
+        for doc in docs:
+            if doc["kind"] != "Secret":
+                assert "sk-gw-alpha" not in yaml.safe_dump(doc), doc["kind"]

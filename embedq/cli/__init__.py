@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from embedq.cli import bench, dlq, migrate, ops, produce, verify, work
+from embedq.cli import bench, dlq, migrate, ops, produce, serve, verify, work
 from embedq.cli.feedback import one_line, unknown_variables
 from embedq.errors import ExitCode
 
@@ -78,6 +78,7 @@ for command in (
     ops.exporter,
     ops.search,
     migrate.migrate,
+    serve.serve,
     dlq.dlq,
     bench.bench,
 ):

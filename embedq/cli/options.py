@@ -211,7 +211,7 @@ def build_settings(options: dict[str, Any]) -> Settings:
 
 # Commands that run a worker wait for Redis ``connect_timeout_s`` (60 s) unless told
 # otherwise, before the model loads; the others try once, unless given --connect-timeout.
-_WAIT_BY_DEFAULT = ("worker", "reclaim")
+_WAIT_BY_DEFAULT = ("worker", "reclaim", "serve")
 
 
 def _waits_for_redis(ctx: click.Context) -> bool:

@@ -104,6 +104,16 @@ def init(with_collection: bool, **options: Any) -> None:
 @setting("metrics_port", help="Serve /metrics, /healthz and /readyz on this port (0: off).")
 @setting("metrics_host", help="Address the metrics port binds (127.0.0.1: this machine only).")
 @setting("metrics_backlog", help="Listen backlog of the metrics port.")
+@setting(
+    "online",
+    help="Also answer online requests (embedq serve): the interactive lane is read first.",
+)
+@setting(
+    "api_timeout_s",
+    "--request-timeout",
+    type=float,
+    help="The gateways' --request-timeout: how long answers are kept for them.",
+)
 def worker(**options: Any) -> None:
     """Embed entries from the stream into Milvus until stopped."""
     settings = build_settings(options)

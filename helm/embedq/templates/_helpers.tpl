@@ -45,6 +45,20 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* The gateway's pods: another component, outside the workers' selectors and KEDA. */}}
+{{- define "embedq.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "embedq.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "embedq.gatewayLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "embedq.gatewaySelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "embedq.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "embedq.fullname" .) .Values.serviceAccount.name }}
@@ -63,7 +77,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "embedq.usesSecret" -}}
-{{- if or .Values.redis.auth .Values.milvus.auth }}true{{- end }}
+{{- if or .Values.redis.auth .Values.milvus.auth (and .Values.gateway.enabled .Values.gateway.requireApiKeys) }}true{{- end }}
 {{- end }}
 
 {{/*

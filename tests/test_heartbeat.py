@@ -10,10 +10,11 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
+from embedq.columns import Columns
 from embedq.errors import StageCrashed
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.producer import Producer
-from embedq.sink import Row, Sink
+from embedq.sink import Sink
 from embedq.stream import Stream
 from embedq.worker import Worker
 
@@ -63,7 +64,7 @@ class BrokenSink(Sink):
     """A sink with a bug (not an outage): a real component can't be made to raise a plain
     RuntimeError on demand, so this one stands in for a programming error in a stage."""
 
-    def upsert(self, rows: list[Row]) -> int:  # type: ignore[override]
+    def upsert_columns(self, columns: Columns) -> int:
         raise RuntimeError("bug in the sink")
 
 

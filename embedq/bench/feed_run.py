@@ -130,7 +130,10 @@ def feed_markdown(report: FeedReport) -> str:
         per_run = ", ".join(f"{r.texts_per_s:,.0f}" for r in report.results if r.variant == variant)
         ratio = f"{ratios[variant]:.2f}" if variant in ratios else ""
         rss = f"{result.peak_rss_mb:.0f}" if result.peak_rss_mb else ""
-        lines.append(f"| {variant} | {result.texts_per_s:,.0f} | {per_run} | {ratio} | {rss} |")
+        over = " / ".join(f"{v:.0f}" for v in result.rss_mb.values())
+        lines.append(
+            f"| {variant} | {result.texts_per_s:,.0f} | {per_run} | {ratio} | {rss} | {over} |"
+        )
     feeds = [v for v in medians if v.startswith("feed")]
     if feeds:
         lines += ["", "CPU µs per text by stage (worker threads' own CPU time; the median run):",

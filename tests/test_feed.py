@@ -308,3 +308,17 @@ def test_the_writer_gets_batches_back_in_read_order_up_to_its_row_budget() -> No
     held.take(batches[4])
     assert held.ready(100) == [] and held.take(END) == 1
     assert held.pop_any().seq == 4 and len(held) == 0  # past a gap (a crashed replica)
+
+
+def test_bench_sparse_reports_the_three_encoders(tmp_path: Path) -> None:
+    sample = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "embedq.cli", "bench", "--sparse", "--corpus", str(sample),
+         "-n", "24", "--runs", "1"],
+        check=False, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if "x |" in line}
+    assert set(rows) == {"dense", "dense+sparse", "splade"}
+    assert rows["dense"].split("|")[3].strip() == "1.00x"
+    assert rows["splade"].split("|")[6].strip() != "-"  # sparse vectors were produced

@@ -57,6 +57,12 @@ from embedq.cli.options import LOG_LEVEL, build_settings, model, run_guarded, se
     "the bare sink, tokenizer and Redis, on a private Milvus 2.3.5 server (--variants unused).",
 )
 @click.option(
+    "--sparse",
+    is_flag=True,
+    help="What sparse output costs instead: a dense model, the same with a BGE-M3 sparse head, "
+    "and a SPLADE model of the same size, encoded and upserted (-n texts, --runs).",
+)
+@click.option(
     "--procs",
     default="1,2",
     show_default=True,
@@ -82,6 +88,15 @@ def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: A
         # A drained worker waits one BLOCK before it notices the stream is empty; keep
         # that wait out of the measurement.
         options["block_ms"] = 100
+    if options.pop("sparse"):
+        from embedq.bench.sparse import sparse_markdown
+
+        def sparse_body() -> int:
+            click.echo(sparse_markdown(corpus, n, options["runs"]))
+            return 0
+
+        run_guarded(sparse_body)
+        return
     if options.pop("feed"):
         procs = _counts(options.pop("procs"))
         _feed(corpus, n, options["runs"], procs, options.get("model") or "", output=output)

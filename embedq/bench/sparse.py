@@ -1,6 +1,7 @@
-"""What sparse output costs: the sparse head in the forward pass, and the sparse upsert.
+"""``embedq bench --sparse``: what sparse output costs, the sparse head in the forward pass
+and the sparse upsert.
 
-    python scripts/bench_sparse.py [--texts 512] [--runs 3] [--corpus short.jsonl]
+    embedq bench --sparse --corpus ../shared/corpus/short.jsonl -n 512 --runs 3
 
 Three encoders of the same size, built from the packaged all-MiniLM-L6-v2 (no hub):
 
@@ -19,7 +20,6 @@ and the medians printed with ratios to ``dense`` measured in the same invocation
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import tempfile
@@ -27,20 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from embedq.batching import plan_batches
+from embedq.bench.run import load_sample
 from embedq.encoder import Encoder, packaged_model_dir
 from embedq.sink import Row, Sink
 
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
 
-
-def texts_from(name: str, n: int) -> list[str]:
-    source = CORPUS / name if (CORPUS / name).is_file() else SAMPLE
-    texts = [json.loads(line)["text"] for line in source.read_text(encoding="utf-8").splitlines()]
+def texts_from(corpus: Path, n: int) -> list[str]:
+    """``n`` texts of ``corpus`` (cycled when it holds fewer)."""
+    texts = [row["text"] for row in load_sample(corpus, n)]
     return [texts[i % len(texts)] for i in range(n)]
 
 
@@ -110,11 +107,8 @@ def upsert(encoder: Encoder, texts: list[str], vectors: list[Any], sparse: list[
     return elapsed
 
 
-@click.command()
-@click.option("--texts", "count", default=512, show_default=True)
-@click.option("--runs", default=3, show_default=True)
-@click.option("--corpus", default="short.jsonl", show_default=True)
-def main(count: int, runs: int, corpus: str) -> None:
+def sparse_markdown(corpus: Path, count: int, runs: int) -> str:
+    """Encode and upsert with the three encoders, interleaved; medians and ratios to dense."""
     texts = texts_from(corpus, count)
     with tempfile.TemporaryDirectory() as tmp:
         encoders = {k: Encoder(str(p), device="cpu") for k, p in build_models(Path(tmp)).items()}
@@ -130,17 +124,17 @@ def main(count: int, runs: int, corpus: str) -> None:
                     active[name] = statistics.median(len(s) for s in sparse)
     base_enc = statistics.median(timings["dense"]["enc"])
     base_up = statistics.median(timings["dense"]["up"])
-    print(f"{count} texts from {corpus}, {tokens} tokens, {runs} runs, medians")
-    print("| model | encode texts/s | vs dense | upsert rows/s | vs dense | active dims |")
-    print("|---|---|---|---|---|---|")
+    lines = [
+        f"{count} texts from {corpus.name}, {tokens} tokens, {runs} runs, medians",
+        "",
+        "| model | encode texts/s | vs dense | upsert rows/s | vs dense | active dims |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, t in timings.items():
         enc, up = statistics.median(t["enc"]), statistics.median(t["up"])
         dims = f"{active[name]:.0f}" if name in active else "-"
-        print(
+        lines.append(
             f"| {name} | {count / enc:,.0f} | {base_enc / enc:.2f}x | {count / up:,.0f} "
             f"| {base_up / up:.2f}x | {dims} |"
         )
-
-
-if __name__ == "__main__":
-    main()
+    return "\n".join(lines) + "\n"

@@ -118,10 +118,12 @@ def run_st(bench_run: BenchRun) -> RunResult:
 def run_classic(bench_run: BenchRun) -> RunResult:
     """The classic design, faithfully: one message, one forward, one write, one ack.
 
-    The one-row write goes through embedq's ``Sink`` so the row has whatever fields the
-    collection's schema asks for; it is still one Milvus call per message."""
+    The one-row write is a plain pymilvus ``upsert`` of a dict (as such a worker is written,
+    not embedq's columnar writer), with the fields the collection created by embedq's
+    ``Sink`` asks for; one Milvus call per message."""
+    from embedq.columns import Columns, meta_json
     from embedq.encoder import Encoder
-    from embedq.sink import Row, open_sink
+    from embedq.sink import open_sink
     from embedq.stream import open_stream
 
     s = bench_run.settings
@@ -144,7 +146,9 @@ def run_classic(bench_run: BenchRun) -> RunResult:
         text = entry.fields[b"text"].decode()
         tokenized = encoder.tokenize([text])
         vector = encoder.forward([tokenized[0].ids]).vectors[0]
-        sink.upsert([Row(entry.fields[b"id"].decode(), vector, text, {})])
+        row = Columns([entry.fields[b"id"].decode()], vector[None, :], [text], [meta_json({})],
+                      [""], [""]).rows(sink.fields)  # fmt: skip
+        sink.client.upsert(sink.target, row, timeout=sink.timeout_s)
         stream.ack([entry.entry_id])
         batch_ms.append((time.perf_counter() - t0) * 1000)
         tokens += len(tokenized[0].ids)

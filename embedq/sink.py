@@ -15,6 +15,7 @@ resolve it once, at start, and keep writing to that collection when the alias mo
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,9 +184,8 @@ class Sink:
         except SinkRejected:
             # Workers started together (a scale-up from zero) race to create it; the loser
             # checks the winner's collection like any existing one.
-            with translated("describe collection"):
-                if not client.has_collection(self.collection, timeout=self.timeout_s):
-                    raise
+            if not self._appears():
+                raise
             return self.ensure_collection(
                 dimension, model_name, sparse=sparse, fingerprint=fingerprint
             )
@@ -200,6 +200,14 @@ class Sink:
             index="FLAT" if is_lite(self.uri) else "HNSW",
         )
         return True
+
+    def _appears(self) -> bool:  # Lite fails a racing create ("File exists") before listing it
+        for _ in range(50):
+            with translated("describe collection"):
+                if self.client.has_collection(self.collection, timeout=self.timeout_s):
+                    return True
+            time.sleep(0.1)
+        return False
 
     def ensure_for(self, encoder: Encoder, *, create: bool = True) -> bool:
         """``ensure_collection`` for what ``encoder``'s model makes and records."""

@@ -5,12 +5,12 @@ way to load FlagEmbedding's ``BGEM3FlagModel`` under this transformers."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+from embedq.bench.sparse import save_splade
 from embedq.encoder import packaged_model_dir
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
@@ -20,15 +20,10 @@ def build_splade(target: Path, *, seed: int = 0, strategy: str = "max") -> Path:
     """A one-layer BertForMaskedLM (the packaged tokenizer) saved by sentence-transformers
     as a SparseEncoder: Transformer(fill-mask) + SpladePooling."""
     import torch
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.base.modules import Transformer
-    from sentence_transformers.sparse_encoder.modules import SpladePooling
     from transformers import BertConfig, BertForMaskedLM
 
     source = packaged_model_dir()
     assert source is not None
-    mlm = target.parent / f"{target.name}-mlm"
-    mlm.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522,
@@ -43,19 +38,7 @@ def build_splade(target: Path, *, seed: int = 0, strategy: str = "max") -> Path:
         # Random logits are positive half the time; a real SPLADE activates a few hundred
         # of 30522 entries. A negative bias gives the tiny model that sparsity.
         model.cls.predictions.bias.fill_(-0.25)
-    model.save_pretrained(mlm)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (source / name).is_file():
-            shutil.copy(source / name, mlm / name)
-    encoder = SparseEncoder(
-        modules=[
-            Transformer(str(mlm), transformer_task="fill-mask", max_seq_length=128),
-            SpladePooling(strategy),
-        ],
-        device="cpu",
-    )
-    encoder.save_pretrained(str(target))
-    return target
+    return save_splade(model, source, target, strategy=strategy, max_seq_length=128)
 
 
 def _tokenizer(target: Path) -> Any:

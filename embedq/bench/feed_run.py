@@ -3,7 +3,6 @@ interleaved run by run, on one private Redis and one Milvus 2.3.5 server; the re
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from embedq.bench.feed import (
 )
 from embedq.bench.run import load_sample, loadavg, machine_facts
 from embedq.bench.servers import MilvusStandalone, RedisServer
+from embedq.encoder import Encoder
 
 
 @dataclass
@@ -71,7 +71,7 @@ def run_feed_bench(
         MilvusStandalone(Path(tmp) / "milvus") as milvus,
     ):
         zero = zero_layer_copy(model_dir, Path(tmp) / "zero-layer-model")
-        dimension = _dimension(zero)
+        dimension = Encoder(str(zero), "cpu").dimension
         for run in range(1, runs + 1):
             steps: list[tuple[str, Callable[[], FeedResult]]] = [
                 (f"feed×{p}", partial(run_feed, rows, procs=p, model=zero,
@@ -93,16 +93,6 @@ def run_feed_bench(
                 progress(f"run {run}/{runs} {label:<13} {result.texts_per_s:9.0f} texts/s")
     return FeedReport(corpus.name, command, len(rows), runs, procs, machine_facts(), before,
                       loadavg(), started_at, results)  # fmt: skip
-
-
-def _dimension(model: Path) -> int:
-    from embedq.model_spec import ModelSpec
-
-    spec = ModelSpec.load(model)
-    if spec.dense:
-        return spec.dense[-1].out_features
-    config = json.loads((model / "config.json").read_text())
-    return int(config["hidden_size"]) * len(spec.pooling)
 
 
 STAGES = ("read", "decode", "tokenize", "plan", "forward", "pool", "fence", "build_rows",

@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,11 +41,37 @@ def texts_from(corpus: Path, n: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]
 
 
-def build_models(root: Path) -> dict[str, Path]:
-    import torch
+def save_splade(
+    mlm: Any,
+    tokenizer_dir: Path,
+    target: Path,
+    *,
+    strategy: Literal["max", "sum"] = "max",
+    **transformer: Any,
+) -> Path:
+    """``mlm`` (a masked-LM model) with ``tokenizer_dir``'s tokenizer files, saved by
+    sentence-transformers as a SparseEncoder (Transformer fill-mask + SpladePooling)."""
     from sentence_transformers import SparseEncoder
     from sentence_transformers.base.modules import Transformer
     from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    mlm_dir = target.parent / f"{target.name}-mlm"
+    mlm.save_pretrained(mlm_dir)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, mlm_dir / name)
+    SparseEncoder(
+        modules=[
+            Transformer(str(mlm_dir), transformer_task="fill-mask", **transformer),
+            SpladePooling(strategy),
+        ],
+        device="cpu",
+    ).save_pretrained(str(target))
+    return target
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    import torch
     from transformers import BertForMaskedLM, BertModel
 
     packaged = packaged_model_dir()
@@ -56,22 +82,13 @@ def build_models(root: Path) -> dict[str, Path]:
     torch.save(torch.nn.Linear(384, 1).state_dict(), both / "sparse_linear.pt")
     torch.save(torch.nn.Linear(384, 384).state_dict(), both / "colbert_linear.pt")
 
-    mlm_dir = root / "mlm"
     base = BertModel.from_pretrained(str(packaged))
     mlm = BertForMaskedLM(base.config)
     mlm.bert.load_state_dict(base.state_dict(), strict=False)
     mlm.tie_weights()
     with torch.no_grad():
         mlm.cls.predictions.bias.fill_(-4.0)
-    mlm.save_pretrained(mlm_dir)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (packaged / name).is_file():
-            shutil.copy(packaged / name, mlm_dir / name)
-    splade = root / "splade"
-    SparseEncoder(
-        modules=[Transformer(str(mlm_dir), transformer_task="fill-mask"), SpladePooling("max")],
-        device="cpu",
-    ).save_pretrained(str(splade))
+    splade = save_splade(mlm, packaged, root / "splade")
     return {"dense": packaged, "dense+sparse": both, "splade": splade}
 
 

@@ -136,7 +136,8 @@ def test_the_exporter_reports_every_partition(
             # The very scrape that shows a fresh sample (on a busy machine the next one may
             # already report it stale).
             seen[:] = [http_get(base + "/metrics")[1]]
-            return "embedq_stream_up 1" in seen[0]
+            # A sample, not a substring: the HELP line reads "embedq_stream_up 1 when ...".
+            return value(seen[0], "embedq_stream_up") == 1
 
         wait_for(fresh, 30, "a fresh sample")
         body = seen[0]

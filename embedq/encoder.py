@@ -302,8 +302,11 @@ class Encoder:
         """Token ids per text (special tokens included), truncated to ``max_seq_length``."""
         if self.spec.do_lower_case:
             texts = [t.lower() for t in texts]
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nothing here
+        # reads: the same ids and overflow, ~10 % less tokenizer CPU per text.
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         try:
-            encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
+            encodings = encode(list(texts), add_special_tokens=True)
         except Exception as exc:
             raise EncodeFailed(f"tokenizer failed: {type(exc).__name__}: {exc}") from exc
         return [Tokenized(ids=e.ids, truncated=bool(e.overflowing)) for e in encodings]
@@ -390,8 +393,9 @@ class Encoder:
                 masked = hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min)
                 parts.append(masked.max(dim=1).values)
             elif mode in ("mean", "mean_sqrt_len_tokens"):
-                # Sum in fp32: fp16 sums over 512 tokens lose precision.
-                summed = (hidden.float() * m.float()).sum(dim=1)
+                # Sum in fp32: fp16 sums over 512 tokens lose precision. As one batched
+                # (1 x L) @ (L x D) product: no masked copy of the hidden states.
+                summed = torch.bmm(m.float().transpose(1, 2), hidden.float()).squeeze(1)
                 counts = m.float().sum(dim=1).clamp(min=1e-9)
                 parts.append(summed / (counts if mode == "mean" else counts.sqrt()))
             elif mode == "weightedmean":

@@ -10,6 +10,7 @@ downloaded: the model is a local directory.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ def padded(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
     mask = np.arange(width, dtype=np.int64)[None, :] < lengths[:, None]
     input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
     input_ids[mask] = np.fromiter(
-        (t for ids in batch for t in ids), dtype=np.int64, count=int(lengths.sum())
+        itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum())
     )
     return input_ids, mask.astype(np.int64)
 

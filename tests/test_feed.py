@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -343,3 +345,36 @@ print(json.dumps([frozen, threshold[0], GC_YOUNG_THRESHOLD, gc.collect()]))
     assert frozen > 10_000  # the imports' objects, never walked again
     assert young == wanted > 700
     assert collected >= 2  # the two nodes of the cycle
+
+
+def test_the_feed_bench_waits_for_an_idle_milvus_before_each_variant(
+    milvus_standalone: MilvusStandalone, tmp_path: Path
+) -> None:
+    # The load that must hold quiesce back: a client searching as fast as it can (the
+    # stand-in for the index builds a variant leaves behind, which cannot be timed).
+    sink = Sink(milvus_standalone.uri, "", "quiesce", timeout_s=60)
+    sink.ensure_collection(8, "bench")
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            sink.client.query("quiesce", filter='id == "x"', output_fields=["id"])
+
+    before = milvus_standalone.cpu_s()
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    threading.Timer(4.0, stop.set).start()
+    started = time.monotonic()
+    try:
+        waited = milvus_standalone.quiesce()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert milvus_standalone.cpu_s() > before
+    assert time.monotonic() - started >= 3.5 and waited >= 3.5  # held back while busy
+    sink.client.drop_collection("quiesce")
+    sink.close()
+    # Idle again: done within a few seconds (after the drop's own background work).
+    assert milvus_standalone.quiesce() < 10.0

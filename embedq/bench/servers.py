@@ -330,6 +330,30 @@ class MilvusStandalone(_Server):
         self.children = self.children or [_identity(p) for p in _children(self.proc.pid)]
         return milvus_answers(self.uri, self.token)
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process (``milvus run``) has used so far."""
+        total = 0
+        for pid, started in self.children:
+            with contextlib.suppress(OSError, IndexError):
+                fields = _stat(pid)
+                if fields[19] == started:
+                    total += int(fields[11]) + int(fields[12])  # utime + stime, in ticks
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def quiesce(self, *, below: float = 0.15, timeout_s: float = 90.0) -> float:
+        """Wait until the server's background work (sealing, index builds, compaction
+        after the last writes) is done: under ``below`` of a core for a whole second.
+        Seconds waited; gives up quietly at ``timeout_s`` (an idle 2.3.5 uses ~0.04)."""
+        started = time.monotonic()
+        last = self.cpu_s()
+        while time.monotonic() - started < timeout_s:
+            time.sleep(1.0)
+            now = self.cpu_s()
+            if now - last < below:
+                break
+            last = now
+        return time.monotonic() - started
+
     def stop(self) -> None:
         super().stop()
         for pid, started in self.children:

@@ -2,9 +2,8 @@
 
 Pooling, dense layers, normalization and ``max_seq_length`` come from the model's
 sentence-transformers files (read by ``embedq.model_spec``), so vectors match
-``SentenceTransformer.encode``. Device and
-dtype are decided once here: fp16 on CUDA, fp32 on CPU unless told otherwise. Nothing is
-downloaded: the model is a local directory.
+``SentenceTransformer.encode``. Device and dtype are decided once here: fp16 on CUDA, fp32
+on CPU unless told otherwise. Nothing is downloaded: the model is a local directory.
 """
 
 from __future__ import annotations
@@ -303,8 +302,7 @@ class Encoder:
         """Token ids per text (special tokens included), truncated to ``max_seq_length``."""
         if self.spec.do_lower_case:
             texts = [t.lower() for t in texts]
-        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nothing here
-        # reads: the same ids and overflow, ~10 % less tokenizer CPU per text.
+        # Without the offsets nothing reads (tokenizers >= 0.20): ~10 % less CPU per text.
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         try:
             encodings = encode(list(texts), add_special_tokens=True)
@@ -394,8 +392,7 @@ class Encoder:
                 masked = hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min)
                 parts.append(masked.max(dim=1).values)
             elif mode in ("mean", "mean_sqrt_len_tokens"):
-                # Sum in fp32: fp16 sums over 512 tokens lose precision. As one batched
-                # (1 x L) @ (L x D) product: no masked copy of the hidden states.
+                # fp32 (fp16 sums over 512 tokens lose precision), as one batched product.
                 summed = torch.bmm(m.float().transpose(1, 2), hidden.float()).squeeze(1)
                 counts = m.float().sum(dim=1).clamp(min=1e-9)
                 parts.append(summed / (counts if mode == "mean" else counts.sqrt()))

@@ -47,6 +47,9 @@ class FeedReport:
         return out
 
 
+QUIESCE_S = 90.0  # the longest wait for an idle server before a variant
+
+
 def _drop(uri: str, collection: str) -> None:
     from pymilvus import MilvusClient
 
@@ -101,7 +104,8 @@ def run_feed_bench(
                 # Every variant starts on an idle server: the previous variant's segments
                 # are sealed and indexed in the background for many seconds after its last
                 # write, and that work would land on whichever variant runs next.
-                milvus.quiesce()
+                if milvus.quiesce(timeout_s=QUIESCE_S) >= QUIESCE_S:
+                    progress(f"Milvus still busy after {QUIESCE_S:.0f} s: {label} shares it")
                 result = step()
                 results.append(result)
                 if collection:

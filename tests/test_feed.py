@@ -348,7 +348,7 @@ print(json.dumps([frozen, threshold[0], GC_YOUNG_THRESHOLD, gc.collect()]))
 
 
 def test_the_feed_bench_waits_for_an_idle_milvus_before_each_variant(
-    milvus_standalone: MilvusStandalone, tmp_path: Path
+    milvus_standalone: MilvusStandalone,
 ) -> None:
     # The load that must hold quiesce back: a client searching as fast as it can (the
     # stand-in for the index builds a variant leaves behind, which cannot be timed).
@@ -372,9 +372,9 @@ def test_the_feed_bench_waits_for_an_idle_milvus_before_each_variant(
         stop.set()
         for t in threads:
             t.join()
+        sink.client.drop_collection("quiesce")
+        sink.close()
     assert milvus_standalone.cpu_s() > before
     assert time.monotonic() - started >= 3.5 and waited >= 3.5  # held back while busy
-    sink.client.drop_collection("quiesce")
-    sink.close()
     # Idle again: done within a few seconds (after the drop's own background work).
     assert milvus_standalone.quiesce() < 10.0

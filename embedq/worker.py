@@ -36,10 +36,11 @@ import structlog
 from embedq.backoff import Retrier
 from embedq.batcher import Batcher
 from embedq.config import Settings
-from embedq.encoder import Encoder, release_free_heap
+from embedq.encoder import Encoder
 from embedq.encoding import Encoding
 from embedq.entries import Entry
 from embedq.errors import InfrastructureError, StageCrashed
+from embedq.heap import release_free_heap
 from embedq.heartbeat import Heartbeat, InFlight
 from embedq.metrics import WorkerMetrics
 from embedq.pipeline import END, Batch, Stage, Stats, merged
@@ -177,8 +178,7 @@ class Worker:
             t.start()
         self.ready = True
         try:
-            # The main thread only supervises: signal handlers run here, and a crashed stage
-            # is noticed within one poll.
+            # The main thread only supervises: signal handlers run here, a crash is seen in a poll.
             while writer.is_alive():
                 writer.join(timeout=_POLL_S)
                 if (crash := self._crash) is not None:
@@ -291,7 +291,7 @@ class Worker:
         self._fault_point("after_read")
         for batch in self._timed("tokenize", lambda: self.batcher.batches(stream, entries)):
             self._put(out, batch)
-        release_free_heap()  # once per window: keeps RSS from creeping with the backlog
+        release_free_heap()  # once per window: trims only if RSS grew (embedq.heap)
 
     def read(self) -> list[tuple[Stream, list[Entry]]]:
         """Reclaimed entries when a reclaim is due and finds some, else new ones; each list

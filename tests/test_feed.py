@@ -326,27 +326,6 @@ def test_bench_sparse_reports_the_three_encoders(tmp_path: Path) -> None:
     assert rows["splade"].split("|")[6].strip() != "-"  # sparse vectors were produced
 
 
-def test_a_worker_process_freezes_its_start_up_heap_and_still_collects_cycles() -> None:
-    # In a child: the test process's own GC settings stay as they are.
-    script = """
-import gc, json
-from embedq.launch import GC_YOUNG_THRESHOLD, settle_heap
-settle_heap()
-frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
-class Node: pass
-a, b = Node(), Node()
-a.other, b.other = b, a  # a cycle only the cyclic GC frees
-del a, b
-print(json.dumps([frozen, threshold[0], GC_YOUNG_THRESHOLD, gc.collect()]))
-"""
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                         text=True).stdout  # fmt: skip
-    frozen, young, wanted, collected = json.loads(out)
-    assert frozen > 10_000  # the imports' objects, never walked again
-    assert young == wanted > 700
-    assert collected >= 2  # the two nodes of the cycle
-
-
 def test_the_feed_bench_waits_for_an_idle_milvus_before_each_variant(
     milvus_standalone: MilvusStandalone,
 ) -> None:

@@ -9,14 +9,13 @@ Redis or Milvus (as in TEI and infinity):
 
 An entry is acked only after Milvus confirmed its write. Bad entries go to the dead-letter
 stream with a reason. Infrastructure failures ack nothing: the stage retries with backoff
-while the heartbeat thread keeps every in-flight entry ours. Memory is bounded by
-``read_count`` plus the queue sizes, however long the backlog.
+while the heartbeat thread keeps every in-flight entry ours. Memory is bounded by the read
+window plus the queue sizes, however long the backlog (and the heap: embedq.heap).
 
 Shutdown order: the first SIGINT/SIGTERM stops the reader; batches already read are
 encoded, written and acked; the process exits 0 (within ``grace_s``, else hard). A second
 signal exits at once, leaving entries pending for the reclaimer. A stage that crashes
 stops the whole worker loudly rather than leaving a stalled pipeline that looks healthy.
-
 Everything a worker uses is built by ``embedq.launch`` and handed in.
 """
 
@@ -178,7 +177,7 @@ class Worker:
             t.start()
         self.ready = True
         try:
-            # The main thread only supervises: signal handlers run here, a crash is seen in a poll.
+            # The main thread supervises: signal handlers run here, a crash is seen in a poll.
             while writer.is_alive():
                 writer.join(timeout=_POLL_S)
                 if (crash := self._crash) is not None:
@@ -363,6 +362,7 @@ class Worker:
             batch.encode_s = time.perf_counter() - started
             self.metrics.forward_done(batch.encode_s, rows, batch.padded_tokens)
             self._fault_point("after_inference")
+            release_free_heap()  # only if RSS grew: long texts grow the heap within a window
             self._put(out, batch, force=True)
 
     def encode(self, batch: Batch, encoder: Encoder) -> None:

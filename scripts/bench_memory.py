@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 import uuid
 from pathlib import Path
 
 from embedq import logs
 from embedq.config import Settings
+from embedq.heap import settle_heap
 from embedq.launch import build_worker
 from embedq.producer import Producer
 from embedq.redis_connection import connect
@@ -44,10 +46,13 @@ def main() -> None:
     )
     logs.configure("warning")
     worker = build_worker(settings)
+    settle_heap()  # as `embedq worker` does once the model is loaded
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    started = time.monotonic()
     worker.run()
+    wall = time.monotonic() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print(f"texts={n} rss_after_model_load={loaded}MB peak_rss={peak}MB")
+    print(f"texts={n} rss_after_model_load={loaded}MB peak_rss={peak}MB wall={wall:.1f}s")
     client.delete(stream)
 
 

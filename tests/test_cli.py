@@ -179,12 +179,13 @@ def test_redis_password_never_appears_in_output(stream_name: str) -> None:
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 
 
-def test_the_worker_runs_under_jemalloc_as_the_worker_image_runs_it(
+def test_the_worker_runs_under_jemalloc_when_an_operator_preloads_it(
     tmp_path: Path, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    """workers/Dockerfile preloads jemalloc (flat RSS); torch and the pipeline must work
-    under it. redis-server depends on libjemalloc2, so it is on every machine that runs
-    these tests."""
+    """README, "Memory": an operator may preload jemalloc (a lower CPU RSS on long texts,
+    embedq.heap's glibc tuning then does nothing); torch and the pipeline must work under
+    it. redis-server depends on libjemalloc2, so it is on every machine that runs these
+    tests."""
     import signal
     import time
 

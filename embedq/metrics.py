@@ -14,6 +14,8 @@ registry, with the probes, is ``embedq.health``.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import platform
 import queue
 import re
@@ -268,11 +270,13 @@ class WorkerMetrics:
         self.batch_tokens.observe(padded_tokens)
 
     def acked(self, entry_ids: Iterable[str]) -> None:
-        """Entries acked just now: their time since XADD, and the last-ack time."""
+        """Entries acked just now: their time since XADD, and the last-ack time. Entries
+        added in the same millisecond have the same latency: one observation per distinct
+        millisecond, counted as many times (a producer's pipeline adds dozens per ms)."""
         now = time.time()
-        for entry_id in entry_ids:
-            added_ms = int(entry_id.split("-", 1)[0])
-            self.enqueue_to_ack.observe(max(0.0, now - added_ms / 1000))
+        added = collections.Counter(entry_id.split("-", 1)[0] for entry_id in entry_ids)
+        for added_ms, count in added.items():
+            observe_many(self.enqueue_to_ack, max(0.0, now - int(added_ms) / 1000), count)
         self.last_ack.set(now)
 
     def watch_queues(self, **queues: queue.Queue[Any]) -> None:
@@ -286,6 +290,22 @@ class WorkerMetrics:
             self.retry_waiting.labels(dependency=dependency).set_function(
                 lambda d=dependency: sum(1 for w in waiting() if w.dependency == d)
             )
+
+
+def observe_many(histogram: Any, value: float, count: int) -> None:
+    """``count`` observations of ``value`` at the cost of one. prometheus_client keeps each
+    bucket's own count (an observation lands in the first bucket it fits; exposition sums
+    them), its sum and its buckets as locked values; a client laid out otherwise gets
+    ``count`` plain observations."""
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    total = getattr(histogram, "_sum", None)
+    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+        for _ in range(count):
+            histogram.observe(value)
+        return
+    total.inc(value * count)
+    buckets[bisect.bisect_left(bounds, value)].inc(count)
 
 
 _GENERIC_DIR = re.compile(r"^(model|models|snapshots?|main|weights|[0-9a-f]{40})$")

@@ -91,7 +91,10 @@ def merged(batches: Sequence[Batch]) -> Batch:
     for batch in batches:
         batch.attach_vectors()
     everything = [i for b in batches for i in (*b.deletes, *b.items)]
-    latest = supersede(sorted(everything, key=lambda i: entry_order(i.entry.entry_id)))
+    if len({i.record.id for i in everything}) == len(everything):
+        latest = everything  # no id in two of them (the usual case): nothing to supersede
+    else:
+        latest = supersede(sorted(everything, key=lambda i: entry_order(i.entry.entry_id)))
     return Batch(
         seq=batches[0].seq,
         items=[i for i in latest if not i.record.is_delete],

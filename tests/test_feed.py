@@ -177,6 +177,25 @@ def test_a_merged_write_keeps_each_ids_newest_version_whatever_the_read_order(
     assert rig.stats.texts == 2 and rig.stats.batches == 4
 
 
+def test_a_merged_write_of_distinct_ids_writes_every_row_with_its_own_vector(
+    tiny_encoder: Encoder,
+) -> None:
+    """The usual case (no id in two batches) skips the supersede sort: every row, its own
+    text and vector, every entry acked."""
+    rig = Rig(tiny_encoder, StubSink(), max_batch_rows=2)
+    texts = {f"d{i}": f"text number {i} " + "word " * i for i in range(7)}
+    entries = [(f"{i + 1}-0", doc, text) for i, (doc, text) in enumerate(texts.items())]
+    first, second = window(rig, *entries[:4]), window(rig, *entries[4:])
+    batch = merged([*first, *second])
+    assert batch.parts == len(first) + len(second) > 2
+    rig.settler.settle(batch)
+    assert {k: r.text for k, r in rig.sink.rows.items()} == texts
+    reference = tiny_encoder.encode(list(texts.values()))
+    for doc, vector in zip(texts, reference, strict=True):
+        assert np.allclose(rig.sink.rows[doc].vector, vector, atol=1e-6), doc
+    assert len(rig.stream.acked) == 7 and not rig.stream.pending
+
+
 def test_a_delete_and_a_newer_write_in_one_merged_write(tiny_encoder: Encoder) -> None:
     rig = Rig(tiny_encoder, StubSink())
     first = window(rig, ("1-0", "a", "first"), ("2-0", "b", "stays"))

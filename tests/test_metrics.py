@@ -139,6 +139,37 @@ def test_known_label_sets_start_at_zero_with_stream_and_group() -> None:
     assert get(metrics, "embedq_errors_total", kind="redis") == 1
 
 
+def test_acks_counted_per_millisecond_give_the_histogram_one_observation_per_entry() -> None:
+    """``acked`` observes once per distinct XADD millisecond, counted as many times: every
+    bucket, the count and the sum must be what one observation per entry gives."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    metrics = WorkerMetrics(stream="s", group="g")
+    now_ms = int(time.time() * 1000)
+    ages_ms = [0, 0, 0, 40, 40, 700, 700, 700, 700, 3_500, 20_000, 20_000, 10**9]  # off the bounds
+    ids = [f"{now_ms - age}-{seq}" for seq, age in enumerate(ages_ms)]
+    metrics.acked(ids)
+    reference = Histogram(
+        "ref", "", buckets=metrics.enqueue_to_ack._upper_bounds[:-1], registry=CollectorRegistry()
+    )
+    now = time.time()
+    for age in ages_ms:
+        reference.observe(max(0.0, now - (now_ms - age) / 1000))
+    mine = {
+        s.labels.get("le"): s.value
+        for m in metrics.registry.collect() if m.name == "embedq_enqueue_to_ack_seconds"
+        for s in m.samples if s.name.endswith("_bucket")
+    }  # fmt: skip
+    wanted = {
+        s.labels["le"]: s.value
+        for m in reference.collect() for s in m.samples if s.name.endswith("_bucket")
+    }  # fmt: skip
+    assert mine == wanted
+    assert get(metrics, "embedq_enqueue_to_ack_seconds_count") == len(ids)
+    total = sum(s.value for m in reference.collect() for s in m.samples if s.name == "ref_sum")
+    assert get(metrics, "embedq_enqueue_to_ack_seconds_sum") == pytest.approx(total, rel=1e-3)
+
+
 def test_acks_observe_the_time_since_xadd_and_the_last_ack() -> None:
     metrics = WorkerMetrics(stream="s", group="g")
     now_ms = int(time.time() * 1000)

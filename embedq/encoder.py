@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedq import matryoshka
+from embedq import matryoshka, tokenizing
 from embedq.errors import (
     ConfigError,
     DeviceFailed,
@@ -210,6 +210,7 @@ class Encoder:
         self._backend = self.tokenizer.backend_tokenizer
         self._backend.no_padding()
         self._backend.enable_truncation(max_length=self.max_seq_length)
+        self._ascii = tokenizing.ascii_twin(self._backend)  # clean ASCII skips BERT's normalizer
         self._dense = [self._load_dense(d) for d in self.spec.dense]
         hidden = int(self.model.config.hidden_size)
         width = hidden * len(self.spec.pooling)
@@ -275,10 +276,8 @@ class Encoder:
         """Token ids per text (special tokens included), truncated to ``max_seq_length``."""
         if self.spec.do_lower_case:
             texts = [t.lower() for t in texts]
-        # Without the offsets nothing reads (tokenizers >= 0.20): ~10 % less CPU per text.
-        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         try:
-            encodings = encode(list(texts), add_special_tokens=True)
+            encodings = tokenizing.encode(self._backend, self._ascii, texts)
         except Exception as exc:
             raise EncodeFailed(f"tokenizer failed: {type(exc).__name__}: {exc}") from exc
         return [Tokenized(ids=e.ids, truncated=bool(e.overflowing)) for e in encodings]

@@ -85,8 +85,9 @@ def settle_heap() -> None:
 
 def release_free_heap() -> bool:
     """Give freed heap pages back to the OS if RSS grew ``TRIM_GROWTH_BYTES`` since the last
-    trim (glibc only; elsewhere a no-op). Cheap enough to call once per read window: one
-    read of ``/proc/self/statm``. True if it trimmed."""
+    trim (glibc only; elsewhere a no-op). Cheap enough to call after every batch and read
+    window: one read of ``/proc/self/statm``. True if it trimmed. Called from several
+    stage threads: a race on the floor at worst trims once more or once later."""
     if _LIBC is None:
         return False
     if _Trim.floor and rss_bytes() < _Trim.floor + TRIM_GROWTH_BYTES:

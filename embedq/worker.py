@@ -290,7 +290,7 @@ class Worker:
         self._fault_point("after_read")
         for batch in self._timed("tokenize", lambda: self.batcher.batches(stream, entries)):
             self._put(out, batch)
-        release_free_heap()  # once per window: trims only if RSS grew (embedq.heap)
+        release_free_heap()  # also for windows that made no batch (embedq.heap)
 
     def read(self) -> list[tuple[Stream, list[Entry]]]:
         """Reclaimed entries when a reclaim is due and finds some, else new ones; each list

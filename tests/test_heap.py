@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _child(code: str) -> dict[str, int]:
+def _child(code: str) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -98,21 +99,24 @@ def test_freed_memory_goes_back_to_the_os_once_rss_grew_past_the_margin_and_not_
 
 
 def test_a_worker_process_freezes_its_start_up_heap_and_still_collects_cycles() -> None:
-    # In a child: the test process's own GC settings stay as they are.
-    script = """
-import gc, json
-from embedq.heap import GC_YOUNG_THRESHOLD, settle_heap
-settle_heap()
-frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
-class Node: pass
-a, b = Node(), Node()
-a.other, b.other = b, a  # a cycle only the cyclic GC frees
-del a, b
-print(json.dumps([frozen, threshold[0], GC_YOUNG_THRESHOLD, gc.collect()]))
-"""
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                         text=True).stdout  # fmt: skip
-    frozen, young, wanted, collected = json.loads(out)
-    assert frozen > 10_000  # the imports' objects, never walked again
-    assert young == wanted > 700
-    assert collected >= 2  # the two nodes of the cycle
+    found = _child(
+        """
+        import gc, json
+        from embedq.heap import GC_YOUNG_THRESHOLD, settle_heap
+
+        settle_heap()
+        frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
+
+        class Node:
+            pass
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle only the cyclic GC frees
+        del a, b
+        print(json.dumps({"frozen": frozen, "young": threshold[0],
+                          "wanted": GC_YOUNG_THRESHOLD, "collected": gc.collect()}))
+        """
+    )
+    assert found["frozen"] > 10_000  # the imports' objects, never walked again
+    assert found["young"] == found["wanted"] > 700
+    assert found["collected"] >= 2  # the two nodes of the cycle

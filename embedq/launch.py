@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from embedq import logs
+from embedq import logs, tokenizing
 from embedq.backoff import Retrier, dependency
 from embedq.batcher import Batcher, BatchPolicy
 from embedq.batching import batch_limits
@@ -106,6 +106,7 @@ def encoder_for(settings: Settings) -> Encoder:
 def load_encoders(settings: Settings) -> list[Encoder]:
     """The model, once, and a replica per extra model thread (weights shared)."""
     first = encoder_for(settings)
+    tokenizing.serial()
     runtime = resolve_runtime(settings, first.device)
     if first.device == "cpu" and runtime.replicas > 1:
         share = share_cpu_threads(runtime.replicas)

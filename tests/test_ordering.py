@@ -131,6 +131,44 @@ def test_a_refused_write_releases_its_lease_and_leaves_the_index_alone(
     assert v.acquire("B", 60_000, [("x", first)]) == [GO]  # not busy: the lease went
 
 
+def test_a_window_wider_than_the_scripts_slices_gets_every_id_its_own_answer(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    # fence.lua and settle.lua read and write the hashes in slices of 2,000 ids: 5,000 ids,
+    # with ids another writer holds, ids the index already has newer, and an id sent
+    # twice, must each come out as one call per id would have left them.
+    v = versions(redis_client, stream_name)
+    redis_client.xgroup_create(stream_name, "g", id="0", mkstream=True)
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(5000):
+        pipe.xadd(stream_name, {"id": f"d{i}", "text": "t"})
+    entry_ids = [e.decode() for e in pipe.execute()]
+    redis_client.xreadgroup("g", "A", {stream_name: ">"}, count=6000)
+    ms = int(entry_ids[-1].split("-")[0])
+    busy = {f"d{i}" for i in range(0, 5000, 7)}
+    stale = {f"d{i}" for i in range(3, 5000, 11)} - busy
+    assert v.acquire("B", 60_000, [(d, f"{ms + 1}-0") for d in sorted(busy)]) == [GO] * len(busy)
+    newer = [Written(d, f"{ms + 2}-0", "hb") for d in sorted(stale)]
+    assert v.acquire("C", 60_000, [(w.id, w.version) for w in newer]) == [GO] * len(newer)
+    assert v.settle("g", "C", newer, []) == []
+    wanted = [(f"d{i}", entry_ids[i]) for i in range(5000)] + [("d1", entry_ids[1])]
+    got = v.acquire("A", 60_000, wanted)
+    expected = [BUSY if d in busy else STALE if d in stale else GO for d, _ in wanted]
+    assert got == expected
+    written = [Written(d, ver, f"h{d}") for (d, ver), s in zip(wanted, got) if s == GO]
+    assert v.settle("g", "A", written, entry_ids) == []
+    assert redis_client.xpending(stream_name, "g")["pending"] == 0
+    held = v.held([d for d, _ in wanted[:5000]])
+    for (d, ver), h in zip(wanted, held):
+        assert h is not None if d not in busy else h is None, d
+        if h is not None:
+            want = (f"{ms + 2}-0", "hb") if d in stale else (ver, f"h{d}")
+            assert (h.version, h.content_hash) == want, d
+    leases = {k.decode(): val.decode() for k, val in redis_client.hgetall(v.leases_key).items()}
+    assert set(leases) == busy  # A released all of its own, B's stay
+    assert all(val.endswith(" B") for val in leases.values())
+
+
 # -- the guarantee end to end ------------------------------------------------------------
 
 

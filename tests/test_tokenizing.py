@@ -95,3 +95,39 @@ def test_a_tokenizer_that_is_not_bert_s_keeps_its_full_pipeline(packaged: Encode
     other.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     assert tokenizing.ascii_twin(other) is None
     assert_same(other, None, HOSTILE)
+
+
+_THREADS_AFTER_A_WINDOW = """
+import os
+from embedq.config import Settings
+from embedq.launch import load_encoders
+
+encoder = load_encoders(Settings(device="cpu", replicas=1))[0]
+before = len(os.listdir("/proc/self/task"))
+encoder.tokenize([f"text number {i} for the window" for i in range(4096)])
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.parametrize("operator", [None, "true"])
+def test_a_worker_tokenizes_in_its_reader_thread_unless_the_operator_asks_for_the_pool(
+    operator: str | None,
+) -> None:
+    # The pool's threads cost more CPU than they saved beside the model and writer threads,
+    # and their time was invisible in the tokenize stage's count (embedq.tokenizing.serial).
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    if operator:
+        env["TOKENIZERS_PARALLELISM"] = operator
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS_AFTER_A_WINDOW],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.split()  # fmt: skip
+    before, after = int(out[-2]), int(out[-1])
+    if operator:
+        assert after > before  # the Rust tokenizer started its pool
+    else:
+        assert after == before

@@ -21,43 +21,78 @@
 -- is copied to the stream again (a fresh, even newer version), so the index ends with it
 -- whatever order the two writes reached Milvus in. Returns a flat list of id, newer
 -- version, new entry id ('' when the newer entry is no longer in the stream: trimmed).
+-- As in fence.lua: one HMGET per hash and one HSET / HDEL per slice of ids, not a call per
+-- id; slices keep unpack() under Lua's C stack.
+local SLICE = 2000
 local function older(a, b)  -- is version a < version b?
+  if a == b then
+    return false
+  end
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
   local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
   ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
   return ams < bms or (ams == bms and aseq < bseq)
 end
-local me, n = ARGV[2], tonumber(ARGV[3])
-local conflicts = {}
-for i = 4, 3 + 3 * n, 3 do
-  local id, version, digest = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local held = redis.call('HGET', KEYS[2], id)
-  local current = held and string.match(held, '^(%S+)')
-  if digest == '' then
-    -- refused: nothing was written, only the lease goes
-  elseif not current or older(current, version) then
-    redis.call('HSET', KEYS[2], id, version .. ' ' .. digest)
-  elseif older(version, current) then
-    local newer = redis.call('XRANGE', KEYS[1], current, current)
-    local again = ''
-    if #newer == 1 then
-      again = redis.call('XADD', KEYS[1], '*', unpack(newer[1][2]))
+local function in_slices(command, key, values, group)  -- SLICE is even: pairs stay whole
+  for first = 1, #values, SLICE do
+    local last = math.min(first + SLICE - 1, #values)
+    if group then
+      redis.call(command, key, group, unpack(values, first, last))
+    else
+      redis.call(command, key, unpack(values, first, last))
     end
-    conflicts[#conflicts + 1] = id
-    conflicts[#conflicts + 1] = current
-    conflicts[#conflicts + 1] = again
-  end
-  local lease = redis.call('HGET', KEYS[3], id)
-  if lease and string.match(lease, '^%d+ %S+ (.*)$') == me then
-    redis.call('HDEL', KEYS[3], id)
   end
 end
-if #ARGV >= 4 + 3 * n then
+local me, n = ARGV[2], tonumber(ARGV[3])
+local conflicts = {}
+for first = 1, n, SLICE do
+  local last = math.min(first + SLICE - 1, n)
   local ids = {}
-  for i = 4 + 3 * n, #ARGV do
-    ids[#ids + 1] = ARGV[i]
+  for k = first, last do
+    ids[#ids + 1] = ARGV[1 + 3 * k]
   end
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-  redis.call('HDEL', KEYS[4], unpack(ids))
+  local held = redis.call('HMGET', KEYS[2], unpack(ids))
+  local leases = redis.call('HMGET', KEYS[3], unpack(ids))
+  local index, released = {}, {}  -- id, "<version> <hash>", ... and ids: one call each
+  local now, gone = {}, {}  -- this slice's own updates (an id that comes twice sees them)
+  for j = 1, #ids do
+    local base = 1 + 3 * (first + j - 1)
+    local id, version, digest = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+    local current = now[id]
+    if current == nil then
+      current = held[j] and string.match(held[j], '^(%S+)')
+    end
+    if digest == '' then
+      -- refused: nothing was written, only the lease goes
+    elseif not current or older(current, version) then
+      index[#index + 1] = id
+      index[#index + 1] = version .. ' ' .. digest
+      now[id] = version
+    elseif older(version, current) then
+      local newer = redis.call('XRANGE', KEYS[1], current, current)
+      local again = ''
+      if #newer == 1 then
+        again = redis.call('XADD', KEYS[1], '*', unpack(newer[1][2]))
+      end
+      conflicts[#conflicts + 1] = id
+      conflicts[#conflicts + 1] = current
+      conflicts[#conflicts + 1] = again
+    end
+    local lease = leases[j]
+    if lease and not gone[id] and string.match(lease, '^%d+ %S+ (.*)$') == me then
+      released[#released + 1] = id
+      gone[id] = true
+    end
+  end
+  in_slices('HSET', KEYS[2], index)
+  in_slices('HDEL', KEYS[3], released)
+end
+if #ARGV >= 4 + 3 * n then
+  local acked = {}
+  for i = 4 + 3 * n, #ARGV do
+    acked[#acked + 1] = ARGV[i]
+  end
+  in_slices('XACK', KEYS[1], acked, ARGV[1])
+  in_slices('HDEL', KEYS[4], acked)
 end
 return conflicts

@@ -210,7 +210,7 @@ class Encoder:
         self._backend = self.tokenizer.backend_tokenizer
         self._backend.no_padding()
         self._backend.enable_truncation(max_length=self.max_seq_length)
-        self._ascii = tokenizing.ascii_twin(self._backend)  # clean ASCII skips BERT's normalizer
+        self._tokenizing = tokenizing.Tokenizing(self._backend)  # cheaper exact paths
         self._dense = [self._load_dense(d) for d in self.spec.dense]
         hidden = int(self.model.config.hidden_size)
         width = hidden * len(self.spec.pooling)
@@ -277,10 +277,10 @@ class Encoder:
         if self.spec.do_lower_case:
             texts = [t.lower() for t in texts]
         try:
-            encodings = tokenizing.encode(self._backend, self._ascii, texts)
+            encoded = self._tokenizing.encode(texts)
         except Exception as exc:
             raise EncodeFailed(f"tokenizer failed: {type(exc).__name__}: {exc}") from exc
-        return [Tokenized(ids=e.ids, truncated=bool(e.overflowing)) for e in encodings]
+        return [Tokenized(ids=ids, truncated=truncated) for ids, truncated in encoded]
 
     # -- forward + post-process ------------------------------------------------------
 

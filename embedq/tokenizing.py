@@ -1,28 +1,185 @@
-"""Tokenizing a window of texts: clean ASCII texts skip BERT's normalizer.
+"""Tokenizing a window of texts: clean ASCII texts skip BERT's normalizer, and most of them
+skip the Rust tokenizer too.
 
-BERT's ``BertNormalizer`` (clean control characters and whitespace, space out CJK, strip
-accents by NFD, lowercase) was ~10 of the ~23 µs of CPU a short text cost the Rust
-tokenizer (all-MiniLM-L6-v2, short.jsonl, one thread). On a text that is ASCII and has no
-control character, every step but the lowercasing does nothing the pre-tokenizer does not
-undo: there are no accents or CJK, and ``BertPreTokenizer`` splits on any whitespace, so
-mapping tab, newline and carriage return to a space changes no token. Such texts go
-through a twin of the tokenizer whose normalizer is only ``Lowercase`` (or none, for a
-cased model); every other text, and every tokenizer not built that way, keeps the full
-pipeline. The ids and truncation are the same (``tests/test_tokenizing.py`` compares both
-corpora and hostile strings); 99.7 % of short.jsonl and 98.6 % of long.jsonl take the
-cheaper path.
+The Rust tokenizer cost ~20 µs of CPU per short text (all-MiniLM-L6-v2, short.jsonl, one
+thread), more than all of a worker's Python around it. Three paths, chosen per text:
+
+* **Words** (``WordIds``): a clean ASCII text (no control character, no added token such
+  as ``[MASK]`` in it) whose tokenizer is BERT's (``BertNormalizer`` + ``BertPreTokenizer``)
+  is split into words here, lowercased if the model is uncased, and each word's ids come
+  from a cache that the tokenizer fills, a window's new words in one call. The tokenizer
+  runs its model on each pre-token alone, so the concatenation is exactly its result;
+  then the post-processor's tokens around it, and its truncation. ~6 µs per short text
+  (~41 against ~89 µs on long.jsonl). This part holds the GIL, which the Rust tokenizer
+  released: a worker's reader spends ~6 µs more per text in Python and its process ~14 µs
+  less CPU, and ``--procs-per-device`` gives a device more readers.
+* **Twin**: other clean ASCII texts go through a copy of the tokenizer whose normalizer is
+  only ``Lowercase`` (none for a cased model). On a text that is ASCII with no control
+  character, every other step of ``BertNormalizer`` (clean control characters, map
+  whitespace, space out CJK, strip accents) does nothing that ``BertPreTokenizer``, which
+  splits on any whitespace, does not undo.
+* **Full**: every other text, and every tokenizer not built that way.
+
+The ids and truncation are the same on every path (``tests/test_tokenizing.py`` compares
+both corpora and hostile strings); 99.7 % of short.jsonl and 98.6 % of long.jsonl are clean
+ASCII.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 # What BertNormalizer's clean_text removes from ASCII: control characters other than tab,
 # newline and carriage return (it maps those to a space), NUL and DEL.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# BertPreTokenizer on clean ASCII: runs of letters and digits, and each other printable
+# character alone (all of ASCII's are punctuation to it); tab, newline, CR and space split.
+_WORDS_UNCASED = re.compile(r"[a-z0-9]+|[^a-z0-9 \t\n\r]")
+_WORDS_CASED = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9 \t\n\r]")
+MAX_WORDS = 200_000  # cached words; the cache starts again when full (hostile vocabularies)
+MAX_WORD_CHARS = 64  # longer words are tokenized each time, never kept
+
+Encoded = tuple[list[int], bool]  # token ids (special tokens included), truncated
+
+
+class Tokenizing:
+    """``encode``: a window's texts to (ids, truncated), each text by its cheapest exact
+    path. The tokenizer must already be configured (truncation set, no padding)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.twin = ascii_twin(backend)
+        self.words = WordIds.build(backend, self.twin) if self.twin is not None else None
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        if self.twin is None:
+            return _encode(self.backend, texts)
+        words = self.words
+        paths: tuple[Callable[[Sequence[str]], list[Encoded]], ...] = (
+            self._full,
+            self._twin,
+            words.encode if words is not None else self._twin,
+        )
+        route = [(2 if words is None or words.takes(t) else 1) if clean(t) else 0 for t in texts]
+        if len(set(route)) <= 1:  # the usual window: one path for all
+            return paths[route[0] if route else 0](texts)
+        out: list[Encoded] = [([], False)] * len(texts)
+        for path in set(route):
+            where = [i for i, r in enumerate(route) if r == path]
+            for i, encoded in zip(where, paths[path]([texts[i] for i in where]), strict=True):
+                out[i] = encoded
+        return out
+
+    def _full(self, texts: Sequence[str]) -> list[Encoded]:
+        return _encode(self.backend, texts)
+
+    def _twin(self, texts: Sequence[str]) -> list[Encoded]:
+        return _encode(self.twin, texts)
+
+
+def clean(text: str) -> bool:
+    """ASCII with no control character but tab, newline and CR (``isprintable`` first: a
+    C loop, where the pattern's search is not)."""
+    return text.isascii() and (text.isprintable() or _CONTROL.search(text) is None)
+
+
+class WordIds:
+    """Clean ASCII texts tokenized from a cache of each word's ids (see the module)."""
+
+    def __init__(
+        self,
+        twin: Any,
+        *,
+        lowercase: bool,
+        prefix: list[int],
+        suffix: list[int],
+        budget: int | None,
+        added: Sequence[str],
+    ) -> None:
+        self.twin = twin
+        self.lowercase = lowercase
+        self.split = (_WORDS_UNCASED if lowercase else _WORDS_CASED).findall
+        self.prefix, self.suffix = prefix, suffix
+        self.limit = None if budget is None else len(prefix) + budget  # ids kept before suffix
+        pattern = "|".join(map(re.escape, added))
+        self.added = re.compile(pattern, re.IGNORECASE) if added else None
+        # A first character of an added token ("[" for BERT's): most texts hold none, and
+        # looking for one character is cheaper than the pattern's case-blind search.
+        self.starts = sorted({c for t in added for c in (t[0].lower(), t[0].upper())})
+        self.cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def build(cls, backend: Any, twin: Any) -> WordIds | None:
+        """For ``backend`` (BERT's pipeline, ``twin`` its ASCII copy), or None where its
+        post-processor or truncation is not the plain kind this reproduces."""
+        truncation = backend.truncation
+        if backend.padding is not None or (truncation and truncation["direction"] != "right"):
+            return None
+        empty, one = twin.encode("").ids, twin.encode("a").ids
+        word = twin.encode("a", add_special_tokens=False).ids
+        k = next((k for k in range(len(empty) + 1) if empty[:k] + word + empty[k:] == one), -1)
+        if k < 0:
+            return None
+        added = [t.content for t in backend.get_added_tokens_decoder().values() if t.content]
+        made = cls(
+            twin,
+            lowercase=twin.normalizer is not None,
+            prefix=empty[:k],
+            suffix=empty[k:],
+            budget=None if not truncation else truncation["max_length"] - len(empty),
+            added=added,
+        )
+        probes = ["Probe, with: punctuation (and) CAPS!", "word " * 600, "x" * 300, "a"]
+        wanted = [(e.ids, bool(e.overflowing)) for e in twin.encode_batch(probes)]
+        return made if made.encode(probes) == wanted else None
+
+    def takes(self, text: str) -> bool:
+        """A clean ASCII ``text`` that holds no added token (``[MASK]`` and the like are
+        matched in the raw text, before any splitting)."""
+        if self.added is not None:
+            for c in self.starts:
+                if c in text:
+                    return self.added.search(text) is None
+        return True
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        split = self.split
+        words = [split(t.lower()) for t in texts] if self.lowercase else list(map(split, texts))
+        lookup = self._learn(words)
+        prefix, suffix, limit = self.prefix, self.suffix, self.limit
+        out: list[Encoded] = []
+        for ws in words:
+            ids = [*prefix, *chain.from_iterable(map(lookup, ws))]
+            truncated = limit is not None and len(ids) > limit
+            if truncated:
+                del ids[limit:]
+            ids += suffix
+            out.append((ids, truncated))
+        return out
+
+    def _learn(self, words: list[list[str]]) -> Callable[[str], list[int]]:
+        """The ids of every word of a window, the new ones from the tokenizer in one call;
+        returns the lookup for this window."""
+        cache = self.cache
+        new = {w for ws in words for w in ws if w not in cache}
+        if not new:
+            return cache.__getitem__
+        if len(cache) + len(new) > MAX_WORDS:
+            cache.clear()  # this window's words are all learnt again below
+            new = {w for ws in words for w in ws}
+        ordered = list(new)
+        found = self.twin.encode_batch_fast(ordered, add_special_tokens=False)
+        local: dict[str, list[int]] = {}  # too long to keep, or past the cap in this window
+        for word, encoding in zip(ordered, found, strict=True):
+            keep = len(word) <= MAX_WORD_CHARS and len(cache) < MAX_WORDS
+            (cache if keep else local)[word] = encoding.ids
+        if not local:
+            return cache.__getitem__
+        return lambda w: cache[w] if w in cache else local[w]
 
 
 def ascii_twin(backend: Any) -> Any | None:
@@ -40,37 +197,20 @@ def ascii_twin(backend: Any) -> Any | None:
     return twin
 
 
-def encode(backend: Any, twin: Any | None, texts: Sequence[str]) -> list[Any]:
-    """The encodings of ``texts``, in order: clean ASCII ones through ``twin`` if any."""
-    if twin is None:
-        return _encode(backend, texts)
-    plain = [t.isascii() and _CONTROL.search(t) is None for t in texts]
-    if all(plain):
-        return _encode(twin, texts)
-    if not any(plain):
-        return _encode(backend, texts)
-    out: list[Any] = [None] * len(texts)
-    for tokenizer, wanted in ((twin, True), (backend, False)):
-        where = [i for i, p in enumerate(plain) if p is wanted]
-        for i, encoding in zip(where, _encode(tokenizer, [texts[i] for i in where]), strict=True):
-            out[i] = encoding
-    return out
-
-
-def _encode(tokenizer: Any, texts: Sequence[str]) -> list[Any]:
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[Encoded]:
     # Without the offsets nothing reads (tokenizers >= 0.20): ~10 % less CPU per text.
     call = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    return list(call(list(texts), add_special_tokens=True))
+    return [(e.ids, bool(e.overflowing)) for e in call(list(texts), add_special_tokens=True)]
 
 
 def serial() -> None:
     """Tokenize in the calling thread, not on the Rust tokenizer's own thread pool (an
     operator's ``TOKENIZERS_PARALLELISM`` wins).
 
-    A worker tokenizes in its reader thread, off the GIL, beside its model and writer
-    threads; parallelism comes from ``--procs-per-device``. The pool's threads spent more
-    CPU than they saved there: on short.jsonl (2,048 texts per call, 2 cores) ~23 µs of CPU
-    per text against ~18 µs serially, and their time was missing from the tokenize stage's
-    own count (5 µs shown, ~22 spent). Read by the tokenizer at each call, so setting it
-    before the first batch is enough."""
+    A worker tokenizes in its reader thread, beside its model and writer threads;
+    parallelism comes from ``--procs-per-device``. The pool's threads spent more CPU than
+    they saved there: on short.jsonl (2,048 texts per call, 2 cores) ~23 µs of CPU per text
+    against ~18 µs serially, and their time was missing from the tokenize stage's own count
+    (5 µs shown, ~22 spent). Read by the tokenizer at each call, so setting it before the
+    first batch is enough."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -4,6 +4,7 @@ most likely to tell the two paths apart."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from tokenizers import Tokenizer, normalizers
 
 from embedq import tokenizing
 from embedq.encoder import Encoder
+from embedq.tokenizing import Tokenizing
 from tests.conftest import corpus_rows
 
 HOSTILE = [
@@ -38,17 +40,26 @@ HOSTILE = [
 ]
 
 
+ADDED_TOKENS = [
+    "fill the [MASK] in",
+    "[CLS] at the start and [SEP] in the middle",
+    "lower case [mask] is matched too",
+    "[UNK] [PAD]",
+    "brackets [not a token] stay punctuation",
+]
+
+
 def full_encodings(backend: Any, texts: list[str]) -> list[Any]:
     return list(backend.encode_batch(texts, add_special_tokens=True))
 
 
-def assert_same(backend: Any, twin: Any, texts: list[str]) -> None:
-    mine = tokenizing.encode(backend, twin, texts)
+def assert_same(backend: Any, texts: list[str], mine: Tokenizing | None = None) -> None:
+    got = (mine or Tokenizing(backend)).encode(texts)
     wanted = full_encodings(backend, texts)
-    assert len(mine) == len(wanted) == len(texts)
-    for text, got, want in zip(texts, mine, wanted, strict=True):
-        assert got.ids == want.ids, repr(text[:80])
-        assert bool(got.overflowing) == bool(want.overflowing), repr(text[:80])
+    assert len(got) == len(wanted) == len(texts)
+    for text, (ids, truncated), want in zip(texts, got, wanted, strict=True):
+        assert ids == want.ids, repr(text[:80])
+        assert truncated == bool(want.overflowing), repr(text[:80])
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +67,24 @@ def packaged() -> Encoder:
     return Encoder(device="cpu")
 
 
-def test_the_packaged_model_s_tokenizer_has_a_cheaper_twin_for_clean_ascii(
-    packaged: Encoder,
-) -> None:
-    assert packaged._ascii is not None
-    assert isinstance(packaged._ascii.normalizer, normalizers.Lowercase)
+def test_the_packaged_model_s_tokenizer_takes_the_cheaper_paths(packaged: Encoder) -> None:
+    paths = packaged._tokenizing
+    assert paths.twin is not None and isinstance(paths.twin.normalizer, normalizers.Lowercase)
+    assert paths.words is not None and paths.words.lowercase
+    assert (paths.words.prefix, paths.words.suffix) == ([101], [102])  # [CLS] ... [SEP]
 
 
 @pytest.mark.parametrize("corpus", ["short.jsonl", "long.jsonl"])
 def test_both_corpora_tokenize_to_the_full_tokenizer_s_ids(packaged: Encoder, corpus: str) -> None:
     texts = [r["text"] for r in corpus_rows(corpus, 12_000)]
-    assert_same(packaged._backend, packaged._ascii, texts)
+    assert_same(packaged._backend, texts)
+    # The word path alone, on the texts it takes (most of them), from a cold cache.
+    words = Tokenizing(packaged._backend).words
+    assert words is not None
+    taken = [t for t in texts if tokenizing.clean(t)]
+    assert len(taken) > 0.98 * len(texts) and all(words.takes(t) for t in taken)
+    wanted = full_encodings(packaged._backend, taken)
+    assert words.encode(taken) == [(e.ids, bool(e.overflowing)) for e in wanted]
     # And through the encoder as the worker calls it (truncated flags included).
     got = packaged.tokenize(texts[:2000])
     want = full_encodings(packaged._backend, texts[:2000])
@@ -74,38 +92,83 @@ def test_both_corpora_tokenize_to_the_full_tokenizer_s_ids(packaged: Encoder, co
 
 
 def test_hostile_strings_mixed_in_one_window_keep_their_order_and_ids(packaged: Encoder) -> None:
-    texts = [*HOSTILE, "plain ascii text", *reversed(HOSTILE)]
-    assert_same(packaged._backend, packaged._ascii, texts)
-    assert_same(packaged._backend, packaged._ascii, [t for t in HOSTILE if not t.isascii()])
+    texts = [*HOSTILE, "plain ascii text", *ADDED_TOKENS, *reversed(HOSTILE)]
+    assert_same(packaged._backend, texts)
+    assert_same(packaged._backend, [t for t in HOSTILE if not t.isascii()])
+    assert_same(packaged._backend, ADDED_TOKENS)
+    words = packaged._tokenizing.words
+    assert words is not None and not any(words.takes(t) for t in ADDED_TOKENS[:4])
     truncated = packaged.tokenize(["word " * 600, "abc, " * 300, "short"])
     assert [t.truncated for t in truncated] == [True, True, False]
     assert len(truncated[0].ids) == packaged.max_seq_length
 
 
-def test_a_cased_bert_tokenizer_gets_a_twin_without_any_normalizer(packaged: Encoder) -> None:
+def test_long_words_and_a_full_cache_keep_the_ids_and_bound_the_memory(
+    packaged: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokenizing, "MAX_WORDS", 500)
+    mine = Tokenizing(packaged._backend)
+    assert mine.words is not None
+    rng = random.Random(7)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    for _ in range(5):  # 5 windows of 300 texts, ~10 new words each: the cache refills
+        texts = [
+            " ".join("".join(rng.choices(letters, k=rng.randint(1, 90))) for _ in range(10))
+            for _ in range(300)
+        ]
+        assert_same(packaged._backend, texts, mine)
+        assert len(mine.words.cache) <= 500
+        assert all(len(w) <= tokenizing.MAX_WORD_CHARS for w in mine.words.cache)
+
+
+def test_a_cased_bert_tokenizer_gets_paths_without_any_normalizer(packaged: Encoder) -> None:
     cased = Tokenizer.from_str(packaged._backend.to_str())
     cased.normalizer = normalizers.BertNormalizer(lowercase=False)
-    twin = tokenizing.ascii_twin(cased)
-    assert twin is not None and twin.normalizer is None
-    assert_same(cased, twin, [*HOSTILE, "Upper Case Stays Upper"])
+    mine = Tokenizing(cased)
+    assert mine.twin is not None and mine.twin.normalizer is None
+    assert mine.words is not None and not mine.words.lowercase
+    assert_same(cased, [*HOSTILE, *ADDED_TOKENS, "Upper Case Stays Upper, MiXeD iPhone"])
+
+
+def test_a_truncation_the_word_path_does_not_reproduce_leaves_it_to_the_tokenizer(
+    packaged: Encoder,
+) -> None:
+    left = Tokenizer.from_str(packaged._backend.to_str())
+    left.enable_truncation(max_length=16, direction="left")
+    mine = Tokenizing(left)
+    assert mine.twin is not None and mine.words is None
+    assert_same(left, [*HOSTILE, "word " * 40, "short"])
 
 
 def test_a_tokenizer_that_is_not_bert_s_keeps_its_full_pipeline(packaged: Encoder) -> None:
     other = Tokenizer.from_str(packaged._backend.to_str())
     other.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    assert tokenizing.ascii_twin(other) is None
-    assert_same(other, None, HOSTILE)
+    mine = Tokenizing(other)
+    assert mine.twin is None and mine.words is None
+    assert_same(other, [*HOSTILE, *ADDED_TOKENS])
 
 
 _THREADS_AFTER_A_WINDOW = """
 import os
+import threading
 from embedq.config import Settings
 from embedq.launch import load_encoders
 
+def cpu_ns():
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            out[int(tid)] = int(f.read().split()[0])
+    return out
+
 encoder = load_encoders(Settings(device="cpu", replicas=1))[0]
-before = len(os.listdir("/proc/self/task"))
-encoder.tokenize([f"text number {i} for the window" for i in range(4096)])
-print(before, len(os.listdir("/proc/self/task")))
+before = cpu_ns()
+for _ in range(3):
+    encoder.tokenize([f"text number {i} for the window" for i in range(4096)])
+    encoder.tokenize([f"café number {i} for the window" for i in range(4096)])  # the full path
+after = cpu_ns()
+me = threading.get_native_id()
+print(sum(1 for t, ns in after.items() if t != me and ns - before.get(t, 0) > 2_000_000))
 """
 
 
@@ -126,8 +189,8 @@ def test_a_worker_tokenizes_in_its_reader_thread_unless_the_operator_asks_for_th
         [sys.executable, "-c", _THREADS_AFTER_A_WINDOW],
         env=env, capture_output=True, text=True, timeout=120, check=True,
     ).stdout.split()  # fmt: skip
-    before, after = int(out[-2]), int(out[-1])
+    busy_threads = int(out[-1])  # threads other than the caller's that did the work
     if operator:
-        assert after > before  # the Rust tokenizer started its pool
+        assert busy_threads > 0  # the Rust tokenizer's pool
     else:
-        assert after == before
+        assert busy_threads == 0

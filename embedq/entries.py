@@ -31,8 +31,12 @@ def text(value: bytes | str | None) -> str | None:
 
 
 def as_entries(raw: Iterable[RawEntry]) -> list[Entry]:
-    """XRANGE / XREADGROUP entries as ``Entry`` values."""
-    return [Entry(entry_id=eid.decode(), fields=dict(fields or {})) for eid, fields in raw]
+    """XRANGE / XREADGROUP entries as ``Entry`` values (redis-py's fresh dicts kept as
+    they are: no copy per entry)."""
+    return [
+        Entry(eid.decode(), fields if type(fields) is dict else dict(fields or {}))
+        for eid, fields in raw
+    ]
 
 
 def pairs(fields: Any) -> dict[bytes, bytes]:

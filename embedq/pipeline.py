@@ -45,7 +45,7 @@ class Item:
 
     @property
     def entries(self) -> list[Entry]:
-        return [*self.superseded, self.entry]
+        return [*self.superseded, self.entry] if self.superseded else [self.entry]
 
 
 @dataclass

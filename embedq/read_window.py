@@ -37,7 +37,8 @@ class ReadWindow:
         one window of huge entries shrinks the next at once)."""
         if not entries:
             return
-        mean = sum(len(k) + len(v) for e in entries for k, v in e.fields.items()) / len(entries)
+        # The values' bytes (field names add a few bytes an entry): every window, every entry.
+        mean = sum(len(v) for e in entries for v in e.fields.values()) / len(entries)
         weight = 1.0 if mean > self._mean_bytes else 0.2
         self._mean_bytes += weight * (mean - self._mean_bytes)
 

@@ -169,7 +169,9 @@ class WordIds:
         if not new:
             return cache.__getitem__
         if len(cache) + len(new) > MAX_WORDS:
-            cache.clear()  # this window's words are all learnt again below
+            # A new dict, not clear(): a window another thread is looking up in keeps its
+            # own; this window's words are all learnt again below.
+            cache = self.cache = {}
             new = {w for ws in words for w in ws}
         ordered = list(new)
         found = self.twin.encode_batch_fast(ordered, add_special_tokens=False)

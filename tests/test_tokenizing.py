@@ -121,6 +121,38 @@ def test_long_words_and_a_full_cache_keep_the_ids_and_bound_the_memory(
         assert all(len(w) <= tokenizing.MAX_WORD_CHARS for w in mine.words.cache)
 
 
+def test_threads_sharing_one_full_cache_each_get_their_own_ids(
+    packaged: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The encoder is shared (replicas, the API's threads): one thread starting the cache
+    # again must not take words from under another's window.
+    import threading
+
+    monkeypatch.setattr(tokenizing, "MAX_WORDS", 300)
+    mine = Tokenizing(packaged._backend)
+    rng = random.Random(11)
+    windows = [
+        [" ".join(f"w{rng.randrange(10**6)}" for _ in range(8)) for _ in range(100)]
+        for _ in range(24)
+    ]
+    wanted = [
+        [(e.ids, bool(e.overflowing)) for e in full_encodings(packaged._backend, w)]
+        for w in windows
+    ]
+    got: dict[int, Any] = {}
+
+    def work(first: int) -> None:
+        for i in range(first, len(windows), 4):
+            got[i] = mine.encode(windows[i])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(windows))] == wanted
+
+
 def test_a_cased_bert_tokenizer_gets_paths_without_any_normalizer(packaged: Encoder) -> None:
     cased = Tokenizer.from_str(packaged._backend.to_str())
     cased.normalizer = normalizers.BertNormalizer(lowercase=False)

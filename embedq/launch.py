@@ -105,8 +105,8 @@ def encoder_for(settings: Settings) -> Encoder:
 
 def load_encoders(settings: Settings) -> list[Encoder]:
     """The model, once, and a replica per extra model thread (weights shared)."""
+    tokenizing.serial()  # before the encoder's own first batch (its word path's probes)
     first = encoder_for(settings)
-    tokenizing.serial()
     runtime = resolve_runtime(settings, first.device)
     if first.device == "cpu" and runtime.replicas > 1:
         share = share_cpu_threads(runtime.replicas)

@@ -9,10 +9,11 @@ thread), more than all of a worker's Python around it. Three paths, chosen per t
   is split into words here, lowercased if the model is uncased, and each word's ids come
   from a cache that the tokenizer fills, a window's new words in one call. The tokenizer
   runs its model on each pre-token alone, so the concatenation is exactly its result;
-  then the post-processor's tokens around it, and its truncation. ~6 µs per short text
-  (~41 against ~89 µs on long.jsonl). This part holds the GIL, which the Rust tokenizer
-  released: a worker's reader spends ~6 µs more per text in Python and its process ~14 µs
-  less CPU, and ``--procs-per-device`` gives a device more readers.
+  then the post-processor's tokens around it, and its truncation. ~6 against ~26 µs per
+  short text, ~33 against ~94 µs per long one (docs/benchmarks.md). This part holds the
+  GIL, which the Rust tokenizer released: a worker's reader spends ~5 µs more per text in
+  Python and its process ~15 µs less CPU, and ``--procs-per-device`` gives a device more
+  readers.
 * **Twin**: other clean ASCII texts go through a copy of the tokenizer whose normalizer is
   only ``Lowercase`` (none for a cased model). On a text that is ASCII with no control
   character, every other step of ``BertNormalizer`` (clean control characters, map
@@ -30,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -54,31 +56,31 @@ class Tokenizing:
         self.backend = backend
         self.twin = ascii_twin(backend)
         self.words = WordIds.build(backend, self.twin) if self.twin is not None else None
+        # By route: 0 full, 1 twin, 2 words (only routed to when there is a word path).
+        full = partial(_encode, backend)
+        twin = partial(_encode, self.twin) if self.twin is not None else full
+        self._paths: tuple[Callable[[Sequence[str]], list[Encoded]], ...] = (
+            full,
+            twin,
+            self.words.encode if self.words is not None else twin,
+        )
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         if self.twin is None:
-            return _encode(self.backend, texts)
+            return self._paths[0](texts)
         words = self.words
-        paths: tuple[Callable[[Sequence[str]], list[Encoded]], ...] = (
-            self._full,
-            self._twin,
-            words.encode if words is not None else self._twin,
-        )
-        route = [(2 if words is None or words.takes(t) else 1) if clean(t) else 0 for t in texts]
+        route = [
+            (2 if words is not None and words.takes(t) else 1) if clean(t) else 0 for t in texts
+        ]
         if len(set(route)) <= 1:  # the usual window: one path for all
-            return paths[route[0] if route else 0](texts)
+            return self._paths[route[0] if route else 0](texts)
         out: list[Encoded] = [([], False)] * len(texts)
         for path in set(route):
             where = [i for i, r in enumerate(route) if r == path]
-            for i, encoded in zip(where, paths[path]([texts[i] for i in where]), strict=True):
+            found = self._paths[path]([texts[i] for i in where])
+            for i, encoded in zip(where, found, strict=True):
                 out[i] = encoded
         return out
-
-    def _full(self, texts: Sequence[str]) -> list[Encoded]:
-        return _encode(self.backend, texts)
-
-    def _twin(self, texts: Sequence[str]) -> list[Encoded]:
-        return _encode(self.twin, texts)
 
 
 def clean(text: str) -> bool:

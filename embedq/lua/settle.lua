@@ -54,11 +54,11 @@ for first = 1, n, SLICE do
   local held = redis.call('HMGET', KEYS[2], unpack(ids))
   local leases = redis.call('HMGET', KEYS[3], unpack(ids))
   local index, released = {}, {}  -- id, "<version> <hash>", ... and ids: one call each
-  local now, gone = {}, {}  -- this slice's own updates (an id that comes twice sees them)
+  local recorded, gone = {}, {}  -- this slice's own updates (an id that comes twice sees them)
   for j = 1, #ids do
     local base = 1 + 3 * (first + j - 1)
     local id, version, digest = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-    local current = now[id]
+    local current = recorded[id]
     if current == nil then
       current = held[j] and string.match(held[j], '^(%S+)')
     end
@@ -67,7 +67,7 @@ for first = 1, n, SLICE do
     elseif not current or older(current, version) then
       index[#index + 1] = id
       index[#index + 1] = version .. ' ' .. digest
-      now[id] = version
+      recorded[id] = version
     elseif older(version, current) then
       local newer = redis.call('XRANGE', KEYS[1], current, current)
       local again = ''

@@ -35,6 +35,8 @@ def test_record_round_trips_through_fields() -> None:
         ({b"id": b"a", b"text": b"caf\xe9"}, "invalid_utf8"),
         ({b"id": b"a", b"text": b""}, "empty_text"),
         ({b"id": b"a", b"text": b" \n\t "}, "empty_text"),
+        # Unicode whitespace only (ideographic, no-break, em space, NEL): blank as well.
+        ({b"id": b"a", b"text": "\u3000\u00a0\u2003\x85\x0b".encode()}, "empty_text"),
         ({b"id": b"a", b"text": b"x" * 1001}, "text_too_large"),
         ({b"id": b"a", b"text": b"t", b"meta": b"[1, 2]"}, "meta_not_object"),
         ({b"id": b"a", b"text": b"t", b"meta": b"{nope"}, "meta_not_object"),

@@ -29,6 +29,8 @@ class ExitCode(IntEnum):
     NOT_FOUND = 1  # `job ID`, `dlq show`, `dlq retry IDS`: what was asked for is not there
     USAGE = 2  # bad flags or settings, or something else the operator must fix (ConfigError)
     CONNECT = 3  # Redis or Milvus cannot be reached (at start: the worker retries once running)
+    REFUSED = 4  # a bulk delete (repair, sync cleanup) was refused as unproven: nothing deleted
+    NOTHING_SENT = 5  # `enqueue` sent nothing and rejected something (a typo in a field?)
     INTERRUPTED = 130  # `enqueue` stopped by Ctrl-C (128 + SIGINT, the shell's convention)
 
 
@@ -105,6 +107,11 @@ class SinkRejected(EmbedqError):
     """Milvus answered but refused the write (bad data, schema mismatch); not retryable as is."""
 
 
+class DeletesRefused(EmbedqError):
+    """A tool would delete rows in bulk on evidence it cannot trust (an empty or lost
+    index, more than ``--max-delete`` allows); nothing was deleted, the message says why."""
+
+
 class StageCrashed(EmbedqError):
     """A worker pipeline thread died on an unexpected error; the worker stops
     (``ExitCode.CRASHED``)."""
@@ -114,6 +121,8 @@ def exit_code_for(exc: EmbedqError) -> ExitCode:
     """The exit status of a command that stopped on ``exc``."""
     if isinstance(exc, ConfigError):
         return ExitCode.USAGE
+    if isinstance(exc, DeletesRefused):
+        return ExitCode.REFUSED
     if isinstance(exc, InfrastructureError):
         return ExitCode.CONNECT
     return ExitCode.CRASHED

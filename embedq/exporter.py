@@ -34,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from embedq.config import Settings
+from embedq.epoch import EpochWatch
 from embedq.health import HealthServer, NotReady
 from embedq.lag import LagInfo
 from embedq.metrics import runtime_registry
@@ -46,6 +47,7 @@ SAMPLE_EVERY_S = 1.0
 SOCKET_TIMEOUT_S = 1.0  # a sample gives up this soon on a frozen Redis
 MAX_CONSUMER_SERIES = 20  # per stream: the consumers holding the most; the rest summed
 COUNT_LIMIT = 10_000  # entries counted one by one when Redis cannot compute the lag
+EPOCH_EVERY_S = 30.0  # how often the deployment's epoch is compared (it reads Milvus)
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,8 @@ def serve_exporter(settings: Settings) -> tuple[HealthServer, StreamSampler]:
     sampler = StreamSampler(open_sampled_streams(settings)).start()
     registry = runtime_registry()
     registry.register(StreamCollector(sampler))
+    # Whether Redis lost its data (embedq.epoch): Milvus is read on a thread of its own.
+    registry.register(EpochWatch(settings, sampler.streams, EPOCH_EVERY_S).start())
     server = HealthServer(
         registry, settings.metrics_port, settings.metrics_host, settings.metrics_backlog
     )

@@ -30,6 +30,14 @@ ENDED = ("done", "failed", "interrupted")
 WAIT_TIMEOUT_MS = 1000  # below the client's socket timeout (2 s and more)
 # Job ids go into key names: no braces (a hash tag would move keys off their partition's slot).
 JOB_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+LOST = (
+    "Redis lost this job's keys (its source, start and enqueued counts; Redis lost its data): "
+    "the counts shown are what workers recorded since. Re-send the job from its source"
+)
+# What only the producer's keys say: unknown (None) for a lost job.
+_PRODUCERS = frozenset(
+    ("source", "partitions", "total", "enqueued", "remaining", "started_ms", "updated_ms", "eta_s")
+)
 
 
 class Sender:
@@ -190,13 +198,14 @@ class JobLedger:
 
     def prune(self, older_than_s: float = 0.0) -> list[str]:
         """Forget the jobs that ended (done, failed, interrupted) at least ``older_than_s``
-        ago, and any whose keys expired; returns their ids."""
+        ago, any whose keys expired, and any whose keys Redis lost (``lost``: only workers'
+        counts left, nothing says when it ended); returns their ids."""
         cutoff_ms = int((time.time() - older_than_s) * 1000)
         gone = []
         for job in self.ids():
             state = self.state(job)
             view = None if state is None else job_view(job, state)
-            ended = view is None or view.state in ENDED
+            ended = view is None or view.state in ENDED or view.lost
             if ended and (state is None or int(state.get("finished_ms") or 0) <= cutoff_ms):
                 self.forget(job)
                 gone.append(job)
@@ -233,6 +242,9 @@ class JobLedger:
         pipe = self.client.pipeline(transaction=False)
         for job, count in per_job.items():
             key = self.keys.job(job)
+            # Listed even when Redis lost the job's keys (issue 25): `jobs` then shows it as
+            # "lost" (no started_ms: ``job_view``) instead of nothing. NX: the start stays.
+            pipe.zadd(self.keys.jobs, {job: now_ms}, nx=True)
             pipe.hincrby(key, "embedded", count)
             pipe.hsetnx(key, "embedded_first_ms", now_ms)
             pipe.hset(key, "embedded_last_ms", now_ms)
@@ -281,12 +293,21 @@ class JobView:
     updated_ms: int
     embedded_per_s: float | None
     eta_s: float | None
+    lost: bool = False  # Redis lost the job's keys; only workers' counts since are left
 
     @property
     def remaining(self) -> int:
         return max(self.enqueued - self.embedded - self.dead_lettered, 0)
 
     def as_dict(self) -> dict[str, Any]:
+        found = self._fields()
+        if self.lost:  # what only the producer's keys said is unknown, not 0 (nor 1970)
+            return {"job": self.job, "state": self.state, "lost": LOST} | {
+                k: None if k in _PRODUCERS else v for k, v in found.items()
+            }
+        return found
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "job": self.job,
             "source": self.source,
@@ -315,14 +336,18 @@ def job_view(job: str, state: dict[str, str]) -> JobView:
         rate = round(embedded / (span_ms / 1000), 1)
     remaining = max(enqueued - embedded - dead, 0)
     sent = state.get("state", "sending")
-    done = sent == "sent" and remaining == 0
+    # The producer writes started_ms first (``JobLedger.start``): a hash without it holds
+    # only what workers counted after Redis lost the job's keys (issue 25: a "zombie" job,
+    # state sending, started 1970-01-01).
+    lost = not state.get("started_ms")
+    done = sent == "sent" and remaining == 0 and not lost
     eta: float | None = 0.0 if done else None
     if not done and rate:
         eta = round(remaining / rate, 1)
     return JobView(
         job=job,
         source=state.get("source", ""),
-        state="done" if done else sent,
+        state="lost" if lost else "done" if done else sent,
         partitions=number("partitions") or 1,
         total=int(state["total"]) if state.get("total") else None,
         enqueued=enqueued,
@@ -331,7 +356,8 @@ def job_view(job: str, state: dict[str, str]) -> JobView:
         started_ms=number("started_ms"),
         updated_ms=number("updated_ms"),
         embedded_per_s=rate,
-        eta_s=eta,
+        eta_s=None if lost else eta,
+        lost=lost,
     )
 
 

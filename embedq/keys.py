@@ -12,6 +12,10 @@ Key schema, for a base stream named ``S`` (default ``embedq:tasks``) and a job `
 ``S:errors``          hash: entry id -> the last error a worker hit while holding that
                       entry; read when it is dead-lettered for ``max_deliveries``,
                       deleted when it is acked or dead-lettered
+``S:epoch``           hash: collection ``C`` -> "<token> <created ms>", the deployment's
+                      identity; ``C`` records the same token in its properties
+                      (``embedq.epoch``): a collection whose epoch Redis lacks outlived
+                      Redis's data (``embedq.epoch``)
 
 With ``--partitions N`` (N > 1) there are N tasks streams instead of ``S``; partition ``i``
 is ``P = S:{p<i>}``. Everything a partition needs atomically shares its hash tag, so it
@@ -20,10 +24,12 @@ lives on the partition's Redis Cluster slot:
 ``P``                 the partition's tasks stream
 ``P:dlq``             its dead-letter stream (the dead-letter script touches both)
 ``P:errors``          its last-error hash (dead-letter and retry scripts touch it)
-``P:index:C``         hash: id -> "<version> <content hash>" of the row collection ``C``
-                      holds for it, the version being the partition's entry id that said
-                      what the row must be ("-" as hash: deleted); written only after
-                      Milvus confirmed the write (``settle.lua``)
+``P:index:C``         hash: id -> "<version> <content hash> <vector digest>" of the row
+                      collection ``C`` holds for it, the version being the partition's
+                      entry id that said what the row must be ("-" as hash: deleted, no
+                      digest); the digest is "<crc32 hex>@<collection tag>"
+                      (``embedq.digest``), absent where an older worker wrote; written
+                      only after Milvus confirmed the write (``settle.lua``)
 ``P:leases:C``        hash: id -> "<expires ms> <version> <consumer>" while one worker
                       writes that id's row (``fence.lua``)
 ``P:sent:J``          hash: the last source position job ``J`` sent to ``P`` and how many
@@ -89,6 +95,11 @@ class Keys:
     @property
     def errors(self) -> str:
         return self.stream + ERRORS_SUFFIX
+
+    @property
+    def epoch(self) -> str:
+        """Collection -> the deployment's epoch (embedq.epoch), one hash per base stream."""
+        return f"{self.base}:epoch"
 
     def docs(self, collection: str) -> str:
         """Document -> ids, for ``enqueue --cleanup`` (embedq.sync)."""

@@ -14,6 +14,8 @@ from embedq.keys import partition_streams
 if TYPE_CHECKING:
     import redis
 
+    from embedq.epoch import Standing
+
 # How many partition streams ``partitions_found`` looks for, in one round trip.
 _PARTITIONS_PROBED = 256
 
@@ -194,3 +196,18 @@ def backlog(parts: Iterable[LagInfo]) -> tuple[int, str]:
             total += info.length
             how = "length"
     return total, how
+
+
+def loss_fields(standing: Standing | None) -> dict[str, Any]:
+    """``lag --json``'s word on the deployment's epoch (``embedq.epoch``):
+    ``redis_data_lost`` is true when the collection records an epoch Redis does not hold
+    (with the line in ``redis_data_lost_message``), null when the collection could not be
+    read (no such collection, Milvus down, a Milvus Lite file a worker holds)."""
+    if standing is None:
+        return {"redis_data_lost": None, "redis_data_lost_message": None}
+    return standing.as_dict()
+
+
+def loss_lines(standing: Standing | None) -> list[str]:
+    """The one line ``lag`` and ``top`` print when Redis lost its data; none otherwise."""
+    return [f"LOST         {standing.line()}"] if standing is not None and standing.lost else []

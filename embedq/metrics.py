@@ -201,6 +201,11 @@ class WorkerMetrics:
         self.replicas = self._gauge(
             "embedq_model_replicas", "Model replicas (threads) in this worker"
         )
+        self.redis_data_lost = self._gauge(
+            "embedq_redis_data_lost",
+            "1 when this worker found, at start, that the collection records an epoch Redis "
+            "does not hold: Redis lost its data (embedq.epoch; `embedq verify --adopt`)",
+        )
         self.queue_depth = self._labelled(
             Gauge,
             "embedq_queue_depth",

@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from embedq.encoder import EncodedBatch, Encoder
-from embedq.errors import ConfigError, EncodeFailed
+from embedq.errors import ConfigError, EncodeFailed, SinkUnavailable
 from embedq.milvus_errors import translated
 from embedq.schema import model_fingerprint
 from embedq.sink import Row, Sink
@@ -41,6 +41,7 @@ log = structlog.get_logger("embedq.migrate")
 SEPARATOR = "__"
 PREVIOUS = "embedq.previous"  # property of a promoted collection: the one it replaced
 BATCH_ROWS = 64
+LISTING_TRIES = 5  # listings of the live collection per pass, when writes race them
 
 
 @dataclass
@@ -194,7 +195,18 @@ def source_sink(migration: Migration, collection: str) -> Sink:
 
 
 def _signatures(sink: Sink) -> dict[str, str]:
-    return {str(r["id"]): str(r.get("version", "")) for r in sink.rows()}
+    """Every id's version. Workers keep writing the live collection while a pass lists it,
+    and a listing that a write raced fails (``Sink.rows`` counts the rows after it rather
+    than return a list it cannot prove whole): it is taken again, a few times."""
+    attempt = 1
+    while True:
+        try:
+            return {str(r["id"]): str(r.get("version", "")) for r in sink.rows()}
+        except SinkUnavailable:
+            if attempt == LISTING_TRIES:
+                raise
+        time.sleep(0.2 * attempt)
+        attempt += 1
 
 
 def catch_up(

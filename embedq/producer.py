@@ -29,13 +29,12 @@ import orjson
 import redis
 import structlog
 
-from embedq.errors import EmbedqError
+from embedq.errors import DeletesRefused, EmbedqError
 from embedq.jobs import EnqueueBatch, JobLedger, Sender, check_job_id
 from embedq.keys import Keys, partition_for
 from embedq.lag import backlog
-from embedq.records import Record, content_hash
+from embedq.records import Record, Rejected, content_hash
 from embedq.redis_connection import connect, translated
-from embedq.sources import Rejected
 from embedq.stream import Stream, partition_lanes
 from embedq.sync import DocSync
 from embedq.versions import Versions
@@ -71,11 +70,17 @@ class Counts:
     rejected: int = 0
     resumed: int = 0  # sent by an earlier run of the same job, not sent again
     position: int = 0
+    not_cleaned: str = ""  # document sync: why this run deleted nothing on purpose
     started_at: float = field(default_factory=time.monotonic)
 
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_at
+
+    @property
+    def accepted(self) -> int:
+        """Records that passed: sent now, sent before (resumed) or already held (dedup)."""
+        return self.sent + self.unchanged + self.resumed
 
     def as_dict(self) -> dict[str, Any]:
         elapsed = max(self.elapsed_s, 1e-9)
@@ -199,7 +204,12 @@ class Producer:
                 self._ended_early(job, exc, fresh=max(positions.values()) < 0)
             raise
         if sync is not None:
-            counts.deleted = self._clean_up(sync)
+            try:
+                counts.deleted = self._clean_up(sync, counts)
+            except DeletesRefused:
+                if job is not None:  # everything was sent: only the cleanup was refused
+                    self._ledger.finish(job)
+                raise
         if job is not None:
             self._ledger.finish(job)
         if on_progress is not None:
@@ -225,8 +235,11 @@ class Producer:
                 bad = item if isinstance(item, Rejected) else self._refused(item, step.sync)
                 if bad is not None or isinstance(item, Rejected):  # (the second for mypy)
                     counts.rejected += 1
-                    if on_rejected is not None and bad is not None:
-                        on_rejected(bad)
+                    if bad is not None:
+                        if step.sync is not None:
+                            step.sync.rejected(bad.meta)
+                        if on_rejected is not None:
+                            on_rejected(bad)
                     continue
                 stream = single or self.streams[partition_for(item.id, len(self.streams))]
                 if ordinal <= positions[stream]:
@@ -269,17 +282,31 @@ class Producer:
                 return Rejected(
                     f"record {record.id}",
                     f"text is {size} bytes, the limit is {self.max_text_bytes} (--max-text-bytes)",
+                    record.meta,  # its document keeps its old rows (document sync)
                 )
         why = sync.see(record) if sync is not None else None
         return None if why is None else Rejected(f"record {record.id}", why)
 
-    def _clean_up(self, sync: DocSync) -> int:
-        """After a run that sent everything: delete what the documents no longer have."""
-        doomed, gone = sync.stale_ids()
-        deleted = self.delete(doomed)
-        sync.record(gone)
+    def _clean_up(self, sync: DocSync, counts: Counts) -> int:
+        """After a run that sent everything: delete what the documents no longer have, within
+        ``sync.max_delete`` (else ``DeletesRefused``: nothing deleted, the ledger as it was).
+        A run that accepted no record at all touches neither."""
+        if not counts.accepted:
+            counts.not_cleaned = "every record was rejected: no cleanup in this run"
+            log.warning("cleanup_skipped", why=counts.not_cleaned)
+            return 0
+        plan = sync.plan()
+        if plan.skipped:
+            counts.not_cleaned = plan.skipped
+            log.warning("cleanup_skipped", why=plan.skipped)
+        deleted = self.delete(plan.doomed)
+        sync.record(plan)
         log.info(
-            "documents_synced", documents=len(sync.seen), deleted=deleted, cleanup=sync.cleanup
+            "documents_synced",
+            documents=len(sync.seen),
+            deleted=deleted,
+            cleanup=sync.cleanup,
+            ledger_ids=plan.ledger_ids,
         )
         return deleted
 
@@ -288,9 +315,7 @@ class Producer:
         group has room for it."""
         if not chunk:
             return []
-        rows = [
-            (ordinal, record, stream, _meta_bytes(record)) for ordinal, record, stream in chunk
-        ]
+        rows = [(ordinal, record, stream, _meta_bytes(record)) for ordinal, record, stream in chunk]
         if step.dedup:
             rows = self._changed(rows, step)
         if step.max_lag:

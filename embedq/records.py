@@ -11,17 +11,26 @@ An entry on the tasks stream has these fields (all values are bytes on the wire)
 
 The Redis entry id is never the primary key, so a producer that retries an XADD
 overwrites its own row instead of creating a second one.
+
+On the producer's side, ``to_item`` turns a source row into a ``Record``, or a ``Rejected``
+saying where it is and why it cannot be one (``embedq.sources`` reads the rows).
 """
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import hashlib
 import json
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from embedq.errors import PoisonInput
+
+if TYPE_CHECKING:
+    from embedq.sources import Fields
 
 MAX_ID_BYTES = 512  # the VARCHAR primary key's max_length in the collection
 UPSERT, DELETE = "upsert", "delete"
@@ -126,3 +135,65 @@ def decode(fields: Mapping[bytes, bytes], limits: Limits) -> Record:
             )
         meta = parsed
     return Record(id=doc_id, text=text, meta=meta, job=job)
+
+
+# -- rows from a source (embedq.sources) as records, or why they cannot be ----------
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A source row that cannot become a record; counted and logged, never sent.
+
+    ``meta`` is the row's meta where it could be read: document sync keeps every earlier id
+    of the document a rejected record names, instead of deleting its row (issue 25)."""
+
+    where: str
+    reason: str
+    meta: dict[str, Any] | None = field(default=None, compare=False)
+
+
+Item = Record | Rejected
+
+
+def _json_safe(value: Any) -> Any:
+    """Values from CSV, Parquet or SQL as JSON types (dates and decimals as strings)."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, datetime.date | datetime.time | decimal.Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def to_item(row: Mapping[str, Any], where: str, fields: Fields) -> Item:
+    """One row (a mapping of column to value) as a Record, or why it cannot be one."""
+    meta, bad_meta = _meta(row, fields)
+    doc_id = row.get(fields.id)
+    if doc_id is None and fields.id not in row:
+        return Rejected(where, f"no {fields.id!r} field", meta)
+    if doc_id is None or doc_id == "":
+        return Rejected(where, f"empty {fields.id!r}", meta)
+    text = row.get(fields.text)
+    if not isinstance(text, str):
+        return Rejected(where, f"no string {fields.text!r} field", meta)
+    if bad_meta is not None:
+        return Rejected(where, bad_meta)
+    return Record(id=str(doc_id), text=text, meta=meta)
+
+
+def _meta(row: Mapping[str, Any], fields: Fields) -> tuple[dict[str, Any] | None, str | None]:
+    """The row's meta, or why it has none that can be stored."""
+    meta = row.get(fields.meta) if fields.meta else None
+    if meta is not None and not isinstance(meta, dict):
+        return None, f"{fields.meta!r} is not a JSON object"
+    if fields.meta_fields:
+        meta = dict(meta or {})
+        for name in fields.meta_fields:
+            if name in row:
+                meta[name] = _json_safe(row[name])
+    return meta, None

@@ -29,6 +29,7 @@ import structlog
 
 from embedq.backoff import Retrier
 from embedq.columns import Columns, meta_json
+from embedq.digest import collection_tag
 from embedq.entries import Entry
 from embedq.errors import EmbedqError, InfrastructureError, QueueFull, SinkRejected
 from embedq.heartbeat import InFlight
@@ -136,7 +137,14 @@ class Settler:
         done = [*written, *deletes, *stale]
         self.in_flight.discard((stream.keys.stream, e.entry_id) for i in done for e in i.entries)
         with self.stats.cpu("ack"):
-            self.ordering.commit(stream, [*written, *deletes], refused, done)
+            self.ordering.commit(
+                stream,
+                [*written, *deletes],
+                refused,
+                done,
+                tag=collection_tag(self.sink.target),
+                sparse=self.sink.sparse,
+            )
         entries = [e for i in done for e in i.entries]
         with self.stats.cpu("jobs"):
             self._job_progress(partial(self.ledger.record_embedded, entries))

@@ -27,7 +27,8 @@ import structlog
 
 from embedq.columns import TEXT_MAX_BYTES, Columns, meta_json, send
 from embedq.config import Settings
-from embedq.errors import ConfigError, SinkRejected
+from embedq.errors import ConfigError, SinkRejected, SinkUnavailable
+from embedq.listing import pages
 from embedq.milvus_errors import translated
 from embedq.schema import check_fields, check_model, collection_args, model_properties
 
@@ -39,6 +40,11 @@ log = structlog.get_logger("embedq.sink")
 ID_MAX_BYTES = 512
 VERSION_FIELDS = ("content_hash", "version")  # what `embedq verify` compares with the index
 REQUEST_BUDGET_BYTES = 16 * 1024 * 1024  # one request may carry 64 MB; stay well under
+# A listing's page (``Sink.rows``): rows per query, under the 16,384 a query may return.
+# Large, because a query on Milvus Lite's unsealed rows scans them all, however few match;
+# with vectors smaller, as pymilvus gives each one as a list of Python floats.
+PAGE_ROWS = 10_000
+VECTOR_PAGE_ROWS = 1_000
 
 
 @dataclass(frozen=True)
@@ -84,11 +90,6 @@ def check_lite_path(uri: str, *, create: bool = True) -> None:
             f"no Milvus Lite database at {uri}: no worker has written there (check "
             "--milvus-uri; `make demo` writes .demo/embedq.db, collection demo)"
         )
-
-
-def _quoted(text: str) -> str:
-    """``text`` inside a double-quoted Milvus filter string."""
-    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 class Sink:
@@ -377,30 +378,63 @@ class Sink:
                 )
             )
 
-    def rows(self, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every row's id, content hash and version (no vectors), page by page.
+    def rows(
+        self, batch_size: int | None = None, *, vectors: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Every row once, in id order, in pages of up to ``batch_size`` rows (default
+        ``PAGE_ROWS``, or ``VECTOR_PAGE_ROWS`` with ``vectors``): its id, content hash and
+        version, and with ``vectors`` its ``vector`` and ``sparse`` fields where the
+        collection has them.
 
-        Keyset pages (``id > last``, in primary-key order, as Milvus returns a limited
-        query): pymilvus's query iterator finds nothing on a 2.3.5 server (it cannot get
-        the server's MVCC timestamp there), and offsets stop at 16,384 rows."""
+        Pages come from ``embedq.listing.pages``, which proves each one complete whatever
+        order the backend answers in. Then the ids listed must number ``count(*)``: if not,
+        rows were written or deleted meanwhile, and ``SinkUnavailable`` is raised instead of
+        a short list. pymilvus's query iterator is no help: it finds nothing on a 2.3.5
+        server (no MVCC timestamp there), and offsets stop at 16,384 rows."""
+        if batch_size is None:
+            batch_size = VECTOR_PAGE_ROWS if vectors else PAGE_ROWS
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be 2 or more, not {batch_size}")
         fields = ["id", *VERSION_FIELDS] if self.versioned else ["id"]
-        last: str | None = None
-        while True:
-            where = 'id != ""' if last is None else f'id > "{_quoted(last)}"'
-            with translated("query rows"):
-                page = self.client.query(
+        if vectors:
+            fields += (["vector"] if self.dimension != 0 else []) + (
+                ["sparse"] if self.sparse else []
+            )
+        listed = 0
+        for page in pages(self._query, self._count, fields, batch_size, self.collection):
+            listed += len(page)
+            yield from page
+        total = self.count()
+        if listed != total:
+            raise SinkUnavailable(
+                f"listing collection {self.collection} found {listed} ids where count(*) "
+                f"says {total}: rows were written or deleted while it ran; list it again "
+                "once the workers are drained"
+            )
+
+    def _query(self, where: str, fields: list[str], limit: int) -> list[dict[str, Any]]:
+        with translated("query rows"):
+            return list(
+                self.client.query(
                     self.collection,
                     filter=where,
                     output_fields=fields,
-                    limit=batch_size,
+                    limit=limit,
                     consistency_level="Strong",
                     timeout=self.timeout_s,
                 )
-            page = sorted(page, key=lambda row: str(row["id"]))
-            yield from page
-            if len(page) < batch_size:
-                return
-            last = str(page[-1]["id"])
+            )
+
+    def _count(self, where: str) -> int:
+        with translated("count rows"):
+            found = self.client.query(
+                self.collection,
+                filter=where,
+                output_fields=["count(*)"],
+                consistency_level="Strong",
+                timeout=self.timeout_s,
+            )
+        return int(found[0]["count(*)"])
 
     def ping(self) -> None:
         with translated("ping"):

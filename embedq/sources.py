@@ -8,28 +8,47 @@ file, of a sorted directory walk, or of the query), usable without the CLI::
 
 A row that cannot become a record is a ``Rejected`` naming where it is and why; a source
 that cannot be read at all (missing file, missing column, SQL error) raises ``ConfigError``.
-``open_source`` picks the reader from the file extension and knows the total where the
-source allows (for a progress bar).
+``open_source`` picks the reader from the file extension (in a directory, for each file)
+and knows the total where the source allows (for a progress bar). Nothing a file holds
+misleads a reader (issue 25): a byte order mark is dropped, a CSV quote that never closes
+rejects one row, a line longer than any record can be is rejected without being held
+(``embedq.lines``).
 """
 
 from __future__ import annotations
 
 import csv
-import datetime
-import decimal
 import itertools
 import sys
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal, cast
 
 import orjson
 
 from embedq.config import dsn_secrets
 from embedq.errors import ConfigError
-from embedq.records import Record
+from embedq.lines import CsvLines, bounded_lines, count_lines, line_limit
+from embedq.plaintext import open_binary, read_text, text_document, walk
+from embedq.records import Item, Rejected, to_item
+
+__all__ = [  # Rejected and to_item live with Record (embedq.records); readers use them here
+    "FORMATS",
+    "Fields",
+    "Item",
+    "Rejected",
+    "Source",
+    "detect_format",
+    "first_or_none",
+    "open_source",
+    "read_csv",
+    "read_jsonl",
+    "read_parquet",
+    "read_sql",
+    "read_text",
+    "to_item",
+]
 
 Format = Literal["jsonl", "csv", "parquet", "text"]
 FORMATS: tuple[str, ...] = ("jsonl", "csv", "parquet", "text")
@@ -44,20 +63,11 @@ _EXTENSIONS: dict[str, Format] = {
     ".txt": "text",
     ".text": "text",
     ".md": "text",
+    ".markdown": "text",
+    ".rst": "text",
 }
 # CSV's default field limit (128 KiB) is below the stream's 1 MB text limit.
 _CSV_FIELD_LIMIT = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A source row that cannot become a record; counted and logged, never sent."""
-
-    where: str
-    reason: str
-
-
-Item = Record | Rejected
 
 
 @dataclass(frozen=True)
@@ -74,56 +84,21 @@ class Fields:
     meta_fields: tuple[str, ...] = ()
 
 
-def _json_safe(value: Any) -> Any:
-    """Values from CSV, Parquet or SQL as JSON types (dates and decimals as strings)."""
-    if value is None or isinstance(value, str | bool | int | float):
-        return value
-    if isinstance(value, datetime.date | datetime.time | decimal.Decimal | uuid.UUID):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return str(value)
-
-
-def to_item(row: Mapping[str, Any], where: str, fields: Fields) -> Item:
-    """One row (a mapping of column to value) as a Record, or why it cannot be one."""
-    doc_id = row.get(fields.id)
-    if doc_id is None and fields.id not in row:
-        return Rejected(where, f"no {fields.id!r} field")
-    if doc_id is None or doc_id == "":
-        return Rejected(where, f"empty {fields.id!r}")
-    text = row.get(fields.text)
-    if not isinstance(text, str):
-        return Rejected(where, f"no string {fields.text!r} field")
-    meta = row.get(fields.meta) if fields.meta else None
-    if meta is not None and not isinstance(meta, dict):
-        return Rejected(where, f"{fields.meta!r} is not a JSON object")
-    if fields.meta_fields:
-        meta = dict(meta or {})
-        for name in fields.meta_fields:
-            if name in row:
-                meta[name] = _json_safe(row[name])
-    return Record(id=str(doc_id), text=text, meta=meta)
-
-
-def _open_binary(path: str) -> tuple[BinaryIO, str]:
-    if path == "-":
-        return sys.stdin.buffer, "<stdin>"
+def read_jsonl(
+    path: str, fields: Fields = Fields(), max_line_bytes: int | None = None
+) -> Iterator[Item]:
+    """One record per JSON line; ``path`` ``-`` reads standard input. A line longer than
+    ``max_line_bytes`` (see ``line_limit``) is rejected without being held in memory."""
+    handle, name = open_binary(path)
     try:
-        return Path(path).open("rb"), path
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def read_jsonl(path: str, fields: Fields = Fields()) -> Iterator[Item]:
-    """One record per JSON line; ``path`` ``-`` reads standard input."""
-    handle, name = _open_binary(path)
-    try:
-        for number, line in enumerate(handle, start=1):
+        for number, line, size in bounded_lines(handle, max_line_bytes):
+            if size > len(line):
+                yield Rejected(
+                    f"{name}:{number}",
+                    f"line is {size} bytes, longer than any record within --max-text-bytes "
+                    f"can be ({max_line_bytes} bytes)",
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -141,26 +116,44 @@ def read_jsonl(path: str, fields: Fields = Fields()) -> Iterator[Item]:
 
 
 def read_csv(path: str, fields: Fields = Fields(), delimiter: str | None = None) -> Iterator[Item]:
-    """One record per CSV row, columns named by the header (``.tsv``: tab-separated)."""
+    """One record per CSV row, columns named by the header (``.tsv``: tab-separated).
+
+    A malformed row is rejected with its first line. An opening quote that is never closed
+    would make the rest of the file one field, silently merging every row after it (issue
+    25): it is rejected instead, and reading goes on from the line after it."""
     if delimiter is None:
         delimiter = "\t" if path.endswith(".tsv") else ","
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    try:
-        handle = sys.stdin if path == "-" else Path(path).open(encoding="utf-8", newline="")  # noqa: SIM115
+    try:  # utf-8-sig: a byte order mark is not part of the first column's name
+        handle = sys.stdin if path == "-" else Path(path).open(encoding="utf-8-sig", newline="")  # noqa: SIM115
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     name = "<stdin>" if path == "-" else path
+    lines = CsvLines(handle)
     try:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        header = reader.fieldnames or []
+        # strict: a stray quote or a quote open at the end of the file is an error
+        reader = csv.DictReader(lines, delimiter=delimiter, strict=True)
+        try:
+            header = list(reader.fieldnames or [])
+        except csv.Error as exc:
+            raise ConfigError(f"{name}: malformed CSV header: {exc}") from None
+        if header:  # (a file is read as utf-8-sig; standard input keeps its BOM)
+            header[0] = header[0].removeprefix("\ufeff")
+            reader.fieldnames = header
         _require_columns(name, header, fields)
-        for row in reader:
-            # csv counts physical lines, so a quoted text spanning lines is still findable.
-            yield to_item(row, f"{name}:{reader.line_num}", fields)
+        while True:
+            lines.next_record()
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                where = f"{name}:{lines.first}"  # (before why() moves on)
+                yield Rejected(where, lines.why(exc))
+                continue
+            yield to_item(row, f"{name}:{lines.first}", fields)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name} is not UTF-8 text: {exc.reason}") from None
-    except csv.Error as exc:
-        raise ConfigError(f"{name}: malformed CSV: {exc}") from None
     finally:
         if handle is not sys.stdin:
             handle.close()
@@ -199,61 +192,6 @@ def _parquet_file(path: str) -> Any:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except Exception as exc:  # pyarrow raises ArrowInvalid for a file that is not Parquet
         raise ConfigError(f"{path} is not a Parquet file: {exc}") from None
-
-
-def read_text(path: str, id_prefix: str | None = None) -> Iterator[Item]:
-    """Plain text: a file is one document per line, id ``<prefix>:<line>`` (the prefix
-    defaults to the file name, ``stdin`` for ``-``), a blank line ``Rejected`` so that it is
-    counted; a directory is one document per file, id its path relative to the directory
-    (with ``id_prefix`` before it, if given: two directories holding the same file names
-    need different prefixes, or their rows overwrite each other's)."""
-    root = Path(path)
-    if root.is_dir():
-        yield from _read_text_dir(root, id_prefix)
-        return
-    prefix = id_prefix if id_prefix is not None else ("stdin" if path == "-" else root.name)
-    handle, name = _open_binary(path)
-    try:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                yield Rejected(f"{name}:{number}", "blank line")
-                continue
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                yield Rejected(f"{name}:{number}", f"not UTF-8 ({exc.reason})")
-                continue
-            yield Record(id=f"{prefix}:{number}", text=text)
-    finally:
-        if handle is not sys.stdin.buffer:
-            handle.close()
-
-
-def _text_files(root: Path) -> list[Path]:
-    """Regular files under ``root`` in a stable order, skipping hidden ones."""
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-
-
-def _read_text_dir(root: Path, id_prefix: str | None) -> Iterator[Item]:
-    for file in _text_files(root):
-        relative = file.relative_to(root).as_posix()
-        doc_id = f"{id_prefix}:{relative}" if id_prefix else relative
-        try:
-            text = file.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield Rejected(str(file), f"not UTF-8 ({exc.reason})")
-            continue
-        except OSError as exc:
-            yield Rejected(str(file), f"cannot read ({exc.strerror or exc})")
-            continue
-        if not text.strip():
-            yield Rejected(str(file), "empty file")
-            continue
-        yield Record(id=doc_id, text=text)
 
 
 def read_sql(
@@ -308,10 +246,9 @@ class Source:
 
 
 def detect_format(path: str) -> Format:
+    """A file's format by its extension (standard input: JSONL)."""
     if path == "-":
         return "jsonl"
-    if Path(path).is_dir():
-        return "text"
     found = _EXTENSIONS.get(Path(path).suffix.lower())
     if found is None:
         raise ConfigError(
@@ -319,18 +256,6 @@ def detect_format(path: str) -> Format:
             f"({', '.join(FORMATS)})"
         )
     return found
-
-
-def _count_lines(path: str, *, blank: bool = False) -> int | None:
-    """Lines of a file (one fast pass; blank ones only if ``blank``: the text reader counts
-    them, the JSONL reader skips them), or None for standard input."""
-    if path == "-":
-        return None
-    try:
-        with Path(path).open("rb") as handle:
-            return sum(1 for line in handle if blank or line.strip())
-    except OSError:
-        return None  # the reader reports the error itself
 
 
 def open_source(
@@ -341,27 +266,98 @@ def open_source(
     id_prefix: str | None = None,
     sql: str | None = None,
     dsn: str = "",
+    max_text_bytes: int | None = None,
 ) -> Source:
     """The source a CLI invocation names: a SQL query when ``sql`` is given, else a file,
-    a directory (plain text) or ``-`` (standard input), in ``fmt`` or by extension."""
+    a directory or ``-`` (standard input), in ``fmt`` or by extension. In a directory each
+    file goes by its own extension (a ``.jsonl`` file gives its records, a ``.md`` file is
+    one document); one whose format cannot be told is refused before anything is read.
+    ``max_text_bytes`` bounds the memory a line may take (``line_limit``)."""
     if sql:
         if not dsn:
             raise ConfigError("--sql needs --dsn (or EMBEDQ_DSN), e.g. postgresql://host/db")
         return Source("sql", read_sql(dsn, sql, fields))
     if path != "-" and not Path(path).exists():
         raise ConfigError(f"cannot read {path}: no such file or directory")
-    chosen = detect_format(path) if fmt == "auto" else fmt
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    forced = None if fmt == "auto" else cast(Format, fmt)
+    if Path(path).is_dir():
+        plan = _directory_plan(Path(path), forced, fields)
+        totals = [1 if chosen == "text" else _total(str(f), chosen) for f, chosen in plan]
+        items = (
+            item
+            for file, chosen in plan
+            for item in _reader(str(file), chosen, fields, id_prefix, max_text_bytes, path)
+        )
+        return Source(path, items, None if None in totals else sum(t or 0 for t in totals))
+    chosen = forced or detect_format(path)
+    reader = _reader(path, chosen, fields, id_prefix, max_text_bytes)
+    return Source(path, reader, _total(path, chosen))
+
+
+def _reader(  # noqa: PLR0917 (private, called twice)
+    path: str,
+    chosen: Format,
+    fields: Fields,
+    id_prefix: str | None,
+    max_text_bytes: int | None,
+    directory: str | None = None,
+) -> Iterator[Item]:
+    """The items of one file (of ``directory``, where a text file is one document)."""
     if chosen == "jsonl":
-        return Source(path, read_jsonl(path, fields), _count_lines(path))
+        limit = None if max_text_bytes is None else line_limit(max_text_bytes)
+        return read_jsonl(path, fields, limit)
     if chosen == "csv":
-        return Source(path, read_csv(path, fields))
+        return read_csv(path, fields)
     if chosen == "parquet":
-        return Source(path, read_parquet(path, fields), int(_parquet_file(path).metadata.num_rows))
+        return read_parquet(path, fields)
+    if directory is not None:
+        return iter([text_document(Path(directory), Path(path), id_prefix, max_text_bytes)])
+    return read_text(path, id_prefix, max_text_bytes)
+
+
+def _total(path: str, chosen: Format) -> int | None:
+    if chosen == "jsonl":
+        return count_lines(path)
+    if chosen == "parquet":
+        return int(_parquet_file(path).metadata.num_rows)
     if chosen == "text":
-        if Path(path).is_dir():
-            return Source(path, read_text(path, id_prefix), len(_text_files(Path(path))))
-        return Source(path, read_text(path, id_prefix), _count_lines(path, blank=True))
-    raise ConfigError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+        return count_lines(path, blank=True)
+    return None  # CSV: a quoted field may span lines
+
+
+def _directory_plan(root: Path, forced: Format | None, fields: Fields) -> list[tuple[Path, Format]]:
+    """Each file of ``root`` with its format, its columns checked before anything is sent.
+    A file whose extension says no format is refused (issue 25: embedding a ``.jsonl``
+    file, or a binary, as one text document misleads more than it helps)."""
+    files = walk(root)
+    if forced is not None:
+        return [(file, forced) for file in files]
+    unknown = [f.relative_to(root).as_posix() for f in files if f.suffix.lower() not in _EXTENSIONS]
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ConfigError(
+            f"{root}: cannot tell the format of {', '.join(unknown[:3])}{more} from the "
+            f"extension; pass --format text to read every file as one document, or "
+            f"--format jsonl|csv|parquet to read every file so"
+        )
+    plan = [(file, _EXTENSIONS[file.suffix.lower()]) for file in files]
+    for file, chosen in plan:
+        if chosen == "parquet":
+            _require_columns(str(file), _parquet_file(str(file)).schema_arrow.names, fields)
+        elif chosen == "csv":
+            _require_columns(str(file), _csv_header(str(file)), fields)
+    return plan
+
+
+def _csv_header(path: str) -> list[str]:
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    try:
+        with Path(path).open(encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle, delimiter=delimiter), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"cannot read the header of {path}: {exc}") from None
 
 
 def first_or_none(source: Source) -> Source | None:

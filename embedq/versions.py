@@ -11,8 +11,9 @@ How (``fence.lua``, ``settle.lua``; both keys share the partition's hash slot):
    entry (``P:index:C``) already holds this version or a newer one is *stale*: acked, not
    written. An id leased by another live worker is *busy*: the worker waits until that
    write settles (then its own version is stale, or it goes) or the lease expires.
-2. After Milvus confirmed the write, one script records the versions in the index,
-   releases the leases and XACKs the entries.
+2. After Milvus confirmed the write, one script records the versions in the index (with
+   the content hash and the written vectors' digest, ``embedq.digest``), releases the
+   leases and XACKs the entries.
 
 So two writes of one id never overlap, and an older version never lands after a newer
 one was recorded. The failure window: a lease lasts ``min_idle_s`` (when a dead worker's
@@ -47,6 +48,9 @@ class Written:
     id: str
     version: str
     content_hash: str  # DELETED for a delete
+    # The written vectors' digest (embedq.digest); "" for a delete, a refused write, or a
+    # writer that computes none.
+    vector_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,18 @@ class Conflict:
 class Held:
     version: str
     content_hash: str
+    vector_digest: str = ""  # "" where an older worker recorded none: not compared
 
     @property
     def deleted(self) -> bool:
         return self.content_hash == DELETED
+
+    @classmethod
+    def parse(cls, value: str) -> Held:
+        """An index value: "<version> <content hash>[ <vector digest>]"."""
+        version, _, rest = value.partition(" ")
+        content_hash, _, vector_digest = rest.partition(" ")
+        return cls(version, content_hash, vector_digest)
 
 
 class Versions:
@@ -97,7 +109,7 @@ class Versions:
         script. Returns the ids whose newer version had to be sent again."""
         args: list[str | int] = [group, consumer, len(written)]
         for w in written:
-            args += [w.id, w.version, w.content_hash]
+            args += [w.id, w.version, w.content_hash, w.vector_digest]
         args += list(ack)
         keys = [self.keys.stream, self.index_key, self.leases_key, self.keys.errors]
         with translated("settle"):
@@ -111,7 +123,7 @@ class Versions:
             return []
         with translated("HMGET index"):
             found: Any = self.client.hmget(self.index_key, list(ids))
-        return [None if v is None else Held(*(text(v) or " ").split(" ", 1)) for v in found]
+        return [None if v is None else Held.parse(text(v) or "") for v in found]
 
     def clear(self) -> None:
         """Forget everything: the collection was created anew and holds nothing."""
@@ -122,4 +134,4 @@ class Versions:
         """Every (id, Held) of the index, in HSCAN pages (for ``embedq verify``)."""
         with translated("HSCAN index"):
             for doc_id, value in self.client.hscan_iter(self.index_key, count=count):
-                yield text(doc_id) or "", Held(*(text(value) or " ").split(" ", 1))
+                yield text(doc_id) or "", Held.parse(text(value) or "")

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import structlog
 
+from embedq import epoch
 from embedq.backoff import Retrier
 from embedq.batcher import Batcher
 from embedq.config import Settings
@@ -143,14 +144,13 @@ class Worker:
         for stream in self.partitions:
             if first("create group", stream.ensure_group):
                 log.info("group_created", stream=stream.keys.stream, group=stream.group)
-        created = first(
-            "prepare collection",
-            lambda: self.sink.ensure_for(self.encoder),
-        )
+        created = first("prepare collection", lambda: self.sink.ensure_for(self.encoder))
         if created:
             # A new collection holds nothing, whatever an index from an earlier (dropped)
             # one says: dedup and stale checks must not skip what it lacks.
             first("clear index", self.settler.ordering.clear)
+        # The deployment's epoch: recorded on both sides, or Redis lost its data (embedq.epoch).
+        first("establish epoch", lambda: epoch.establish(self.partitions, self.sink, self.metrics))
 
     def run(self) -> Stats:
         """Process entries until stopped (or, with ``drain``, until nothing is left)."""

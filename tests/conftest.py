@@ -1,5 +1,26 @@
 """Shared fixtures: real Redis (127.0.0.1:6379 unless EMBEDQ_TEST_REDIS_URL), real Milvus
-Lite files in temp dirs, and the real packaged model, loaded once per session."""
+Lite files in temp dirs, and the real packaged model, loaded once per session.
+
+Two layers (issue 24). ``make test-fast`` runs ``-m "not slow"``: unit tests, stubs, and
+in-process tests against the shared Redis, Milvus Lite files and the tiny model.
+``make test`` runs everything. Nobody marks a test ``slow`` by hand: the
+``pytest_collection_modifyitems`` hook below marks it from what it uses
+(``tests/support/layers.py``):
+
+* a fixture that starts a server or a process, or loads the real packaged model:
+  ``private_redis``, ``milvus_lite_server``, ``milvus_standalone``,
+  ``milvus_server_factory``, ``spawn_worker``, ``encoder`` (and so ``make_worker``);
+* code that can start a process: the test, its fixtures, and every test-suite function or
+  class they name, followed transitively, that names ``subprocess``, ``multiprocessing``,
+  ``os.fork``/``os.system``, ``embedq.replicas.run_per_device`` or a server launcher
+  (``tests/support/servers.py``). A test calling a helper such as ``embedq(...)`` that runs
+  ``python -m embedq.cli`` is slow; one calling ``CliRunner`` in-process is not, nor is
+  one opening a Milvus Lite file (the product's embedded default) through ``pymilvus``.
+
+Tests stay independent across pytest-xdist workers: each worker process has its own
+session fixtures (servers, models), every test has its own stream key (``stream_name``)
+and its own files (``tmp_path``), and servers take free ports.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +43,25 @@ from embedq.sink import Sink, open_sink
 from embedq.stream import Stream
 from embedq.worker import Worker
 
+from .support.fault_fixtures import WorkerProcess
+from .support.layers import is_slow
+from .support.servers import MilvusLiteServer, MilvusStandalone, RedisServer
+
 REDIS_URL = os.environ.get("EMBEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts servers or processes (see the docstring)."""
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        info = item._fixtureinfo
+        fixtures = [d.func for defs in info.name2fixturedefs.values() for d in defs]
+        if is_slow(item.function, item.fixturenames, fixtures):
+            item.add_marker(pytest.mark.slow)
 
 
 def corpus_rows(name: str, n: int) -> list[dict[str, Any]]:
@@ -118,11 +155,7 @@ def make_worker(
     return make
 
 
-# -- fault-handling work: real servers (embedq.bench.servers) and worker processes -----
-
-from embedq.bench.servers import MilvusLiteServer, MilvusStandalone, RedisServer  # noqa: E402
-
-from .fault_fixtures import WorkerProcess  # noqa: E402
+# -- fault-handling work: real servers (tests/support/servers.py) and worker processes
 
 
 @pytest.fixture

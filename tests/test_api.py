@@ -21,7 +21,7 @@ from embedq.producer import Producer
 from embedq.sink import Sink
 from embedq.worker import Worker
 
-from .api_fixtures import gateway, running, wait_for
+from .support.api_fixtures import gateway, running, wait_for
 
 TEXTS = [
     "How do I read a file line by line in Python?",

@@ -25,8 +25,8 @@ from embedq.sink import Sink
 from embedq.stream import Stream
 from embedq.worker import Worker
 
-from .api_fixtures import free_port, gateway, running, wait_for
-from .fault_fixtures import WorkerProcess
+from .support.api_fixtures import free_port, gateway, running, wait_for
+from .support.fault_fixtures import WorkerProcess
 
 KEY, OTHER = "sk-embedq-test-alpha-0123456789", "sk-embedq-test-beta-9876543210"
 

@@ -15,8 +15,8 @@ from embedq.producer import Producer
 from embedq.sink import Sink
 from embedq.worker import Worker
 
-from .api_fixtures import gateway, running, wait_for
 from .conftest import corpus_rows
+from .support.api_fixtures import gateway, running, wait_for
 
 BACKLOG = 6000
 QUERIES = 20

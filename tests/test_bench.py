@@ -134,7 +134,6 @@ def test_markdown_updates_its_own_block_and_keeps_other_sections(tmp_path: Path)
     assert "d/a = 0.50× (runs: 0.50)" in text
 
 
-@pytest.mark.slow
 def test_bench_command_runs_all_four_variants(tmp_path: Path) -> None:
     corpus = tmp_path / "short.jsonl"
     corpus.write_text(

@@ -27,6 +27,8 @@ LAG_KEYS = {
     "dlq_length",
     "consumers",
     "redis_memory",
+    "redis_data_lost",  # null here: no collection yet (embedq.epoch, issue 25)
+    "redis_data_lost_message",
 }
 
 

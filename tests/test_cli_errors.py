@@ -1,23 +1,34 @@
-"""Every command × each first-day mistake (issue 18), run as a user runs it: a subprocess
-with flags and EMBEDQ_* variables. Each asserts the exit code (``embedq.errors.ExitCode``),
-one ``embedq: ...`` line on stderr that names what is wrong (the flag or the variable it came
-from, the host:port it tried) and what to do, no traceback, and no password anywhere."""
+"""Every command × each first-day mistake (issue 18), with flags and EMBEDQ_* variables.
+Each asserts the exit code (``embedq.errors.ExitCode``), one ``embedq: ...`` line on stderr
+that names what is wrong (the flag or the variable it came from, the host:port it tried)
+and what to do, no traceback, and no password anywhere.
+
+The table runs in-process through click's ``CliRunner`` (issue 24: one subprocess per row
+took 274 s for 228 rows); ``test_a_real_process_*`` runs a few rows as a user runs them, a
+subprocess, to prove the exit status and stderr of a real process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import CompletedProcess
 from urllib.parse import urlsplit
 
 import pytest
+import structlog
+from click.testing import CliRunner
 
+from embedq import logs
 from embedq.cli import main
 from embedq.errors import ExitCode
 
@@ -35,8 +46,8 @@ class Command:
 
 
 # Every command that talks to Redis, with the arguments it needs to get that far. The
-# worker and reclaim wait for Redis (60 s by default): here 1 s.
-_WAIT_1S = {"EMBEDQ_CONNECT_TIMEOUT_S": "1"}
+# worker and reclaim wait for Redis (60 s by default): here 0.2 s (dozens of rows wait).
+_WAIT = {"EMBEDQ_CONNECT_TIMEOUT_S": "0.2"}
 _REDIS_COMMANDS = {
     "enqueue": Command(("enqueue", str(SAMPLE))),
     "delete": Command(("delete", "doc-1")),
@@ -44,8 +55,8 @@ _REDIS_COMMANDS = {
     "job": Command(("job", "nope")),
     "trim": Command(("trim",)),
     "init": Command(("init",)),
-    "worker": Command(("worker", "--drain"), _WAIT_1S),
-    "reclaim": Command(("reclaim", "--once"), _WAIT_1S),
+    "worker": Command(("worker", "--drain"), _WAIT),
+    "reclaim": Command(("reclaim", "--once"), _WAIT),
     "lag": Command(("lag",)),
     "top": Command(("top", "--iterations", "1")),
     "dlq list": Command(("dlq", "list")),
@@ -77,7 +88,52 @@ class Mistake:
     says: tuple[str, ...] = ()  # in the one line, in this order
 
 
-def embedq(args: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def embedq(args: tuple[str, ...], env: dict[str, str]) -> CompletedProcess[str]:
+    """``embedq ARGS`` in this process, as a fresh process would run it: no EMBEDQ_* but
+    ``env``'s, the logging set-up of the command, then this process's put back."""
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("EMBEDQ_")}
+    env = {"HF_HUB_OFFLINE": "1", "EMBEDQ_LOG_JSON": "1", **env}
+    cwd = Path.cwd()
+    os.chdir(tempfile.gettempdir())  # where a default ./embedq.db would land, not the checkout
+    try:
+        with _process_globals_restored():
+            ran = CliRunner().invoke(main, list(args), env={**clean, **env}, prog_name="embedq")
+    finally:
+        os.chdir(cwd)
+    stderr = ran.stderr
+    if ran.exception is not None and not isinstance(ran.exception, SystemExit):
+        assert ran.exc_info is not None  # an uncaught exception: a process prints its traceback
+        stderr += "".join(traceback.format_exception(*ran.exc_info))
+    # A CompletedProcess, as embedq_process returns: check() reads either. (Named without
+    # "subprocess." so that tests/support/layers.py keeps this helper in the fast layer.)
+    return CompletedProcess(["embedq", *args], ran.exit_code, ran.stdout, stderr)
+
+
+@contextmanager
+def _process_globals_restored() -> Iterator[None]:
+    """``embedq.logs.configure`` sets up a process: structlog, the root logger's handler
+    (on the runner's stderr, closed after the call), warnings into logging, excepthooks,
+    GRPC_VERBOSITY. Put them all back, so the next test logs as before."""
+    root = logging.getLogger()
+    saved = (structlog.get_config(), root.handlers[:], root.level, sys.excepthook)
+    saved_logs = (logs._scrubber, logs._for_a_person, logs._stdlib_handler)
+    thread_hook, grpc = threading.excepthook, os.environ.get("GRPC_VERBOSITY")
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        structlog.configure(**saved[0])
+        root.handlers[:], root.level, sys.excepthook = saved[1], saved[2], saved[3]
+        logs._scrubber, logs._for_a_person, logs._stdlib_handler = saved_logs
+        threading.excepthook = thread_hook
+        if grpc is None:
+            os.environ.pop("GRPC_VERBOSITY", None)
+        else:
+            os.environ["GRPC_VERBOSITY"] = grpc
+
+
+def embedq_process(args: tuple[str, ...], env: dict[str, str]) -> CompletedProcess[str]:
+    """``python -m embedq.cli ARGS`` in a subprocess, as a user runs it."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
     return subprocess.run(
         [sys.executable, "-m", "embedq.cli", *args],
@@ -90,7 +146,7 @@ def embedq(args: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedPr
     )
 
 
-def check(run: subprocess.CompletedProcess[str], mistake: Mistake, warnings: int = 0) -> str:
+def check(run: CompletedProcess[str], mistake: Mistake, warnings: int = 0) -> str:
     """The run failed as ``mistake`` says, on one line (log events aside); returns it."""
     everything = run.stdout + run.stderr
     assert "Traceback" not in everything, run.stderr[-3000:]
@@ -268,16 +324,14 @@ def server_mistakes(ports: dict[str, int]) -> dict[str, Mistake]:
         ),
         "gave up after --connect-timeout (variable)": Mistake(
             ("--redis-url", f"redis://127.0.0.1:{closed}/0"),
-            env={"EMBEDQ_CONNECT_TIMEOUT_S": "1"},
+            env={"EMBEDQ_CONNECT_TIMEOUT_S": "0.2"},
             code=ExitCode.CONNECT,
-            says=("connection refused", "gave up after 1 s", f"redis at 127.0.0.1:{closed}"),
+            says=("connection refused", "gave up after 0.2 s", f"redis at 127.0.0.1:{closed}"),
         ),
     }
 
 
 SERVER_MISTAKES = server_mistakes({"http": 0, "hangs up": 0})  # names only, for the ids
-
-
 
 
 @pytest.mark.parametrize(
@@ -379,3 +433,35 @@ def test_every_command_is_in_the_table_and_shows_its_variables() -> None:
     assert "--chunk" in enqueue and "EMBEDQ_ENQUEUE_CHUNK" in enqueue
     search = embedq(("search", "--help"), {}).stdout
     assert "--store-text" not in search and "[debug|info|warning|error]" in search
+
+
+# -- the same, as a user runs it: a real process --------------------------------------------
+
+
+def process_rows() -> dict[str, tuple[Command, Mistake, int]]:
+    """A row of each kind above: (command, mistake, warnings before the line)."""
+    closed = server_mistakes({"http": 0, "hangs up": 0})["wrong port (flag)"]
+    misspelled = {"EMBEDQ_CHUNK": "5", "EMBEDQ_STRAEM": "x", "EMBEDQ_MIN_IDLE": "9"}
+    return {
+        "a bad setting exits USAGE": (
+            SETTINGS_COMMANDS["lag"], SETTINGS_MISTAKES["url without a scheme (flag)"], 0
+        ),
+        "redis out of reach exits CONNECT after the wait": (REDIS_COMMANDS["worker"], closed, 0),
+        "misspelled variables warn first": (
+            Command(("enqueue", str(SAMPLE)), misspelled),
+            SETTINGS_MISTAKES["url without a scheme (flag)"],
+            3,
+        ),
+        "a console log (stderr a terminal) is one line": (
+            Command(("lag",), {"EMBEDQ_LOG_JSON": "0"}), closed, 0
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("row", list(process_rows()))
+def test_a_real_process_exits_with_the_code_and_one_line_on_stderr(row: str) -> None:
+    command, mistake, warnings = process_rows()[row]
+    ran = embedq_process((*command.args, *mistake.flags), {**command.env, **mistake.env})
+    check(ran, mistake, warnings)
+    if command.env.get("EMBEDQ_LOG_JSON") == "0":  # no JSON events either: the line alone
+        assert ran.stderr.count("\n") == 1, ran.stderr

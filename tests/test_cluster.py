@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from embedq.bench.servers import RedisServer
 from embedq.config import Settings, SettingsError
 from embedq.keys import key_slot, partition_for, partition_streams
 from embedq.sink import open_sink
 
 from .conftest import REDIS_URL, corpus_rows
+from .support.servers import RedisServer
 from .test_cli import embedq
 from .test_partition_ops import env_for
 

@@ -22,7 +22,7 @@ import yaml
 
 from embedq.config import Settings
 
-from .prometheus import RULES, binary
+from .support.prometheus import RULES, binary
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_RUNNING = (

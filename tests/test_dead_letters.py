@@ -94,7 +94,6 @@ def key_of(fields: dict[str, Any]) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["reject", "truncate"])
 def test_each_bad_input_is_dead_lettered_with_its_reason_and_the_good_ones_land(
     policy: str,
@@ -149,7 +148,6 @@ def test_each_bad_input_is_dead_lettered_with_its_reason_and_the_good_ones_land(
     assert redis_client.xpending(stream_name, "g")["pending"] == 0
 
 
-@pytest.mark.slow
 def test_dlq_list_show_retry_purge_and_a_retried_entry_lands_once_fixed(
     redis_client: redis.Redis, stream_name: str, tmp_path: Path, tiny_model: Path
 ) -> None:

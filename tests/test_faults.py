@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.bench.servers import MilvusLiteServer, MilvusStandalone, RedisServer, wait_until
 from embedq.encoder import Encoder
 from embedq.sink import Sink
 
 from .conftest import corpus_rows
-from .fault_fixtures import WorkerProcess
+from .support.fault_fixtures import WorkerProcess
+from .support.servers import MilvusLiteServer, MilvusStandalone, RedisServer, wait_until
 
 GROUP = "g"
 COLLECTION = "faults"
@@ -173,6 +173,10 @@ def rig(
     return Rig(redis_client, REDIS_URL, stream_name, spawn_worker, encoder)
 
 
+def consumers(client: redis.Redis, stream: str) -> set[str]:
+    return {c["name"].decode() for c in client.xinfo_consumers(stream, GROUP)}
+
+
 def run_kill_test(rig: Rig, fault_point: str, milvus_uri: str) -> None:
     good = corpus_rows("short.jsonl", 120)
     # Both workers block on the stream before anything is sent, so both get a window of the
@@ -181,7 +185,8 @@ def run_kill_test(rig: Rig, fault_point: str, milvus_uri: str) -> None:
     victim = rig.worker(milvus_uri, "A", "--fault-point", fault_point)
     wait_ready(survivor)
     wait_ready(victim)
-    time.sleep(0.5)  # both are inside XREADGROUP BLOCK by now (block_ms is 200)
+    # Both are in their read loops (XREADGROUP made each a consumer of the group).
+    wait_until(lambda: consumers(rig.client, rig.stream) >= {"A", "B"}, 60, "both to read")
     plant(rig.client, rig.stream, good, resend=6)
 
     assert victim.wait(120) == -signal.SIGKILL, victim.log_tail()
@@ -198,7 +203,6 @@ def run_kill_test(rig: Rig, fault_point: str, milvus_uri: str) -> None:
         sink.close()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fault_point", ["after_read", "after_inference", "after_write"])
 def test_worker_killed_at_each_stage_loses_and_duplicates_nothing(
     fault_point: str, rig: Rig, milvus_lite_server: MilvusLiteServer
@@ -206,7 +210,6 @@ def test_worker_killed_at_each_stage_loses_and_duplicates_nothing(
     run_kill_test(rig, fault_point, milvus_lite_server.uri)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fault_point", ["after_write"])
 def test_worker_killed_against_a_real_milvus_server_leaves_no_duplicate_rows(
     fault_point: str, rig: Rig, milvus_standalone: MilvusStandalone
@@ -226,7 +229,6 @@ def acked_count(client: redis.Redis, stream: str) -> int:
     return int(group["entries-read"] or 0) - int(group["pending"])
 
 
-@pytest.mark.slow
 def test_redis_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
     private_redis: RedisServer,
     milvus_lite_server: MilvusLiteServer,
@@ -246,7 +248,9 @@ def test_redis_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
     run_id = client.info("server")["run_id"]
 
     private_redis.kill()  # appendfsync always: every ack Redis confirmed is on disk
-    time.sleep(1.0)
+    wait_until(  # both workers met the outage
+        lambda: all("redis unavailable" in w.log_text() for w in workers), 30, "both to notice"
+    )
     private_redis.start()
 
     assert client.info("server")["run_id"] != run_id  # a new server, from the AOF
@@ -263,7 +267,6 @@ def test_redis_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
         client.close()
 
 
-@pytest.mark.slow
 def test_milvus_down_longer_than_min_idle_acks_and_dead_letters_nothing_until_it_returns(
     rig: Rig, milvus_lite_server: MilvusLiteServer
 ) -> None:
@@ -331,6 +334,12 @@ def start_busy_worker(rig: Rig, milvus_uri: str) -> tuple[WorkerProcess, list[di
     return worker, rows
 
 
+def min_idle_ms(client: redis.Redis, stream: str) -> int:
+    """How long the most recently delivered pending entry has been idle."""
+    pending = client.xpending_range(stream, GROUP, "-", "+", 10_000)
+    return min(int(p["time_since_delivered"]) for p in pending)
+
+
 def acked_ids(client: redis.Redis, stream: str) -> list[str]:
     """Producer ids of the entries the group has settled (read and no longer pending)."""
     group = next(g for g in client.xinfo_groups(stream) if g["name"] == GROUP.encode())
@@ -339,7 +348,6 @@ def acked_ids(client: redis.Redis, stream: str) -> list[str]:
     return [f[b"id"].decode() for eid, f in read if eid not in pending]
 
 
-@pytest.mark.slow
 def test_sigterm_mid_batch_finishes_writes_and_acks_the_batch_then_exits_0(
     rig: Rig, tmp_path: Path
 ) -> None:
@@ -362,7 +370,6 @@ def test_sigterm_mid_batch_finishes_writes_and_acks_the_batch_then_exits_0(
         sink.close()
 
 
-@pytest.mark.slow
 def test_second_signal_exits_at_once_and_embedq_reclaim_finishes_the_entries(
     rig: Rig, tmp_path: Path
 ) -> None:
@@ -378,7 +385,9 @@ def test_second_signal_exits_at_once_and_embedq_reclaim_finishes_the_entries(
     assert '"forced_exit"' in worker.log_text()
     left = consumer_pending(rig.client, rig.stream, "T")
     assert left > 0  # left for the reclaimer
-    time.sleep(1.5)  # past --min-idle below
+    wait_until(
+        lambda: min_idle_ms(rig.client, rig.stream) >= 1000, 30, "the entries past --min-idle 1"
+    )
     reclaim = rig.spawn(
         *("--redis-url", rig.redis_url, "--stream", rig.stream, "--group", GROUP),
         *("--milvus-uri", milvus_uri, "--collection", COLLECTION, "--device", "cpu"),

@@ -29,7 +29,6 @@ from embedq.bench.feed import (
     run_tokenizer,
     zero_layer_copy,
 )
-from embedq.bench.servers import MilvusLiteServer, MilvusStandalone, RedisServer
 from embedq.columns import Columns, cut_utf8, meta_json
 from embedq.config import Settings
 from embedq.dlq import DeadLetter
@@ -40,7 +39,8 @@ from embedq.pipeline import merged
 from embedq.sink import Sink
 from embedq.worker import Worker
 
-from .stubs import StubSink
+from .support.servers import MilvusLiteServer, MilvusStandalone, RedisServer
+from .support.stubs import StubSink
 from .test_settle import Rig
 
 LONG = "é" * 40_000  # 80,000 UTF-8 bytes: cut at Milvus's 65,535-byte VARCHAR limit

@@ -28,7 +28,7 @@ from embedq.config import Settings
 from embedq.health import HealthServer
 from embedq.keys import partition_streams
 
-from .servers import http_get
+from .support.servers import http_get
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "embedq"
 KUBE_VERSION = "1.30.0"

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from embedq.bench.servers import MilvusStandalone, RedisServer
 from embedq.config import Settings
 from embedq.encoder import Encoder
 from embedq.errors import QueueFull
@@ -22,6 +21,7 @@ from embedq.sink import open_sink
 from embedq.stream import Stream
 
 from .conftest import corpus_rows
+from .support.servers import MilvusStandalone, RedisServer
 from .test_cli import embedq
 
 
@@ -206,7 +206,7 @@ def test_a_hung_forward_pass_lets_its_entries_go_and_fails_liveness(
     import threading
     import time
 
-    from embedq.bench.servers import wait_until
+    from .support.servers import wait_until
 
     release = threading.Event()
 
@@ -269,8 +269,9 @@ def test_milvus_denying_writes_by_quota_dead_letters_nothing(
 ) -> None:
     import threading
 
-    from embedq.bench.servers import wait_until
     from embedq.errors import StageCrashed
+
+    from .support.servers import wait_until
 
     for row in corpus_rows("short.jsonl", 20):
         redis_client.xadd(stream_name, {"id": row["id"], "text": row["text"]})
@@ -375,8 +376,9 @@ def test_oversized_texts_are_refused_at_the_producer_and_cut_in_the_dead_letter_
 
 
 def test_wait_replicas_confirms_each_batch_on_a_replica_or_fails_loudly(tmp_path: Path) -> None:
-    from embedq.bench.servers import wait_until
     from embedq.errors import QueueUnavailable
+
+    from .support.servers import wait_until
 
     primary = RedisServer(tmp_path / "primary").start()
     replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
@@ -405,9 +407,7 @@ def test_a_lost_reply_on_a_cluster_does_not_send_records_twice(tmp_path: Path) -
     (one node holding every slot, announcing a reply-dropping proxy as its address, so the
     client talks through it) runs the enqueue script, the proxy swallows the reply: the
     client's retry must add nothing."""
-    from embedq.bench.servers import wait_until
-
-    from .servers import ReplyDroppingProxy
+    from .support.servers import ReplyDroppingProxy, wait_until
 
     node = RedisServer(tmp_path / "node", cluster=True).start()
     admin = node.client()

@@ -130,7 +130,7 @@ def test_bad_dimensions(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_sparse_only_model_cannot_be_truncated(tmp_path: Path) -> None:
-    from .sparse_models import build_splade
+    from .support.sparse_models import build_splade
 
     model = build_splade(tmp_path / "splade")
     with pytest.raises(ConfigError, match="sparse vectors only"):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.bench.servers import MilvusLiteServer
 from embedq.config import Settings
 from embedq.encoder import Encoder
 from embedq.errors import ConfigError, ExitCode, ModelMismatch
@@ -26,6 +25,7 @@ from embedq.schema import model_fingerprint
 from embedq.sink import Sink, open_sink
 from embedq.stream import Stream
 
+from .support.servers import MilvusLiteServer
 from .test_cli import embedq
 from .test_dead_letters import RAISES
 

@@ -31,12 +31,11 @@ import pytest
 import redis
 import yaml
 
-from embedq.bench.servers import RedisServer, free_port
 from embedq.lag import lag_json
 from embedq.stream import Stream
 
 from .conftest import corpus_rows
-from .prometheus import (
+from .support.prometheus import (
     RULES,
     Prometheus,
     binary,
@@ -44,10 +43,8 @@ from .prometheus import (
     grafana_to_promql,
     shown,
 )
-from .servers import http_get, wait_for
+from .support.servers import RedisServer, free_port, http_get, wait_for
 from .test_cli import embedq
-
-pytestmark = pytest.mark.slow
 
 STREAM, GROUP = "tasks", "embedq"
 # Entries: long enough a drain to sample rates once the 5 s window lies inside it. 1,500
@@ -424,6 +421,7 @@ def test_alert_rules_fire_only_when_something_is_wrong(tmp_path: Path) -> None:
         *fleet_of("nobody", "10x40", None),  # a backlog and no worker at all
         *fleet_of("poison", "0x40", "10x40", dead="0x20 1x20"),  # one dead letter at 21m
         series("embedq_stream_up", "1x10 0x10 1x20", instance="exporter"),
+        series("embedq_redis_data_lost", "0x10 1x10 0x20", instance="exporter"),
     ]
     critical = {"severity": "critical"}
     tests = {
@@ -450,6 +448,11 @@ def test_alert_rules_fire_only_when_something_is_wrong(tmp_path: Path) -> None:
                     ]},
                     {"eval_time": "39m", "alertname": "EmbedqDeadLettered", "exp_alerts": []},
                     {"eval_time": "30m", "alertname": "EmbedqExporterMissing", "exp_alerts": []},
+                    {"eval_time": "5m", "alertname": "EmbedqRedisDataLost", "exp_alerts": []},
+                    {"eval_time": "15m", "alertname": "EmbedqRedisDataLost", "exp_alerts": [
+                        {"exp_labels": {**critical, "instance": "exporter"}},
+                    ]},
+                    {"eval_time": "25m", "alertname": "EmbedqRedisDataLost", "exp_alerts": []},
                 ],
             },
             {  # no exporter scraped at all

@@ -17,7 +17,6 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedq.bench.servers import free_port
 from embedq.config import Settings
 from embedq.exporter import StreamCollector, StreamSampler, serve_exporter
 from embedq.health import HealthServer, reachable
@@ -26,7 +25,7 @@ from embedq.stream import Stream
 from embedq.top import Sample, Window, rates, render
 
 from .conftest import REDIS_URL
-from .servers import http_get, wait_for
+from .support.servers import free_port, http_get, wait_for
 from .test_cli import embedq
 
 

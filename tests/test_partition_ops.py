@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from embedq.bench.servers import free_port
 from embedq.dlq import iter_dead_letters, locate, purge, retry, show
 from embedq.errors import ConfigError
 from embedq.keys import partition_for, partition_streams
 from embedq.stream import Stream
 
 from .conftest import REDIS_URL, corpus_rows
-from .servers import http_get, wait_for
+from .support.servers import free_port, http_get, wait_for
 from .test_cli import embedq
 from .test_ops import samples_of, value
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from embedq.bench.servers import RedisServer
 from embedq.config import Settings, SettingsError
 from embedq.encoder import Encoder
 from embedq.jobs import JobLedger
@@ -26,6 +25,7 @@ from embedq.stream import Stream
 from embedq.worker import Worker
 
 from .conftest import REDIS_URL, corpus_rows
+from .support.servers import RedisServer
 from .test_cli import embedq
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedq.bench.servers import RedisServer
 from embedq.errors import ConfigError
 from embedq.sink import Row, Sink
 
 from .conftest import MilvusServer, corpus_rows
-from .servers import make_tls_certs
+from .support.servers import RedisServer, make_tls_certs
 
 DEFAULT_PASSWORD = "default-pw-7f3a91"
 ACL_PASSWORD = "acl-pw-c0ffee42"
@@ -84,7 +83,6 @@ def assert_no_secret(*outputs: str) -> None:
             assert needle not in out, f"{needle!r} leaked"
 
 
-@pytest.mark.slow
 def test_worker_over_tls_with_an_acl_user_writes_to_milvus_with_a_token(
     tls_redis: RedisServer,
     milvus_server_factory: Callable[..., MilvusServer],
@@ -118,7 +116,6 @@ def test_worker_over_tls_with_an_acl_user_writes_to_milvus_with_a_token(
         sink.close()
 
 
-@pytest.mark.slow
 def test_worker_with_a_wrong_redis_password_stops_with_one_clear_line(
     tls_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -154,7 +151,6 @@ def test_rediss_without_the_ca_fails_without_leaking_the_password(tls_redis: Red
     assert_no_secret(out, err)
 
 
-@pytest.mark.slow
 def test_a_wrong_milvus_token_is_a_config_error_that_hides_the_token(
     milvus_server_factory: Callable[..., MilvusServer],
 ) -> None:

@@ -1,4 +1,4 @@
-"""The worker's decisions, against in-memory stand-ins (tests/stubs.py) and a tiny real
+"""The worker's decisions, against in-memory stand-ins (tests/support/stubs.py) and a tiny real
 model: what is written, acked, split and dead-lettered, in milliseconds. The same paths
 run for real against Redis and Milvus in test_pipeline, test_faults and test_dead_letters.
 """
@@ -23,7 +23,7 @@ from embedq.records import Limits
 from embedq.settler import Settler, isolate
 from embedq.vector_cache import VectorCache
 
-from .stubs import StubLedger, StubSink, StubStream
+from .support.stubs import StubLedger, StubSink, StubStream
 
 RAISES = "the velocity xⁿ grows"  # a token past the tiny model's embedding table
 

@@ -14,7 +14,6 @@ import pytest
 import redis
 
 from embedq import retrieval
-from embedq.bench.servers import MilvusLiteServer
 from embedq.config import Settings
 from embedq.encoder import Encoder
 from embedq.errors import ConfigError
@@ -25,7 +24,8 @@ from embedq.schema import model_fingerprint
 from embedq.sink import Sink, open_sink
 from embedq.stream import Stream
 
-from .sparse_models import bgem3_flag_model, build_bge_m3, build_splade
+from .support.servers import MilvusLiteServer
+from .support.sparse_models import bgem3_flag_model, build_bge_m3, build_splade
 from .test_cli import embedq
 
 TEXTS = [

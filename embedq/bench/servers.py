@@ -1,5 +1,7 @@
-"""Private servers on free ports, for the benchmark and the tests: ``redis-server``,
-``milvus-lite server`` and a Milvus 2.3.5 standalone (``milvus-server``).
+"""Private servers on free ports for the benchmark: ``redis-server`` and a Milvus 2.3.5
+standalone (``milvus-server``). The tests' launchers (tests/support/servers.py) build on
+these, adding what only tests need: AOF, TLS, cluster mode, kill and restart, authorization,
+``milvus-lite server`` and its freezing.
 
 Each one gets its own data directory (its log file lives there too), runs in its own
 process group, is ready when ``start()`` returns, and is stopped by whoever started it:
@@ -68,8 +70,8 @@ def find_binary(name: str, hint: str) -> str:
     return found
 
 
-class _Server:
-    """What the three servers share: one process in a group of its own, a log, a wait
+class Server:
+    """What every server shares: one process in a group of its own, a log, a wait
     for readiness that notices an early exit, and a stop that leaves nothing behind."""
 
     name = "server"
@@ -141,72 +143,42 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, wait_s: float) -> None
         proc.wait(10)
 
 
-class RedisServer(_Server):
-    """A private ``redis-server``; ``restart`` reuses its port and directory (and AOF).
+class RedisServer(Server):
+    """A private ``redis-server`` with no persistence; ``args`` go last and win.
 
-    ``appendonly`` turns on AOF with ``appendfsync always`` (a SIGKILL loses nothing it
-    acknowledged); ``maxmemory`` (e.g. ``"2mb"``) with ``noeviction`` makes it refuse
-    writes when full; ``cluster`` starts a cluster-mode node with a bus port of its own
-    (the default, port + 10000, overflows for free ports above 55535); ``tls_dir`` holds
-    ``ca.crt``, ``server.crt`` and ``server.key`` and makes the port TLS-only. ``args``
-    go last and win (``--requirepass``, ``--user``...).
+    ``command`` asks ``_listen`` for the port flags and ``_options`` for the rest, so a
+    subclass (the tests' TLS and AOF servers) changes those and nothing else.
     """
 
     name = "redis-server"
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *args: str,
-        appendonly: bool = False,
-        maxmemory: str | None = None,
-        cluster: bool = False,
-        tls_dir: Path | None = None,
-    ) -> None:
+    def __init__(self, data_dir: Path, *args: str) -> None:
         super().__init__(data_dir)
         self.args = args
-        self.appendonly = appendonly
-        self.maxmemory = maxmemory
-        self.cluster_port = free_port() if cluster else None
-        self.tls_dir = tls_dir
 
     @property
     def url(self) -> str:
         return self.url_for()
 
     def url_for(self, userinfo: str = "") -> str:
-        """The URL with ``user:password`` in it; ``rediss://`` when TLS is on."""
-        scheme = "redis" if self.tls_dir is None else "rediss"
+        """The URL, with ``user:password`` in it when ``userinfo`` is given."""
         auth = f"{userinfo}@" if userinfo else ""
-        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
-        if self.tls_dir is not None:
-            kwargs |= {"ssl": True, "ssl_ca_certs": str(self.tls_dir / "ca.crt")}
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def command(self) -> list[str]:
         binary = find_binary("redis-server", "apt-get install redis-server")
-        args = [binary, *self._listen(), "--bind", "127.0.0.1", "--dir", str(self.dir),
+        return [binary, *self._listen(), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--maxmemory-policy", "noeviction", "--logfile", str(self.log),
-                "--appendonly", "yes" if self.appendonly else "no"]  # fmt: skip
-        if self.appendonly:
-            args += ["--appendfsync", "always"]
-        if self.maxmemory is not None:
-            args += ["--maxmemory", self.maxmemory]
-        if self.cluster_port is not None:
-            args += ["--cluster-enabled", "yes", "--cluster-port", str(self.cluster_port),
-                     "--cluster-config-file", str(self.dir / "nodes.conf")]  # fmt: skip
-        return [*args, *self.args]
+                *self._options(), *self.args]  # fmt: skip
 
     def _listen(self) -> list[str]:
-        if self.tls_dir is None:
-            return ["--port", str(self.port)]
-        return ["--port", "0", "--tls-port", str(self.port),  # TLS only: the plain port is off
-                "--tls-cert-file", str(self.tls_dir / "server.crt"),
-                "--tls-key-file", str(self.tls_dir / "server.key"),
-                "--tls-ca-cert-file", str(self.tls_dir / "ca.crt"),
-                "--tls-auth-clients", "no"]  # fmt: skip
+        return ["--port", str(self.port)]
+
+    def _options(self) -> list[str]:
+        return ["--appendonly", "no"]
 
     def start(self) -> Self:
         self._launch(self.command())
@@ -223,55 +195,11 @@ class RedisServer(_Server):
             client.close()
         return True
 
-    def kill(self) -> None:
-        """SIGKILL: what a node loss does; with ``appendonly`` nothing acked is lost."""
-        _stop(self.proc, signal.SIGKILL, self.stop_wait_s)
 
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-
-class MilvusLiteServer(_Server):
-    """``milvus-lite server`` on a free port, so several processes share one Milvus Lite
-    over gRPC. ``pause``/``resume`` freeze it (SIGSTOP), so calls time out as they do
-    against a hung or partitioned Milvus. The log sits beside ``data_dir``, which the
-    server keeps to itself."""
-
-    name = "milvus-lite"
-
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(data_dir)
-        self.log = data_dir.parent / f"milvus-lite-{self.port}.log"
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Self:
-        binary = find_binary("milvus-lite", "pip install milvus-lite")
-        self._launch([binary, "server", "--data-dir", str(self.dir),
-                      "--host", "127.0.0.1", "--port", str(self.port)])  # fmt: skip
-        self._wait_ready(lambda: milvus_answers(self.uri), 60, 0.2)
-        return self
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process ignores SIGTERM
-        super().stop()
-
-
-class MilvusStandalone(_Server):
+class MilvusStandalone(Server):
     """A real Milvus 2.3.5 standalone (``milvus-server`` from the ``milvus`` package), ready
-    in ~10-20 s. ``authorization`` makes it require ``token`` (``root:Milvus``).
+    in ~10-20 s. A subclass adds flags with ``_options`` and sets ``token`` when the server
+    wants one (the tests' authorization).
 
     The embedded etcd's peer port is fixed at 2380 unless an etcd config file says
     otherwise (read through ETCD_CONFIG_PATH), so two instances on one machine clash
@@ -283,16 +211,10 @@ class MilvusStandalone(_Server):
     name = "milvus-server"
     stop_signal = signal.SIGINT
     stop_wait_s = 30.0
+    token = ""  # what readiness checks log in with
 
-    def __init__(
-        self, data_dir: Path, *, authorization: bool = False, config: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir)
-        self.authorization = authorization
-        # milvus.yaml overrides, "key.subkey=value" (e.g. quotaAndLimits settings).
-        self.config = list(config)
-        # The default root password of a fresh server with authorization on.
-        self.token = "root:Milvus" if authorization else ""
         self.children: list[tuple[int, str]] = []  # (pid, start time) of `milvus run`
 
     @property
@@ -316,14 +238,13 @@ class MilvusStandalone(_Server):
         for role in ("root-coord", "proxy-internal", "query-coord", "query-node",
                      "index-coord", "index-node", "data-coord", "data-node"):  # fmt: skip
             args += [f"--{role}-port", str(free_port())]
-        if self.authorization:
-            # Only ever "true": the wrapper turns auth on for any value it is given.
-            args += ["--authorization-enabled", "true"]
-        for item in self.config:
-            args += ["--extra-config", item]
+        args += self._options()
         self._launch(args, env={**os.environ, "ETCD_CONFIG_PATH": str(etcd_config)})
         self._wait_ready(self._answers, 300, 1.0)
         return self
+
+    def _options(self) -> list[str]:
+        return []
 
     def _answers(self) -> bool:
         assert self.proc is not None

@@ -41,10 +41,22 @@ def _partition_hint(streams: Sequence[Stream], parts: Sequence[LagInfo]) -> list
 
 @click.command()
 @common
+@milvus_reading
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (documented in the README).")
 def lag(as_json: bool, **options: Any) -> None:
-    """Show stream length, group lag, pending entries, consumers and dead letters."""
-    from embedq.lag import consumer_table, describe, lag_json, merge_partitions, partition_table
+    """Show stream length, group lag, pending entries, consumers and dead letters, and
+    whether Redis lost its data since the collection recorded the deployment's epoch
+    (checked when the collection can be read: --milvus-uri, --collection)."""
+    from embedq.epoch import check_if_reachable
+    from embedq.lag import (
+        consumer_table,
+        describe,
+        lag_json,
+        loss_fields,
+        loss_lines,
+        merge_partitions,
+        partition_table,
+    )
     from embedq.stream import open_streams
 
     settings = build_settings(options)
@@ -53,13 +65,16 @@ def lag(as_json: bool, **options: Any) -> None:
         streams = open_streams(settings.replace(block_ms=0))
         parts = [s.lag() for s in streams]
         hint = _partition_hint(streams, parts)
+        standing = check_if_reachable(settings, streams)
         if as_json:
-            click.echo(json.dumps(lag_json(settings.stream, settings.group, parts), sort_keys=True))
+            found = lag_json(settings.stream, settings.group, parts) | loss_fields(standing)
+            click.echo(json.dumps(found, sort_keys=True))
             for line in hint:
                 click.echo("embedq: " + " ".join(line.split()[1:]), err=True)
             return ExitCode.OK
         info = merge_partitions(settings.stream, settings.group, parts)
-        for line in describe(info) + hint + partition_table(parts) + consumer_table(info):
+        lines = loss_lines(standing) + describe(info) + hint
+        for line in lines + partition_table(parts) + consumer_table(info):
             click.echo(line)
         return ExitCode.OK
 
@@ -139,6 +154,7 @@ def _fusion(ranker: str, weights: str) -> Any:
 
 @click.command()
 @common
+@milvus_reading
 @setting("metrics_port", help="Port for /metrics, /healthz and /readyz (required).")
 @setting("metrics_host", help="Address the metrics port binds (127.0.0.1: this machine only).")
 @setting("metrics_backlog", help="Listen backlog of the metrics port.")
@@ -149,7 +165,9 @@ def exporter(**options: Any) -> None:
     The one source of the stream gauges: workers export only their own counters. No model
     is loaded; run exactly one per deployment (the Helm chart does), so the gauges stay
     visible with no worker running. Redis is sampled in the background with a short
-    timeout: a scrape never waits on it. Stops on SIGINT/SIGTERM.
+    timeout: a scrape never waits on it. Every 30 s it also compares the deployment's epoch
+    with the collection's (--milvus-uri, --collection): embedq_redis_data_lost is 1 when
+    Redis lost its data. Stops on SIGINT/SIGTERM.
     """
     import signal
     import threading
@@ -180,6 +198,7 @@ def exporter(**options: Any) -> None:
 
 @click.command()
 @common
+@milvus_reading
 @click.option(
     "--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds."
 )
@@ -197,10 +216,12 @@ def exporter(**options: Any) -> None:
     "--json", "as_json", is_flag=True, help="One JSON object per sample (lag --json + rates)."
 )
 def top(interval: float, iterations: int, window: float, as_json: bool, **options: Any) -> None:
-    """A refreshing view: lag, pending, throughput, ETA to drain, consumers, dead letters."""
+    """A refreshing view: lag, pending, throughput, ETA to drain, consumers, dead letters;
+    and, checked once at start, whether Redis lost its data (as ``lag``)."""
     import time
 
-    from embedq.lag import merge_partitions
+    from embedq.epoch import check_if_reachable
+    from embedq.lag import loss_fields, loss_lines, merge_partitions
     from embedq.stream import open_streams
     from embedq.top import Window, render
 
@@ -211,16 +232,19 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
         streams = open_streams(settings.replace(block_ms=0))
         samples = Window(window)
         shown = 0
+        standing = check_if_reachable(settings, streams)
         try:
             while True:
                 parts = [s.lag() for s in streams]
                 info = merge_partitions(settings.stream, settings.group, parts)
                 rates = samples.add(info)
                 if as_json:
-                    click.echo(json.dumps({**info.as_dict(), **rates.as_dict()}, sort_keys=True))
+                    found = {**info.as_dict(), **rates.as_dict(), **loss_fields(standing)}
+                    click.echo(json.dumps(found, sort_keys=True))
                 else:
                     # Home and clear on a terminal; frames one after another in a pipe or log.
-                    screen = "\n".join([render(info, rates), *_partition_hint(streams, parts)])
+                    hints = [*loss_lines(standing), *_partition_hint(streams, parts)]
+                    screen = "\n".join([render(info, rates), *hints])
                     click.echo(("\x1b[H\x1b[2J" if clear else "") + screen + "\n")
                 shown += 1
                 if iterations and shown >= iterations:

@@ -5,8 +5,9 @@
 -- Take the write lease of each id before its row is written, unless a newer (or the same)
 -- version of it is already in the index, or another live writer holds it.
 --
--- KEYS[1]  the index hash of the (partition) stream: id -> "<version> <content hash>"
---          (content hash "-" for a delete); written by settle.lua after Milvus confirmed
+-- KEYS[1]  the index hash of the (partition) stream: id -> "<version> <content hash>
+--          [<vector digest>]" (content hash "-" for a delete; only the version is read
+--          here); written by settle.lua after Milvus confirmed
 -- KEYS[2]  the lease hash (same hash slot): id -> "<expires ms> <version> <consumer>"
 -- ARGV[1]  consumer name
 -- ARGV[2]  lease length in ms (the reclaim idle threshold: a dead holder's lease ends when

@@ -6,15 +6,17 @@
 -- leases, and XACK the entries, atomically.
 --
 -- KEYS[1]  tasks stream
--- KEYS[2]  the index hash (id -> "<version> <content hash>"), same hash slot
+-- KEYS[2]  the index hash (id -> "<version> <content hash> <vector digest>"; no digest
+--          field when the writer gave none, e.g. a delete), same hash slot
 -- KEYS[3]  the lease hash (id -> "<expires ms> <version> <consumer>"), same hash slot
 -- KEYS[4]  the last-error hash of the stream, same hash slot
 -- ARGV[1]  consumer group
 -- ARGV[2]  consumer name
--- ARGV[3]  n: how many ids follow as triples
--- ARGV[4 .. 3+3n]  triples: id, version written, content hash ("-" for a delete, "" when
---                  the write was refused: the lease is released, the index untouched)
--- ARGV[4+3n ..]    entry ids to ack (the written ones, the stale ones, superseded ones)
+-- ARGV[3]  n: how many ids follow as quadruples
+-- ARGV[4 .. 3+4n]  quadruples: id, version written, content hash ("-" for a delete, ""
+--                  when the write was refused: the lease is released, the index
+--                  untouched), vector digest (embedq/digest.py; "" for none)
+-- ARGV[4+4n ..]    entry ids to ack (the written ones, the stale ones, superseded ones)
 --
 -- A newer version already in the index means our lease ran out while we wrote (a paused
 -- or partitioned process), so our row may have landed over the newer one: the newer entry
@@ -49,24 +51,29 @@ for first = 1, n, SLICE do
   local last = math.min(first + SLICE - 1, n)
   local ids = {}
   for k = first, last do
-    ids[#ids + 1] = ARGV[1 + 3 * k]
+    ids[#ids + 1] = ARGV[4 * k]
   end
   local held = redis.call('HMGET', KEYS[2], unpack(ids))
   local leases = redis.call('HMGET', KEYS[3], unpack(ids))
-  local index, released = {}, {}  -- id, "<version> <hash>", ... and ids: one call each
+  local index, released = {}, {}  -- id, index value, ... and ids: one call each
   local recorded, gone = {}, {}  -- this slice's own updates (an id that comes twice sees them)
   for j = 1, #ids do
-    local base = 1 + 3 * (first + j - 1)
-    local id, version, digest = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+    local base = 4 * (first + j - 1)
+    local id, version, hash = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+    local vectors = ARGV[base + 3]  -- the vector digest
     local current = recorded[id]
     if current == nil then
       current = held[j] and string.match(held[j], '^(%S+)')
     end
-    if digest == '' then
+    if hash == '' then
       -- refused: nothing was written, only the lease goes
     elseif not current or older(current, version) then
       index[#index + 1] = id
-      index[#index + 1] = version .. ' ' .. digest
+      if vectors == '' then
+        index[#index + 1] = version .. ' ' .. hash
+      else
+        index[#index + 1] = version .. ' ' .. hash .. ' ' .. vectors
+      end
       recorded[id] = version
     elseif older(version, current) then
       local newer = redis.call('XRANGE', KEYS[1], current, current)
@@ -87,9 +94,9 @@ for first = 1, n, SLICE do
   in_slices('HSET', KEYS[2], index)
   in_slices('HDEL', KEYS[3], released)
 end
-if #ARGV >= 4 + 3 * n then
+if #ARGV >= 4 + 4 * n then
   local acked = {}
-  for i = 4 + 3 * n, #ARGV do
+  for i = 4 + 4 * n, #ARGV do
     acked[#acked + 1] = ARGV[i]
   end
   in_slices('XACK', KEYS[1], acked, ARGV[1])

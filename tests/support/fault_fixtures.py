@@ -1,6 +1,6 @@
 """Real worker processes for the fault tests; the servers they run against (a private
 ``redis-server`` with AOF, ``milvus-lite server``, a Milvus 2.3.5 standalone) come from
-``embedq.bench.servers`` through the fixtures in conftest.py."""
+``tests/support/servers.py`` through the fixtures in conftest.py."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any
 from embedq.bench.sparse import save_splade
 from embedq.encoder import packaged_model_dir
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample.jsonl"
 
 
 def build_splade(target: Path, *, seed: int = 0, strategy: str = "max") -> Path:

@@ -90,6 +90,8 @@ class StubSink:
     call fails); ``outages`` makes that many next calls fail as unreachable."""
 
     collection = "stub"
+    target = "stub"  # the collection writes go to (the settler tags vector digests with it)
+    sparse = False
 
     def __init__(
         self, reject: Callable[[Row], bool] = lambda _row: False, events: list[Any] | None = None

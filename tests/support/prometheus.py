@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from embedq.bench.servers import free_port, wait_until
+from .servers import free_port, wait_until
 
-CHART = Path(__file__).resolve().parents[1] / "helm" / "embedq"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "embedq"
 DASHBOARD = CHART / "dashboards" / "embedq.json"
 RULES = CHART / "alerts" / "embedq.rules.yaml"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,8 +43,28 @@ def packaged_model_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+_GENERIC_DIR = re.compile(r"^(model|models|snapshots?|main|weights|[0-9a-f]{40})$")
+
+
+def model_name(model_dir: Path) -> str:
+    """The model's name rather than its directory's: an HF cache snapshot's ``org/name``;
+    else the nearest directory not named generically (the issue-17 pod reported
+    ``model="model"``). The one derivation: the worker's ``embedq_model_info``, the
+    collection's ``embedq.model`` property and the gateway's model all read ``Encoder.name``
+    or ``resolve_model_dir``."""
+    parts = model_dir.parts
+    for part in reversed(parts):
+        if part.startswith("models--"):  # the Hugging Face cache layout
+            return part.removeprefix("models--").replace("--", "/")
+    for part in reversed(parts):
+        if not _GENERIC_DIR.match(part):
+            return part
+    return model_dir.name
+
+
 def resolve_model_dir(model: str) -> tuple[Path, str]:
-    """The model directory and a display name; a clear error naming ``--model`` otherwise."""
+    """The model directory and its name (``model_name``); a clear error naming ``--model``
+    otherwise."""
     if model:
         path = Path(model).expanduser()
         if not (path / "config.json").is_file():
@@ -51,7 +72,7 @@ def resolve_model_dir(model: str) -> tuple[Path, str]:
                 f"--model {model}: not a model directory (no config.json); give a local "
                 "Hugging Face or sentence-transformers model directory"
             )
-        return path.resolve(), path.resolve().name
+        return path.resolve(), model_name(path.resolve())
     packaged = packaged_model_dir()
     if packaged is None:
         raise ConfigError(
@@ -218,8 +239,8 @@ class Encoder:
         # Sparse outputs (embedq.sparse) from the same forward pass; SPLADE has no dense one.
         self.head = load_head(self.spec, self.model_dir, self.tokenizer, self.model)
         native = 0 if self.head is not None and not self.head.dense else native
-        self.dimensions = matryoshka.check(dimensions, native, self.model_dir, force_dimensions)
-        self.dimension = self.dimensions or native  # 0: no dense vector
+        self.truncate_dim = matryoshka.check(dimensions, native, self.model_dir, force_dimensions)
+        self.dimension = self.truncate_dim or native  # 0: no dense vector
         self._torch = torch
         # Each replica issues its work on its own CUDA stream, so K replicas driven by K
         # threads overlap copies and kernels on one GPU. None on CPU.
@@ -335,8 +356,8 @@ class Encoder:
             pooled = layer(pooled)
         if self.spec.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        if self.dimensions:
-            pooled = matryoshka.truncate(pooled, self.dimensions)
+        if self.truncate_dim:
+            pooled = matryoshka.truncate(pooled, self.truncate_dim)
         # A blocking copy on this replica's stream: it waits for this batch only.
         return pooled.cpu().numpy().astype(np.float32, copy=False)  # type: ignore[no-any-return]
 

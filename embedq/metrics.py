@@ -18,10 +18,8 @@ import bisect
 import collections
 import platform
 import queue
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -248,7 +246,7 @@ class WorkerMetrics:
         """Fill ``embedq_model_info`` and the replica count once the model is loaded."""
         self.model.labels(**self.on).info(
             {
-                "model": model_name(name, model_dir),
+                "model": name,  # Encoder.name (embedq.encoder.model_name)
                 "model_dir": model_dir,
                 "device": device,
                 "dtype": dtype,
@@ -311,25 +309,6 @@ def observe_many(histogram: Any, value: float, count: int) -> None:
         return
     total.inc(value * count)
     buckets[bisect.bisect_left(bounds, value)].inc(count)
-
-
-_GENERIC_DIR = re.compile(r"^(model|models|snapshots?|main|weights|[0-9a-f]{40})$")
-
-
-def model_name(name: str, model_dir: str) -> str:
-    """The model's name rather than its directory's: the packaged model's hub name; an HF
-    cache snapshot's ``org/name``; else the nearest directory not named generically (the
-    issue-17 pod reported ``model="model"``)."""
-    if not model_dir or "/" in name:
-        return name
-    parts = Path(model_dir).parts
-    for part in reversed(parts):
-        if part.startswith("models--"):  # the Hugging Face cache layout
-            return part.removeprefix("models--").replace("--", "/")
-    for part in reversed(parts):
-        if not _GENERIC_DIR.match(part):
-            return part
-    return name
 
 
 GPU_MEMORY = {  # embedq_gpu_memory_<key>_bytes

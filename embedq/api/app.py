@@ -28,7 +28,7 @@ from embedq.api.limits import Keyring, RateLimiter
 from embedq.api.requests import ApiError, Bounds, parse_embeddings, parse_search
 from embedq.api.telemetry import ApiMetrics
 from embedq.config import Settings
-from embedq.encoder import PACKAGED_MODEL_NAME, resolve_model_dir
+from embedq.encoder import PACKAGED_MODEL_NAME, model_name, resolve_model_dir
 from embedq.errors import CollectionMissing, ConfigError, InfrastructureError, SinkRejected
 from embedq.lane import Answer
 from embedq.sink import Sink, open_sink
@@ -44,7 +44,7 @@ def served_model(settings: Settings) -> tuple[str, frozenset[str]]:
     try:
         name = resolve_model_dir(settings.model)[1]
     except ConfigError:  # a gateway image without the model: its configured name
-        name = Path(settings.model).name if settings.model else PACKAGED_MODEL_NAME
+        name = model_name(Path(settings.model)) if settings.model else PACKAGED_MODEL_NAME
     return name, frozenset({name.lower(), name.rsplit("/", 1)[-1].lower()})
 
 

@@ -157,16 +157,7 @@ class Migration:
     # -- the shadow ------------------------------------------------------------------
 
     def open(self, collection: str, *, create: bool = False) -> Sink:
-        sink = Sink(
-            self.sink.uri,
-            self.sink._token,  # the same credentials, another collection
-            collection,
-            timeout_s=self.timeout_s,
-            store_text=self.sink.store_text,
-            create=create,
-        )
-        sink._client = self.client  # one connection: Milvus Lite allows one
-        return sink
+        return self.sink.sibling(collection, create=create)
 
     def shadow(self, source: Sink, encoder: Encoder) -> Sink:
         """The new model's collection, created if missing, recording what it replaces."""

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
-from embedq.entries import Entry, as_entries, text
+from embedq.entries import Entry
 from embedq.redis_connection import is_cluster
 from embedq.stream import Stream
 
@@ -44,44 +43,31 @@ class ReadWindow:
 
 
 def read_new_many(
-    lanes: Sequence[Stream], count: int, block_ms: int
+    streams: Sequence[Stream], count: int, block_ms: int
 ) -> list[tuple[Stream, list[Entry]]]:
     """One XREADGROUP over several partition streams of one group (one BLOCK for all):
     up to ``count`` new entries per stream, each list paired with its stream. The
     interactive lane, when among them, is read first (embedq.online)."""
-    lanes = sorted((s for s in lanes if s.readable()), key=lambda s: not s.keys.online)
-    if len(lanes) == 1:
-        entries = lanes[0].read_new(count, block_ms)
-        return [(lanes[0], entries)] if entries else []
-    first = lanes[0]
-    if is_cluster(first.client):
-        return _read_each(lanes, count, block_ms)
-    by_key = {lane.keys.stream: lane for lane in lanes}
-
-    def call() -> Any:
-        return first.client.xreadgroup(
-            first.group,
-            first.consumer,
-            dict.fromkeys(by_key, ">"),
-            count=count,
-            block=block_ms if block_ms > 0 else None,
-        )
-
-    reply: Any = first._with_group("XREADGROUP >", call, siblings=lanes[1:])
-    return [(by_key[text(key) or ""], as_entries(raw)) for key, raw in (reply or []) if raw]
+    streams = sorted((s for s in streams if s.readable()), key=lambda s: not s.keys.online)
+    if len(streams) == 1:
+        entries = streams[0].read_new(count, block_ms)
+        return [(streams[0], entries)] if entries else []
+    if is_cluster(streams[0].client):
+        return _read_each(streams, count, block_ms)
+    return streams[0].read_new_together(streams[1:], count, block_ms)
 
 
 def _read_each(
-    lanes: Sequence[Stream], count: int, block_ms: int
+    streams: Sequence[Stream], count: int, block_ms: int
 ) -> list[tuple[Stream, list[Entry]]]:
     """``read_new_many`` on a Redis Cluster, which refuses one command over keys of several
     slots (CROSSSLOT) and gives every partition a slot of its own: one read per partition
     without blocking; when all were empty, one BLOCK on a partition picked at random (each
     gets its turn), short enough that entries arriving on the others wait little."""
-    found = [(lane, lane.read_new(count, 0)) for lane in lanes]
-    found = [(lane, entries) for lane, entries in found if entries]
+    found = [(stream, stream.read_new(count, 0)) for stream in streams]
+    found = [(stream, entries) for stream, entries in found if entries]
     if found or block_ms <= 0:
         return found
-    lane = random.choice(lanes)
-    entries = lane.read_new(count, max(10, block_ms // len(lanes)))
-    return [(lane, entries)] if entries else []
+    stream = random.choice(streams)
+    entries = stream.read_new(count, max(10, block_ms // len(streams)))
+    return [(stream, entries)] if entries else []

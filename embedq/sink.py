@@ -140,6 +140,20 @@ class Sink:
             finally:
                 self._client = None
 
+    def sibling(self, collection: str, *, create: bool = False) -> Sink:
+        """Another collection of the same Milvus, on this sink's connection and credentials
+        (Milvus Lite allows one connection per file): ``embedq migrate``'s shadow."""
+        other = Sink(
+            self.uri,
+            self._token,
+            collection,
+            timeout_s=self.timeout_s,
+            store_text=self.store_text,
+            create=create,
+        )
+        other._client = self.client
+        return other
+
     # -- schema ----------------------------------------------------------------------
 
     def ensure_collection(

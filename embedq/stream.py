@@ -131,6 +131,26 @@ class Stream:
         )
         return as_entries(reply[0][1]) if reply else []
 
+    def read_new_together(
+        self, siblings: Sequence[Stream], count: int, block_ms: int
+    ) -> list[tuple[Stream, list[Entry]]]:
+        """One XREADGROUP over this stream and ``siblings`` (streams of the same group on the
+        same server; one BLOCK for all): up to ``count`` new entries per stream, each list
+        paired with its stream."""
+        by_key = {s.keys.stream: s for s in (self, *siblings)}
+        reply: Any = self._with_group(
+            "XREADGROUP >",
+            lambda: self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                dict.fromkeys(by_key, ">"),
+                count=count,
+                block=block_ms if block_ms > 0 else None,
+            ),
+            siblings=siblings,
+        )
+        return [(by_key[text(key) or ""], as_entries(raw)) for key, raw in (reply or []) if raw]
+
     def autoclaim(self, min_idle_ms: int, cursor: str = "0-0", count: int = 100) -> Claimed:
         """Take over entries idle longer than ``min_idle_ms`` from any consumer.
 

@@ -3,7 +3,7 @@ model once.
 
 Texts repeated in a batch, or whose vector the cache holds (``embedq.vector_cache``), skip
 the forward pass. When the model raises on a batch, it is split in halves until the text
-that fails is alone (``embedq.settler.isolate``); that text's items are dead-lettered
+that fails is alone (``embedq.pipeline.isolate``); that text's items are dead-lettered
 (``encode_failed``), the rest go on, but only once the model is seen to work on another
 input. Out of memory shrinks the batch (the same splitting); a broken device, or memory
 that does not fit one text, stops the worker (``DeviceFailed``) with nothing dead-lettered.
@@ -19,8 +19,7 @@ import structlog
 from embedq.encoder import Encoder
 from embedq.errors import DeviceFailed, EncodeFailed, ModelOutOfMemory
 from embedq.metrics import WorkerMetrics
-from embedq.pipeline import Batch, Item, Stats
-from embedq.settler import isolate
+from embedq.pipeline import Batch, Item, Stats, isolate
 from embedq.sparse import SparseVector
 from embedq.vector_cache import Vector, VectorCache
 

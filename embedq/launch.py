@@ -103,16 +103,35 @@ def encoder_for(settings: Settings) -> Encoder:
     )
 
 
+def resolved(settings: Settings, device: str) -> Settings:
+    """``settings`` with what they leave to the machine decided (``resolve_runtime``, once
+    per worker): batch limits and the replica count for ``device``."""
+    runtime = resolve_runtime(settings, device)
+    return settings.replace(
+        max_batch_tokens=runtime.max_batch_tokens,
+        max_batch_rows=runtime.max_batch_rows,
+        replicas=runtime.replicas,
+    )
+
+
+def first_encoder(settings: Settings) -> Encoder:
+    tokenizing.serial()  # before the encoder's own first batch (its word path's probes)
+    return encoder_for(settings)
+
+
+def replicate(first: Encoder, replicas: int) -> list[Encoder]:
+    """``first`` and a replica per extra model thread (weights shared)."""
+    if first.device == "cpu" and replicas > 1:
+        share = share_cpu_threads(replicas)
+        log.info("cpu_threads_shared", replicas=replicas, threads_each=share)
+    # Each replica gets its own model thread in the pipeline and, on CUDA, its own stream.
+    return [first] + [first.replica() for _ in range(replicas - 1)]
+
+
 def load_encoders(settings: Settings) -> list[Encoder]:
     """The model, once, and a replica per extra model thread (weights shared)."""
-    tokenizing.serial()  # before the encoder's own first batch (its word path's probes)
-    first = encoder_for(settings)
-    runtime = resolve_runtime(settings, first.device)
-    if first.device == "cpu" and runtime.replicas > 1:
-        share = share_cpu_threads(runtime.replicas)
-        log.info("cpu_threads_shared", replicas=runtime.replicas, threads_each=share)
-    # Each replica gets its own model thread in the pipeline and, on CUDA, its own stream.
-    return [first] + [first.replica() for _ in range(runtime.replicas - 1)]
+    first = first_encoder(settings)
+    return replicate(first, resolved(settings, first.device).replicas)
 
 
 def fault_injector(point: str) -> Callable[[str], None]:
@@ -151,7 +170,6 @@ def assemble(
     settler = Settler(
         sink,
         JobLedger(stream.client, stream.keys.stream),
-        encoders[0].name,
         ordering=ordering(settings, partitions, retrying),
         retrying=retrying,
         in_flight=in_flight,
@@ -172,7 +190,9 @@ def assemble(
             sink=sink,
             metrics=metrics,
             in_flight=in_flight,
-            heartbeat=Heartbeat(partitions, in_flight, heartbeat_interval(settings), watchdog),
+            heartbeat=Heartbeat(
+                partitions, in_flight, Timing(settings.min_idle_s).heartbeat_s, watchdog
+            ),
             watchdog=watchdog,
             reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
             batcher=batcher,
@@ -249,13 +269,29 @@ def count_failures(metrics: WorkerMetrics) -> Callable[[str, InfrastructureError
     return failed
 
 
+@dataclass(frozen=True)
+class Timing:
+    """What ``--min-idle`` implies, derived in one place. An entry idle ``min_idle_s`` is
+    reclaimable (the reclaimer); a per-id write lease lasts as long, so a dead worker's
+    leases expire when its entries can be taken over (embedq.versions); entries in hand are
+    heartbeated four times per threshold, between 0.2 s and 10 s."""
+
+    min_idle_s: float
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.min_idle_s * 1000)
+
+    @property
+    def heartbeat_s(self) -> float:
+        return max(0.2, min(10.0, self.min_idle_s / 4))
+
+
 def ordering(settings: Settings, partitions: Sequence[Stream], retrying: Retrier) -> Ordering:
-    """Fenced per-id writes on every partition; a lease lasts as long as a dead worker's
-    entries take to become reclaimable."""
+    """Fenced per-id writes on every partition (leases per ``Timing``)."""
     versions = {s.keys.stream: Versions(s.client, s.keys, settings.collection) for s in partitions}
-    return Ordering(
-        versions if settings.ordered_writes else None, int(settings.min_idle_s * 1000), retrying
-    )
+    lease_ms = Timing(settings.min_idle_s).lease_ms
+    return Ordering(versions if settings.ordered_writes else None, lease_ms, retrying)
 
 
 def batch_policy(settings: Settings) -> BatchPolicy:
@@ -265,11 +301,6 @@ def batch_policy(settings: Settings) -> BatchPolicy:
         max_batch_rows=settings.max_batch_rows,
         reject_overlong=settings.on_overlong == "reject",
     )
-
-
-def heartbeat_interval(settings: Settings) -> float:
-    """Four heartbeats per reclaim threshold, between 0.2 s and 10 s."""
-    return max(0.2, min(10.0, settings.min_idle_s / 4))
 
 
 def reclaimer(settings: Settings, stream: Stream, settler: Settler) -> Reclaimer:
@@ -284,10 +315,12 @@ def reclaimer(settings: Settings, stream: Stream, settler: Settler) -> Reclaimer
 
 
 def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Worker:
-    """A worker wired from settings: stream, model (and replicas), sink."""
-    return assemble(
-        settings, open_stream(settings), load_encoders(settings), open_sink(settings), metrics
-    )
+    """A worker wired from settings: stream, model (and replicas), sink. The runtime is
+    resolved here, once; ``assemble`` finds the batch limits set."""
+    first = first_encoder(settings)
+    settings = resolved(settings, first.device)
+    encoders = replicate(first, settings.replicas)
+    return assemble(settings, open_stream(settings), encoders, open_sink(settings), metrics)
 
 
 def run_worker(settings: Settings) -> Stats:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from embedq.entries import Entry, entry_order
+from embedq.errors import EmbedqError
 from embedq.records import Record
 from embedq.stream import Stream
 
@@ -118,6 +119,33 @@ def supersede(items: list[Item]) -> list[Item]:
             item.superseded = [*previous.superseded, previous.entry, *item.superseded]
         latest[item.record.id] = item
     return list(latest.values())
+
+
+R = TypeVar("R")
+E = TypeVar("E", bound=EmbedqError)
+
+
+def isolate(
+    items: list[Item],
+    attempt: Callable[[list[Item]], R],
+    failure: type[E],
+    on_split: Callable[[int, E], None] | None = None,
+) -> Iterator[tuple[list[Item], R | E]]:
+    """Run ``attempt`` on ``items``; when it raises ``failure``, split the items in halves
+    and try each, until the failing ones are alone. Yields each group that went through
+    with its result, and each lone culprit (a list of one) with its error, in order."""
+    try:
+        yield items, attempt(items)
+        return
+    except failure as exc:
+        if len(items) == 1:
+            yield items, exc
+            return
+        if on_split is not None:
+            on_split(len(items), exc)
+    half = len(items) // 2
+    yield from isolate(items[:half], attempt, failure, on_split)
+    yield from isolate(items[half:], attempt, failure, on_split)
 
 
 class End:

@@ -6,9 +6,8 @@ The settler is the only place that decides an entry's fate once it was read:
   wrote is acked without a write), upsert the rows and apply the deletes, and only then
   record the versions and XACK the entries (per partition stream). Milvus or Redis
   unreachable means retry with backoff, nothing acked or dead-lettered.
-* ``isolate``: when a call fails for a batch, split it in halves until the failing item is
-  alone; only that one is dead-lettered. One implementation serves the model's failures
-  (``EncodeFailed``) and Milvus's row rejections (``SinkRejected``).
+* a row Milvus refuses is isolated (``embedq.pipeline.isolate``, which the model stage uses
+  for its failures too) and dead-lettered alone.
 * ``dead_letter`` / ``reject``: move an entry to its dead-letter stream with a reason (and
   ack the entries an item superseded), then count it for its job.
 
@@ -20,9 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TypeVar
 
 import numpy as np
 import structlog
@@ -31,44 +29,18 @@ from embedq.backoff import Retrier
 from embedq.columns import Columns, meta_json
 from embedq.digest import collection_tag
 from embedq.entries import Entry
-from embedq.errors import EmbedqError, InfrastructureError, QueueFull, SinkRejected
+from embedq.errors import InfrastructureError, QueueFull, SinkRejected
 from embedq.heartbeat import InFlight
 from embedq.jobs import JobLedger
 from embedq.metrics import WorkerMetrics
 from embedq.ordering import Ordering
-from embedq.pipeline import Batch, Item, Stats
+from embedq.pipeline import Batch, Item, Stats, isolate
 from embedq.sink import Sink
 from embedq.stream import Stream
 
 log = structlog.get_logger("embedq.settler")
 
-R = TypeVar("R")
-E = TypeVar("E", bound=EmbedqError)
-
 FaultPoint = Callable[[str], None]
-
-
-def isolate(
-    items: list[Item],
-    attempt: Callable[[list[Item]], R],
-    failure: type[E],
-    on_split: Callable[[int, E], None] | None = None,
-) -> Iterator[tuple[list[Item], R | E]]:
-    """Run ``attempt`` on ``items``; when it raises ``failure``, split the items in halves
-    and try each, until the failing ones are alone. Yields each group that went through
-    with its result, and each lone culprit (a list of one) with its error, in order."""
-    try:
-        yield items, attempt(items)
-        return
-    except failure as exc:
-        if len(items) == 1:
-            yield items, exc
-            return
-        if on_split is not None:
-            on_split(len(items), exc)
-    half = len(items) // 2
-    yield from isolate(items[:half], attempt, failure, on_split)
-    yield from isolate(items[half:], attempt, failure, on_split)
 
 
 class Settler:
@@ -76,7 +48,6 @@ class Settler:
         self,
         sink: Sink,
         ledger: JobLedger,
-        model_name: str,
         *,
         ordering: Ordering,
         retrying: Retrier,
@@ -87,7 +58,6 @@ class Settler:
     ) -> None:
         self.sink = sink
         self.ledger = ledger
-        self.model_name = model_name
         self.ordering = ordering
         self.retrying = retrying
         self.in_flight = in_flight

@@ -44,7 +44,6 @@ class Rig:
         self.settler = Settler(
             sink,  # type: ignore[arg-type]
             self.ledger,  # type: ignore[arg-type]
-            encoder.name,
             # Ordering off here: the fenced write is Lua on a real Redis (test_ordering.py).
             ordering=Ordering(None, 60_000, retrying),
             retrying=retrying,

@@ -12,7 +12,7 @@ delivery count) and removes the dead-letter entry, atomically; fix the cause fir
 model, a policy such as ``--on-overlong``, an outage), or the entry comes straight back.
 
 With ``--partitions N`` each partition stream has its own dead-letter stream, and the
-functions here take all of them (``lanes``: a ``DeadLetterQueue`` per partition stream, one
+functions here take all of them (``partitions``: a ``DeadLetterQueue`` per partition stream, one
 without partitions). Entry ids are unique only within one stream, so a partitioned dead
 letter is named ``<i>/<id>`` (its partition, then its id): two partitions can dead-letter
 in the same millisecond, and a bare id that matched both would retry or purge the wrong one.
@@ -150,7 +150,7 @@ class DeadLetter:
     at_ms: int
     original: dict[bytes, bytes]
     stream: str = ""  # the tasks stream whose dead-letter stream holds it
-    partition: int | None = None  # its lane, when there are several
+    partition: int | None = None  # its partition, when there are several
 
     @classmethod
     def from_entry(cls, entry: Entry, stream: str = "", partition: int | None = None) -> DeadLetter:
@@ -210,15 +210,15 @@ class DeadLetter:
         }
 
 
-Lanes = Sequence["DeadLetterQueue"]
+Partitions = Sequence["DeadLetterQueue"]
 
 
-def _lane_index(lanes: Lanes, lane: int) -> int | None:
-    return lane if len(lanes) > 1 else None
+def _partition_index(partitions: Partitions, partition: int) -> int | None:
+    return partition if len(partitions) > 1 else None
 
 
-def _letters(lanes: Lanes, lane: int, reason: str | None) -> Iterator[DeadLetter]:
-    stream = lanes[lane]
+def _letters(partitions: Partitions, partition: int, reason: str | None) -> Iterator[DeadLetter]:
+    stream = partitions[partition]
     last = stream.last_id()
     if last is None:
         return
@@ -226,7 +226,9 @@ def _letters(lanes: Lanes, lane: int, reason: str | None) -> Iterator[DeadLetter
     while True:
         page = stream.entries(start, PAGE)
         for entry in page:
-            letter = DeadLetter.from_entry(entry, stream.keys.stream, _lane_index(lanes, lane))
+            letter = DeadLetter.from_entry(
+                entry, stream.keys.stream, _partition_index(partitions, partition)
+            )
             if reason is None or letter.reason == reason:
                 yield letter
             if entry.entry_id == last:
@@ -236,11 +238,11 @@ def _letters(lanes: Lanes, lane: int, reason: str | None) -> Iterator[DeadLetter
         start = "(" + page[-1].entry_id  # exclusive: the next page starts after this one
 
 
-def iter_dead_letters(lanes: Lanes, reason: str | None = None) -> Iterator[DeadLetter]:
+def iter_dead_letters(partitions: Partitions, reason: str | None = None) -> Iterator[DeadLetter]:
     """Every dead-letter entry present when called, oldest first (merged over partitions),
     optionally only one reason."""
     return heapq.merge(
-        *(_letters(lanes, i, reason) for i in range(len(lanes))),
+        *(_letters(partitions, i, reason) for i in range(len(partitions))),
         key=lambda letter: entry_order(letter.dlq_id),
     )
 
@@ -260,8 +262,8 @@ def check_refs(refs: Sequence[str]) -> None:
         )
 
 
-def locate(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
-    """Where each dead-letter name is: name -> (lane, its entry). Names not found are absent.
+def locate(partitions: Partitions, refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
+    """Where each dead-letter name is: name -> (partition, its entry). Names not found are absent.
 
     ``<i>/<id>`` names partition ``i``; a bare id is looked up in every partition and must
     be in exactly one (ConfigError otherwise, naming the candidates).
@@ -269,18 +271,18 @@ def locate(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
     check_refs(refs)
     found: dict[str, tuple[int, Entry]] = {}
     for ref in refs:
-        lane_text, slash, dlq_id = ref.rpartition("/")
+        partition_text, slash, dlq_id = ref.rpartition("/")
         if slash:
-            if not lane_text.isdigit() or int(lane_text) >= len(lanes):
+            if not partition_text.isdigit() or int(partition_text) >= len(partitions):
                 raise ConfigError(
-                    f"dead-letter name {ref!r}: partition {lane_text!r} is not one of "
-                    f"0..{len(lanes) - 1} (check --partitions)"
+                    f"dead-letter name {ref!r}: partition {partition_text!r} is not one of "
+                    f"0..{len(partitions) - 1} (check --partitions)"
                 )
-            candidates = [int(lane_text)]
+            candidates = [int(partition_text)]
         else:
-            candidates = list(range(len(lanes)))
+            candidates = list(range(len(partitions)))
         holders = [
-            (i, entry) for i in candidates if (entry := lanes[i].entry(dlq_id)) is not None
+            (i, entry) for i in candidates if (entry := partitions[i].entry(dlq_id)) is not None
         ]
         if len(holders) > 1:
             raise ConfigError(
@@ -292,31 +294,33 @@ def locate(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[int, Entry]]:
     return found
 
 
-def show(lanes: Lanes, ref: str) -> DeadLetter | None:
-    where = locate(lanes, [ref]).get(ref)
+def show(partitions: Partitions, ref: str) -> DeadLetter | None:
+    where = locate(partitions, [ref]).get(ref)
     if where is None:
         return None
-    lane, entry = where
-    return DeadLetter.from_entry(entry, lanes[lane].keys.stream, _lane_index(lanes, lane))
+    partition, entry = where
+    return DeadLetter.from_entry(
+        entry, partitions[partition].keys.stream, _partition_index(partitions, partition)
+    )
 
 
-def _by_lane(lanes: Lanes, refs: Sequence[str]) -> dict[int, dict[str, str]]:
-    """The named entries that exist, grouped per lane: lane -> {entry id: name}."""
+def _by_partition(partitions: Partitions, refs: Sequence[str]) -> dict[int, dict[str, str]]:
+    """The named entries that exist, grouped per partition: partition -> {entry id: name}."""
     grouped: dict[int, dict[str, str]] = {}
-    for ref, (lane, entry) in locate(lanes, refs).items():
-        grouped.setdefault(lane, {})[entry.entry_id] = ref
+    for ref, (partition, entry) in locate(partitions, refs).items():
+        grouped.setdefault(partition, {})[entry.entry_id] = ref
     return grouped
 
 
-def retry(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[str, str]]:
+def retry(partitions: Partitions, refs: Sequence[str]) -> dict[str, tuple[str, str]]:
     """Send these dead-letter entries back to their tasks streams.
 
     Returns name -> (tasks stream, new entry id) for each one sent back; names not found,
     or entries with no original fields, are absent.
     """
     sent: dict[str, tuple[str, str]] = {}
-    for lane, names in _by_lane(lanes, refs).items():
-        stream = lanes[lane]
+    for partition, names in _by_partition(partitions, refs).items():
+        stream = partitions[partition]
         ids = list(names)
         for i in range(0, len(ids), PAGE):
             for old, new in stream.retry(ids[i : i + PAGE]).items():
@@ -324,12 +328,14 @@ def retry(lanes: Lanes, refs: Sequence[str]) -> dict[str, tuple[str, str]]:
     return sent
 
 
-def purge(lanes: Lanes, refs: Sequence[str] | None = None) -> int:
+def purge(partitions: Partitions, refs: Sequence[str] | None = None) -> int:
     """Delete these dead-letter entries, or (``None``) every dead-letter stream."""
     if refs is None:
-        return sum(stream.purge() for stream in lanes)
+        return sum(stream.purge() for stream in partitions)
     removed = 0
-    for lane, names in _by_lane(lanes, refs).items():
+    for partition, names in _by_partition(partitions, refs).items():
         ids = list(names)
-        removed += sum(lanes[lane].delete(ids[i : i + PAGE]) for i in range(0, len(ids), PAGE))
+        removed += sum(
+            partitions[partition].delete(ids[i : i + PAGE]) for i in range(0, len(ids), PAGE)
+        )
     return removed

@@ -178,8 +178,10 @@ def send(
     client: Any, collection: str, columns: Columns, fields: Sequence[str], timeout_s: float
 ) -> int | None:
     """Upsert ``columns`` through ``client``'s gRPC stub; the count Milvus confirmed, or None
-    when the client has no such stub (the caller sends dict rows instead). pymilvus errors
-    (a refused status) propagate for ``embedq.milvus_errors.translated``."""
+    when the client has no such stub (the caller sends dict rows instead, and counts it:
+    ``embedq_upsert_row_fallback_total``). The stub is private to pymilvus, hence the
+    version bound in pyproject.toml. pymilvus errors (a refused status) propagate for
+    ``embedq.milvus_errors.translated``."""
     handler = getattr(client, "_handler", None)
     stub = getattr(handler, "_stub", None)
     get_schema = getattr(handler, "_get_schema", None)

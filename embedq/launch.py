@@ -160,6 +160,7 @@ def assemble(
     encoders = [encoders] if isinstance(encoders, Encoder) else list(encoders)
     settings = resolve_batch_settings(settings, encoders[0].device)
     metrics = metrics or WorkerMetrics(stream=settings.stream, group=settings.group)
+    sink.on_row_fallback = metrics.upsert_row_fallback.inc
     partitions = worker_streams(settings, stream)
     stats, in_flight = Stats(), InFlight(on_change=metrics.in_flight.set)
     crash: list[BaseException] = []

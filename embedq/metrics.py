@@ -137,6 +137,11 @@ class WorkerMetrics:
         self.tokens = self._counter("embedq_tokens", "Real (unpadded) tokens embedded and acked")
         self.padded_tokens = self._counter("embedq_padded_tokens", "Tokens including padding")
         self.batches = self._counter("embedq_batches", "Batches written and acked")
+        self.upsert_row_fallback = self._counter(
+            "embedq_upsert_row_fallback",
+            "Upsert requests sent as dict rows: the pymilvus client had no gRPC stub for the "
+            "columnar path (embedq.columns.send); non-zero after a pymilvus upgrade",
+        )
         self.reclaimed = self._counter("embedq_reclaimed", "Entries taken over by XAUTOCLAIM")
         self.truncated = self._counter("embedq_truncated", "Texts cut at the model's limit")
         self.encoded_texts = self._counter(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +117,9 @@ class Sink:
         self.dimension: int | None = None
         self.sparse = False  # the collection has a ``sparse`` field
         self.target = collection  # where writes go: the collection an alias named at start
+        # Called with each request's row count when pymilvus has no gRPC stub for the columnar
+        # upsert (columns.send) and rows go as dicts; the worker counts it in a metric.
+        self.on_row_fallback: Callable[[int], object] = lambda _rows: None
 
     @property
     def client(self) -> Any:
@@ -323,6 +326,7 @@ class Sink:
             with translated("upsert"):
                 sent = send(self.client, self.target, chunk, self.fields, self.timeout_s)
                 if sent is None:
+                    self.on_row_fallback(len(chunk))
                     result = self.client.upsert(
                         self.target, chunk.rows(self.fields), timeout=self.timeout_s
                     )

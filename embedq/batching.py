@@ -12,7 +12,7 @@ from collections.abc import Sequence
 # Defaults per device, used when a limit is 0 ("auto"). On CUDA, TEI's 16384 tokens keep the
 # GPU busy. On CPU, large batches are slower per text, not faster: attention scores grow
 # with rows × length² and fall out of cache (measured with `embedq bench`, see
-# docs/benchmarks.md: 188-row batches ran at a third of the speed of 32-row ones).
+# docs/benchmarks.md#cpu-batch-limits-how-the-defaults-were-chosen).
 CUDA_MAX_BATCH_TOKENS = 16384
 CUDA_MAX_BATCH_ROWS = 256
 CPU_MAX_BATCH_TOKENS = 4096

@@ -1,14 +1,14 @@
 """Rows as columns: one Milvus upsert request built straight from a float32 matrix and lists.
 
 pymilvus's ``MilvusClient.upsert`` takes one dict per row and converts every value of every
-row through its type checks; for 384-d rows that was most of a worker's CPU (a profile of a
-drained worker: 1,020 of 1,576 samples in the write stage were pymilvus building the
-request). The worker already holds a batch as columns, so this builds each column's
-protobuf ``FieldData`` at once: the vectors as one packed float32 buffer parsed by protobuf
-(0.2 ms for 512 × 384 floats, against 15-90 ms to ``extend`` them value by value), the
-strings by one ``extend`` per column. The request goes through the same gRPC stub, schema
-timestamp and status check as pymilvus's own ``upsert_rows``; ``send`` returns None where
-the client is not built that way (another pymilvus), and the sink then sends dict rows.
+row through its type checks; for 384-d rows that was most of a worker's write stage (see
+docs/benchmarks.md#what-changed-issue-13-and-why). The worker already holds a batch as
+columns, so this builds each column's protobuf ``FieldData`` at once: the vectors as one
+packed float32 buffer parsed by protobuf (far cheaper than ``extend``-ing them value by
+value), the strings by one ``extend`` per column. The request goes through the same gRPC
+stub, schema timestamp and status check as pymilvus's own ``upsert_rows``; ``send`` returns
+None where the client is not built that way (another pymilvus), and the sink then sends
+dict rows.
 """
 
 from __future__ import annotations

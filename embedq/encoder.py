@@ -138,8 +138,8 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 def attention_for(device: str) -> str:
     """PyTorch SDPA on every device: on CUDA it runs the fused kernels, and on CPU it was
-    faster than eager attention for MiniLM at every batch shape measured (1.5-2.6×, see
-    docs/benchmarks.md)."""
+    faster than eager attention for MiniLM at every batch shape measured (see
+    docs/benchmarks.md#cpu-batch-limits-how-the-defaults-were-chosen)."""
     return "sdpa"
 
 
@@ -159,8 +159,8 @@ _STICKY = (
 def _drop_unused_pooler(model: Any) -> None:
     """BERT-style models end in a pooler (dense + tanh over the CLS token) that
     sentence-transformers never reads: skip it where the model's forward allows (a model
-    whose forward needs it keeps it). With few layers, as on a fast GPU, it was 7 % of the
-    forward's CPU."""
+    whose forward needs it keeps it). With few layers, as on a fast GPU, it was a visible
+    share of the forward's CPU (see docs/benchmarks.md#what-changed-issue-13-and-why)."""
     import torch
 
     pooler = getattr(model, "pooler", None)

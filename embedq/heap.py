@@ -3,22 +3,23 @@ loaded, and freed pages given back only when the heap has grown.
 
 Two costs on the worker's hot path come from the heap rather than the code (issue 13):
 
-- **The cyclic GC** walked the ~400,000 objects that torch, transformers, pymilvus and gRPC
-  leave at start-up: ~0.9 s of every 8 s of a drained worker. Frozen, they are never walked
-  again; a 50,000-object young generation lets a window's token lists and items die by
-  refcount before a collection sees them (GC time fell to ~0.02 s per 8 s).
-- **Page faults.** One 256-row batch of short texts makes tensors of ~5.5 MB (rows × length
-  × hidden). glibc serves those from fresh ``mmap`` pages or trims them off the top of the
-  heap when freed, so every batch faulted ~1,300 pages back in and the kernel zeroed them:
-  the zero-layer forward cost 21 µs per text, 9.6 with the pages kept. Trimming after every
-  read window (how RSS was kept flat before) did the same on a larger scale.
+- **The cyclic GC** walked the hundreds of thousands of objects that torch, transformers,
+  pymilvus and gRPC leave at start-up, a tenth of a drained worker's time. Frozen, they are
+  never walked again; a large young generation (``GC_YOUNG_THRESHOLD``) lets a window's
+  token lists and items die by refcount before a collection sees them.
+- **Page faults.** One 256-row batch of short texts makes tensors of megabytes (rows ×
+  length × hidden). glibc serves those from fresh ``mmap`` pages or trims them off the top
+  of the heap when freed, so every batch faulted its pages back in and the kernel zeroed
+  them: the zero-layer forward cost twice as much per text as with the pages kept. Trimming
+  after every read window (how RSS was kept flat before) did the same on a larger scale.
 
 So glibc keeps freed memory (blocks up to 32 MiB come from the heap, nothing is trimmed on
 free) and ``release_free_heap`` trims only when RSS has grown ``TRIM_GROWTH_BYTES`` past
 what the last trim left: RSS stays within that margin of its settled size, however long
-the backlog (tensors of ever-changing shapes fragment the heap; untrimmed, a CPU worker
-grew from 619 to 1,134 MB over 6,000 long texts). Under another allocator (jemalloc
-preloaded) the glibc calls are no-ops and that allocator's own settings apply.
+the backlog (tensors of ever-changing shapes fragment the heap; untrimmed, a CPU worker's
+RSS nearly doubled over a long backlog). Under another allocator (jemalloc preloaded) the
+glibc calls are no-ops and that allocator's own settings apply. Figures: see
+docs/benchmarks.md#worker-memory-over-a-longer-backlog.
 """
 
 from __future__ import annotations

@@ -1,19 +1,18 @@
 """Tokenizing a window of texts: clean ASCII texts skip BERT's normalizer, and most of them
 skip the Rust tokenizer too.
 
-The Rust tokenizer cost ~20 µs of CPU per short text (all-MiniLM-L6-v2, short.jsonl, one
-thread), more than all of a worker's Python around it. Three paths, chosen per text:
+The Rust tokenizer cost more CPU per short text than all of a worker's Python around it
+(figures: see docs/benchmarks.md#what-changed-issue-13-and-why). Three paths, chosen per text:
 
 * **Words** (``WordIds``): a clean ASCII text (no control character, no added token such
   as ``[MASK]`` in it) whose tokenizer is BERT's (``BertNormalizer`` + ``BertPreTokenizer``)
   is split into words here, lowercased if the model is uncased, and each word's ids come
   from a cache that the tokenizer fills, a window's new words in one call. The tokenizer
   runs its model on each pre-token alone, so the concatenation is exactly its result;
-  then the post-processor's tokens around it, and its truncation. ~6 against ~26 µs per
-  short text, ~33 against ~94 µs per long one (docs/benchmarks.md). This part holds the
-  GIL, which the Rust tokenizer released: a worker's reader spends ~5 µs more per text in
-  Python and its process ~15 µs less CPU, and ``--procs-per-device`` gives a device more
-  readers.
+  then the post-processor's tokens around it, and its truncation. Several times cheaper
+  than the tokenizer per text. This part holds the GIL, which the Rust tokenizer released:
+  a worker's reader spends more time per text in Python and its process less CPU in all,
+  and ``--procs-per-device`` gives a device more readers.
 * **Twin**: other clean ASCII texts go through a copy of the tokenizer whose normalizer is
   only ``Lowercase`` (none for a cased model). On a text that is ASCII with no control
   character, every other step of ``BertNormalizer`` (clean control characters, map
@@ -22,8 +21,8 @@ thread), more than all of a worker's Python around it. Three paths, chosen per t
 * **Full**: every other text, and every tokenizer not built that way.
 
 The ids and truncation are the same on every path (``tests/test_tokenizing.py`` compares
-both corpora and hostile strings); 99.7 % of short.jsonl and 98.6 % of long.jsonl are clean
-ASCII.
+both corpora and hostile strings); nearly every text of the benchmark corpora is clean ASCII.
+Measured costs and shares: see docs/benchmarks.md#what-changed-issue-13-and-why.
 """
 
 from __future__ import annotations
@@ -202,7 +201,8 @@ def ascii_twin(backend: Any) -> Any | None:
 
 
 def _encode(tokenizer: Any, texts: Sequence[str]) -> list[Encoded]:
-    # Without the offsets nothing reads (tokenizers >= 0.20): ~10 % less CPU per text.
+    # Without the offsets nothing reads (tokenizers >= 0.20): less CPU per text (see
+    # docs/benchmarks.md#what-changed-issue-13-and-why).
     call = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     return [(e.ids, bool(e.overflowing)) for e in call(list(texts), add_special_tokens=True)]
 
@@ -213,8 +213,7 @@ def serial() -> None:
 
     A worker tokenizes in its reader thread, beside its model and writer threads;
     parallelism comes from ``--procs-per-device``. The pool's threads spent more CPU than
-    they saved there: on short.jsonl (2,048 texts per call, 2 cores) ~23 µs of CPU per text
-    against ~18 µs serially, and their time was missing from the tokenize stage's own count
-    (5 µs shown, ~22 spent). Read by the tokenizer at each call, so setting it before the
-    first batch is enough."""
+    they saved there, and their time was missing from the tokenize stage's own count (see
+    docs/benchmarks.md#what-changed-issue-13-and-why). Read by the tokenizer at each call,
+    so setting it before the first batch is enough."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

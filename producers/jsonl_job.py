@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from embedq.producer import Producer
+from embedq.producer.client import Producer
 
 
 def chunks(text: str, size: int) -> Iterator[str]:

@@ -17,12 +17,12 @@ import time
 import uuid
 from pathlib import Path
 
-from embedq import logs
-from embedq.config import Settings
-from embedq.heap import settle_heap
-from embedq.launch import build_worker
-from embedq.producer import Producer
-from embedq.redis_connection import connect
+from embedq.core import logs
+from embedq.core.config import Settings
+from embedq.producer.client import Producer
+from embedq.queue.connection import connect
+from embedq.worker.heap import settle_heap
+from embedq.worker.launch import build_worker
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "long.jsonl"
 

@@ -12,7 +12,7 @@ in-process tests against the shared Redis, Milvus Lite files and the tiny model.
   ``milvus_server_factory``, ``spawn_worker``, ``encoder`` (and so ``make_worker``);
 * code that can start a process: the test, its fixtures, and every test-suite function or
   class they name, followed transitively, that names ``subprocess``, ``multiprocessing``,
-  ``os.fork``/``os.system``, ``embedq.replicas.run_per_device`` or a server launcher
+  ``os.fork``/``os.system``, ``embedq.worker.replicas.run_per_device`` or a server launcher
   (``tests/support/servers.py``). A test calling a helper such as ``embedq(...)`` that runs
   ``python -m embedq.cli`` is slow; one calling ``CliRunner`` in-process is not, nor is
   one opening a Milvus Lite file (the product's embedded default) through ``pymilvus``.
@@ -35,13 +35,13 @@ from typing import Any
 import pytest
 import redis
 
-from embedq.config import Settings
-from embedq.encoder import Encoder, packaged_model_dir
-from embedq.launch import assemble
-from embedq.redis_connection import connect
-from embedq.sink import Sink, open_sink
-from embedq.stream import Stream
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.queue.connection import connect
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink, open_sink
+from embedq.worker.launch import assemble
+from embedq.worker.loop import Worker
 
 from .support.fault_fixtures import WorkerProcess
 from .support.layers import is_slow

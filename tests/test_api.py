@@ -14,12 +14,12 @@ import openai
 import pytest
 import redis
 
-from embedq.config import Settings
-from embedq.encoder import Encoder, packaged_model_dir
-from embedq.keys import Keys, lane_stream
-from embedq.producer import Producer
-from embedq.sink import Sink
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.core.keys import Keys, lane_stream
+from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.producer.client import Producer
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
 
 from .support.api_fixtures import gateway, running, wait_for
 

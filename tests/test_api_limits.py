@@ -17,13 +17,13 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from embedq.config import Settings
-from embedq.encoder import Encoder
-from embedq.keys import Keys, lane_stream
-from embedq.launch import assemble
-from embedq.sink import Sink
-from embedq.stream import Stream
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.core.keys import Keys, lane_stream
+from embedq.model.encoder import Encoder
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink
+from embedq.worker.launch import assemble
+from embedq.worker.loop import Worker
 
 from .support.api_fixtures import free_port, gateway, running, wait_for
 from .support.fault_fixtures import WorkerProcess
@@ -279,10 +279,10 @@ def test_worker_killed_mid_request_is_redone_by_another(
 def test_lanes_queue_puts_online_batches_first_and_never_blocks_them(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    from embedq.entries import Entry
-    from embedq.online import Lanes
-    from embedq.pipeline import Batch, Item
-    from embedq.records import Record
+    from embedq.core.records import Record
+    from embedq.queue.entries import Entry
+    from embedq.worker.lane import Lanes
+    from embedq.worker.pipeline import Batch, Item
 
     bulk_stream = Stream(redis_client, settings.stream, "g", "c")
     lane_stream_ = Stream(redis_client, _lane(settings), "g", "c", online=True)

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import numpy as np
 import openai
 
-from embedq.config import Settings
-from embedq.producer import Producer
-from embedq.sink import Sink
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.producer.client import Producer
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
 
 from .conftest import corpus_rows
 from .support.api_fixtures import gateway, running, wait_for

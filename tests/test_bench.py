@@ -26,7 +26,7 @@ from embedq.bench.report import (
 )
 from embedq.bench.run import load_sample
 from embedq.bench.variants import VARIANTS, RunResult, batch_latency_ms
-from embedq.errors import ConfigError
+from embedq.core.errors import ConfigError
 from tests.conftest import corpus_rows
 
 ROOT = Path(__file__).resolve().parents[1]

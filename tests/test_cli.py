@@ -10,8 +10,8 @@ from pathlib import Path
 
 import redis
 
-from embedq.config import Settings
-from embedq.sink import Sink, open_sink
+from embedq.core.config import Settings
+from embedq.sink.milvus import Sink, open_sink
 
 from .conftest import REDIS_URL, corpus_rows
 
@@ -27,7 +27,7 @@ LAG_KEYS = {
     "dlq_length",
     "consumers",
     "redis_memory",
-    "redis_data_lost",  # null here: no collection yet (embedq.epoch, issue 25)
+    "redis_data_lost",  # null here: no collection yet (embedq.sink.epoch, issue 25)
     "redis_data_lost_message",
 }
 
@@ -144,7 +144,7 @@ def test_second_process_on_a_milvus_lite_file_gets_one_clear_line(
 def test_search_on_a_missing_collection_says_so(settings: Settings) -> None:
     # A database without the collection asked for, made by a process that then ends (this
     # one would hold the Milvus Lite file).
-    make = f"from embedq.sink import Sink; Sink({settings.milvus_uri!r}, '', 'other', "
+    make = f"from embedq.sink.milvus import Sink; Sink({settings.milvus_uri!r}, '', 'other', "
     make += "timeout_s=10).ensure_collection(384, 'm')"
     subprocess.run([sys.executable, "-c", make], check=True, timeout=120)
     result = embedq("search", "x", "--milvus-uri", settings.milvus_uri, "--collection", "nope")
@@ -185,7 +185,7 @@ def test_the_worker_runs_under_jemalloc_when_an_operator_preloads_it(
     tmp_path: Path, settings: Settings, redis_client: redis.Redis
 ) -> None:
     """README, "Memory": an operator may preload jemalloc (a lower CPU RSS on long texts,
-    embedq.heap's glibc tuning then does nothing); torch and the pipeline must work under
+    embedq.worker.heap's glibc tuning then does nothing); torch and the pipeline must work under
     it. redis-server depends on libjemalloc2, so it is on every machine that runs these
     tests."""
     import signal

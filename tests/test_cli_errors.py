@@ -1,5 +1,5 @@
 """Every command × each first-day mistake (issue 18), with flags and EMBEDQ_* variables.
-Each asserts the exit code (``embedq.errors.ExitCode``), one ``embedq: ...`` line on stderr
+Each asserts the exit code (``embedq.core.errors.ExitCode``), one ``embedq: ...`` line on stderr
 that names what is wrong (the flag or the variable it came from, the host:port it tried)
 and what to do, no traceback, and no password anywhere.
 
@@ -28,9 +28,9 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
-from embedq import logs
 from embedq.cli import main
-from embedq.errors import ExitCode
+from embedq.core import logs
+from embedq.core.errors import ExitCode
 
 from .conftest import REDIS_URL, SAMPLE
 
@@ -111,7 +111,7 @@ def embedq(args: tuple[str, ...], env: dict[str, str]) -> CompletedProcess[str]:
 
 @contextmanager
 def _process_globals_restored() -> Iterator[None]:
-    """``embedq.logs.configure`` sets up a process: structlog, the root logger's handler
+    """``embedq.core.logs.configure`` sets up a process: structlog, the root logger's handler
     (on the runner's stderr, closed after the call), warnings into logging, excepthooks,
     GRPC_VERBOSITY. Put them all back, so the next test logs as before."""
     root = logging.getLogger()

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from embedq.config import Settings, SettingsError
-from embedq.keys import key_slot, partition_for, partition_streams
-from embedq.sink import open_sink
+from embedq.core.config import Settings, SettingsError
+from embedq.core.keys import key_slot, partition_for, partition_streams
+from embedq.sink.milvus import open_sink
 
 from .conftest import REDIS_URL, corpus_rows
 from .support.servers import RedisServer

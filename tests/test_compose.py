@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from embedq.config import Settings
+from embedq.core.config import Settings
 
 from .support.prometheus import RULES, binary
 

@@ -110,7 +110,7 @@ def test_the_worker_image_pins_torch_stays_offline_and_leaves_the_heap_to_the_wo
     assert pin == f"torch=={args_of(instructions)['TORCH_VERSION']}"
     env = env_of(instructions)
     assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
-    # No allocator preloaded: embedq.heap tunes glibc's, which another allocator would undo.
+    # No allocator preloaded: embedq.worker.heap tunes glibc's, which another allocator would undo.
     assert "LD_PRELOAD" not in env
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.encoder import Encoder
-from embedq.sink import Sink
+from embedq.model.encoder import Encoder
+from embedq.sink.milvus import Sink
 
 from .conftest import EMBEDDING_ROWS, REDIS_URL, corpus_rows
 

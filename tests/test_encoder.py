@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from embedq.encoder import Encoder, packaged_model_dir
-from embedq.errors import ConfigError
-from embedq.model_spec import ModelSpec
+from embedq.core.errors import ConfigError
+from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.model.model_spec import ModelSpec
 
 from .conftest import corpus_rows
 
@@ -93,7 +93,7 @@ def test_sentence_transformers_configs_are_followed(
 
 
 def test_legacy_boolean_pooling_config_is_read(tmp_path: Path) -> None:
-    from embedq.model_spec import _pooling_modes
+    from embedq.model.model_spec import _pooling_modes
 
     legacy = {
         "word_embedding_dimension": 384,

@@ -11,10 +11,10 @@ import redis
 from pymilvus.exceptions import ConnectionConfigException, MilvusException, ParamError
 from structlog.testing import capture_logs
 
-from embedq import logs
 from embedq.cli.options import run_guarded
-from embedq.config import SettingsError
-from embedq.errors import (
+from embedq.core import logs
+from embedq.core.config import SettingsError
+from embedq.core.errors import (
     ConfigError,
     EmbedqError,
     ExitCode,
@@ -24,8 +24,8 @@ from embedq.errors import (
     SinkUnavailable,
     StageCrashed,
 )
-from embedq.milvus_errors import translated as milvus_translated
-from embedq.redis_connection import translated as redis_translated
+from embedq.queue.connection import translated as redis_translated
+from embedq.sink.error_codes import translated as milvus_translated
 
 
 def test_settings_errors_are_config_errors_and_value_errors() -> None:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.encoder import Encoder
-from embedq.sink import Sink
+from embedq.model.encoder import Encoder
+from embedq.sink.milvus import Sink
 
 from .conftest import corpus_rows
 from .support.fault_fixtures import WorkerProcess

@@ -29,15 +29,15 @@ from embedq.bench.feed import (
     run_tokenizer,
     zero_layer_copy,
 )
-from embedq.columns import Columns, cut_utf8, meta_json
-from embedq.config import Settings
-from embedq.dlq import DeadLetter
-from embedq.encoder import Encoder, packaged_model_dir
-from embedq.entries import Entry, as_entries
-from embedq.errors import ConfigError, SinkRejected
-from embedq.pipeline import merged
-from embedq.sink import Sink
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.core.errors import ConfigError, SinkRejected
+from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.queue.dlq import DeadLetter
+from embedq.queue.entries import Entry, as_entries
+from embedq.sink.columns import Columns, cut_utf8, meta_json
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
+from embedq.worker.pipeline import merged
 
 from .support.servers import MilvusLiteServer, MilvusStandalone, RedisServer
 from .support.stubs import StubSink
@@ -316,8 +316,8 @@ def test_bare_redis_read_and_ack_counts_every_entry(tmp_path: Path) -> None:
 
 
 def test_the_writer_gets_batches_back_in_read_order_up_to_its_row_budget() -> None:
-    from embedq.pipeline import END, Batch
-    from embedq.reorder import Reorder
+    from embedq.worker.pipeline import END, Batch
+    from embedq.worker.resequencer import Reorder
 
     held = Reorder()
     batches = [Batch(seq=i, items=[object()] * 3) for i in range(5)]  # type: ignore[list-item]

@@ -18,14 +18,14 @@ from structlog.testing import capture_logs
 
 from embedq.cli import main
 from embedq.cli.feedback import unknown_variables
-from embedq.config import InvalidSetting, Settings, SettingsError
-from embedq.dlq import check_refs
-from embedq.errors import ConfigError
-from embedq.lag import ConsumerInfo, LagInfo, merge_partitions, partitions_found
-from embedq.producer import Producer
-from embedq.progress import format_time_ms
-from embedq.sources import Fields, Rejected, Source, first_or_none, to_item
-from embedq.top import Window
+from embedq.core.config import InvalidSetting, Settings, SettingsError
+from embedq.core.errors import ConfigError
+from embedq.core.progress import format_time_ms
+from embedq.ops.top import Window
+from embedq.producer.client import Producer
+from embedq.producer.sources import Fields, Rejected, Source, first_or_none, to_item
+from embedq.queue.dlq import check_refs
+from embedq.queue.lag import ConsumerInfo, LagInfo, merge_partitions, partitions_found
 
 from .conftest import REDIS_URL
 
@@ -189,7 +189,7 @@ def test_max_lag_without_a_group_says_no_worker_has_started(
         return str(next(e for e in events if e["event"] == "backpressure_wait")["why"])
 
     redis_client.xadd(stream_name, {"id": "1", "text": "t"})
-    monkeypatch.setattr("embedq.producer.time.sleep", paused)
+    monkeypatch.setattr("embedq.producer.client.time.sleep", paused)
     assert why_it_waits().startswith("no worker has started: consumer group g does not exist")
     redis_client.xgroup_create(stream_name, "g", id="0")
     assert "behind" in why_it_waits()

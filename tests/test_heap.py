@@ -1,4 +1,4 @@
-"""The worker's heap (embedq.heap): a batch's tensors reuse pages instead of faulting fresh
+"""The worker's heap (embedq.worker.heap): a batch's tensors reuse pages instead of faulting fresh
 ones in, and RSS is still given back once it has grown.
 
 Each check runs in a child process: ``settle_heap`` changes the whole process's allocator
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from embedq.heap import TRIM_GROWTH_BYTES
+from embedq.worker.heap import TRIM_GROWTH_BYTES
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only"
@@ -42,7 +42,7 @@ def test_a_settled_worker_reuses_a_batch_s_pages_instead_of_faulting_them_in_aga
         """
         import json, resource
         import numpy as np
-        from embedq.heap import settle_heap
+        from embedq.worker.heap import settle_heap
 
         def faults():
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -73,7 +73,7 @@ def test_freed_memory_goes_back_to_the_os_once_rss_grew_past_the_margin_and_not_
     found = _child(
         """
         import json
-        from embedq.heap import release_free_heap, rss_bytes, settle_heap
+        from embedq.worker.heap import release_free_heap, rss_bytes, settle_heap
 
         settle_heap()
         settled = rss_bytes()
@@ -102,7 +102,7 @@ def test_a_worker_process_freezes_its_start_up_heap_and_still_collects_cycles() 
     found = _child(
         """
         import gc, json
-        from embedq.heap import GC_YOUNG_THRESHOLD, settle_heap
+        from embedq.worker.heap import GC_YOUNG_THRESHOLD, settle_heap
 
         settle_heap()
         frozen, threshold = gc.get_freeze_count(), gc.get_threshold()

@@ -10,13 +10,13 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from embedq.columns import Columns
-from embedq.errors import StageCrashed
-from embedq.heartbeat import Heartbeat, InFlight
-from embedq.producer import Producer
-from embedq.sink import Sink
-from embedq.stream import Stream
-from embedq.worker import Worker
+from embedq.core.errors import StageCrashed
+from embedq.producer.client import Producer
+from embedq.queue.stream import Stream
+from embedq.sink.columns import Columns
+from embedq.sink.milvus import Sink
+from embedq.worker.heartbeat import Heartbeat, InFlight
+from embedq.worker.loop import Worker
 
 from .conftest import corpus_rows
 

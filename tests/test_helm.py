@@ -24,9 +24,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from embedq.config import Settings
-from embedq.health import HealthServer
-from embedq.keys import partition_streams
+from embedq.core.config import Settings
+from embedq.core.keys import partition_streams
+from embedq.worker.health import HealthServer
 
 from .support.servers import http_get
 
@@ -718,9 +718,9 @@ def grafana_to_promql(expr: str, rate_interval: str = "1m") -> str:
 
 
 def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
-    from embedq.exporter import StreamState, stream_gauges
-    from embedq.lag import ConsumerInfo, LagInfo
-    from embedq.metrics import GPU_MEMORY, WorkerMetrics
+    from embedq.ops.exporter import StreamState, stream_gauges
+    from embedq.queue.lag import ConsumerInfo, LagInfo
+    from embedq.worker.metrics import GPU_MEMORY, WorkerMetrics
 
     suffixes = {
         "counter": ["_total"],
@@ -734,7 +734,7 @@ def test_the_dashboard_queries_only_metrics_embedq_exports() -> None:
     }
     info = LagInfo("s", "g", 1, 1, 1, None, 1, [ConsumerInfo("c", 1, 1)], 0, group_exists=True)
     exported |= {f.name for f in stream_gauges([StreamState(info, 1, 1)])} | {"embedq_stream_up"}
-    # CUDA workers only (embedq.metrics.GpuCollector)
+    # CUDA workers only (embedq.worker.metrics.GpuCollector)
     exported |= {f"embedq_gpu_memory_{key}_bytes" for key in GPU_MEMORY} | {"embedq_gpu_ooms_total"}
     dashboard = json.loads((CHART / "dashboards" / "embedq.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]

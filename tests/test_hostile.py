@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from embedq.config import Settings
-from embedq.encoder import Encoder
-from embedq.errors import QueueFull
-from embedq.launch import assemble
-from embedq.producer import Producer
-from embedq.sink import open_sink
-from embedq.stream import Stream
+from embedq.core.config import Settings
+from embedq.core.errors import QueueFull
+from embedq.model.encoder import Encoder
+from embedq.producer.client import Producer
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import open_sink
+from embedq.worker.launch import assemble
 
 from .conftest import corpus_rows
 from .support.servers import MilvusStandalone, RedisServer
@@ -128,7 +128,7 @@ def test_own_pending_entries_past_max_deliveries_are_dead_lettered_on_restart(
 def test_poison_is_counted_exactly_even_behind_a_live_consumers_pending_entries(
     redis_client: redis.Redis, stream_name: str
 ) -> None:
-    from embedq.reclaimer import Reclaimer
+    from embedq.worker.reclaimer import Reclaimer
 
     stream = Stream(redis_client, stream_name, "g", "reclaimer")
     stream.ensure_group()
@@ -160,7 +160,7 @@ def test_a_reclaimer_never_dead_letters_what_its_own_worker_holds(
     redis_client: redis.Redis, stream_name: str
 ) -> None:
     """After a Redis outage longer than min-idle a worker's own entries look abandoned."""
-    from embedq.reclaimer import Reclaimer
+    from embedq.worker.reclaimer import Reclaimer
 
     stream = Stream(redis_client, stream_name, "g", "me")
     stream.ensure_group()
@@ -186,7 +186,7 @@ def test_an_enqueue_retried_after_a_lost_reply_adds_nothing_twice(
 ) -> None:
     """redis-py's cluster client retries a call whose reply it lost; the script must not
     run the batch twice (the lost reply itself is not reproduced here: the retry is)."""
-    from embedq.jobs import EnqueueBatch, JobLedger
+    from embedq.queue.jobs import EnqueueBatch, JobLedger
 
     ledger = JobLedger(redis_client, stream_name)
     batch = EnqueueBatch(stream_name, 4, ["a", "text a", b"", b"", "b", "text b", b"", b""])
@@ -269,7 +269,7 @@ def test_milvus_denying_writes_by_quota_dead_letters_nothing(
 ) -> None:
     import threading
 
-    from embedq.errors import StageCrashed
+    from embedq.core.errors import StageCrashed
 
     from .support.servers import wait_until
 
@@ -315,8 +315,8 @@ def _run_into(worker: object, outcome: list[BaseException]) -> None:
 def test_a_collection_dropped_behind_the_workers_back_stops_it_and_a_restart_recovers(
     redis_client: redis.Redis, stream_name: str, tmp_path: Path, encoder: Encoder
 ) -> None:
-    from embedq.errors import CollectionMissing
-    from embedq.versions import Versions
+    from embedq.core.errors import CollectionMissing
+    from embedq.queue.versions import Versions
 
     rows = corpus_rows("short.jsonl", 10)
     for row in rows:
@@ -347,8 +347,8 @@ def test_a_collection_dropped_behind_the_workers_back_stops_it_and_a_restart_rec
 def test_oversized_texts_are_refused_at_the_producer_and_cut_in_the_dead_letter_copy(
     redis_client: redis.Redis, stream_name: str, tmp_path: Path, encoder: Encoder
 ) -> None:
-    from embedq.dlq import retry
-    from embedq.producer import as_record
+    from embedq.producer.client import as_record
+    from embedq.queue.dlq import retry
 
     producer = Producer(redis_client, stream_name, max_text_bytes=1000)
     rejected: list[str] = []
@@ -376,7 +376,7 @@ def test_oversized_texts_are_refused_at_the_producer_and_cut_in_the_dead_letter_
 
 
 def test_wait_replicas_confirms_each_batch_on_a_replica_or_fails_loudly(tmp_path: Path) -> None:
-    from embedq.errors import QueueUnavailable
+    from embedq.core.errors import QueueUnavailable
 
     from .support.servers import wait_until
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis
 
-from embedq.jobs import JobLedger, get_job
-from embedq.producer import Producer, as_record
-from embedq.records import Record
+from embedq.core.records import Record
+from embedq.producer.client import Producer, as_record
+from embedq.queue.jobs import JobLedger, get_job
 
 from .conftest import REDIS_URL
 from .test_cli import embedq

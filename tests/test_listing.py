@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.errors import SinkUnavailable
-from embedq.keys import Keys
-from embedq.migrate import _signatures
-from embedq.sink import PAGE_ROWS, Row, Sink
-from embedq.stream import Stream
-from embedq.verify import verify
+from embedq.core.errors import SinkUnavailable
+from embedq.core.keys import Keys
+from embedq.ops.migrate import _signatures
+from embedq.ops.verify import verify
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import PAGE_ROWS, Row, Sink
 
 from .support.servers import MilvusLiteServer, MilvusStandalone
 

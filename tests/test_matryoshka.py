@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.config import Settings, SettingsError
-from embedq.encoder import Encoder, packaged_model_dir
-from embedq.errors import ConfigError, ModelMismatch
-from embedq.launch import assemble, encoder_for
-from embedq.matryoshka import declared
-from embedq.producer import Producer
-from embedq.schema import model_fingerprint
-from embedq.sink import open_sink
-from embedq.stream import Stream
+from embedq.core.config import Settings, SettingsError
+from embedq.core.errors import ConfigError, ModelMismatch
+from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.model.matryoshka import declared
+from embedq.producer.client import Producer
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import open_sink
+from embedq.sink.schema import model_fingerprint
+from embedq.worker.launch import assemble, encoder_for
 
 from .test_cli import embedq
 

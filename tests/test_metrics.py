@@ -20,12 +20,12 @@ import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedq import backoff
-from embedq.backoff import Retrier
-from embedq.encoder import model_name
-from embedq.errors import QueueUnavailable, SinkUnavailable
-from embedq.health import HealthServer, NotReady, Watched, not_backing_off
-from embedq.metrics import DEAD_LETTER_REASONS, ERROR_KINDS, WorkerMetrics
+from embedq.core import backoff
+from embedq.core.backoff import Retrier
+from embedq.core.errors import QueueUnavailable, SinkUnavailable
+from embedq.model.encoder import model_name
+from embedq.worker.health import HealthServer, NotReady, Watched, not_backing_off
+from embedq.worker.metrics import DEAD_LETTER_REASONS, ERROR_KINDS, WorkerMetrics
 
 ON = {"stream": "s", "group": "g"}
 

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.config import Settings
-from embedq.encoder import Encoder
-from embedq.errors import ConfigError, ExitCode, ModelMismatch
-from embedq.launch import assemble
-from embedq.migrate import Migration, catch_up, shadow_name, source_sink
-from embedq.producer import Producer
-from embedq.schema import model_fingerprint
-from embedq.sink import Sink, open_sink
-from embedq.stream import Stream
+from embedq.core.config import Settings
+from embedq.core.errors import ConfigError, ExitCode, ModelMismatch
+from embedq.model.encoder import Encoder
+from embedq.ops.migrate import Migration, catch_up, shadow_name, source_sink
+from embedq.producer.client import Producer
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink, open_sink
+from embedq.sink.schema import model_fingerprint
+from embedq.worker.launch import assemble
 
 from .support.servers import MilvusLiteServer
 from .test_cli import embedq
@@ -193,7 +193,7 @@ def test_catch_up_follows_updates_and_deletes(
 
 
 def _moved(source: Sink, doc: str, version: str) -> Any:
-    from embedq.sink import Row
+    from embedq.sink.milvus import Row
 
     row = source.get([doc])[0]
     return Row(

@@ -31,8 +31,8 @@ import pytest
 import redis
 import yaml
 
-from embedq.lag import lag_json
-from embedq.stream import Stream
+from embedq.queue.lag import lag_json
+from embedq.queue.stream import Stream
 
 from .conftest import corpus_rows
 from .support.prometheus import (

@@ -17,12 +17,12 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedq.config import Settings
-from embedq.exporter import StreamCollector, StreamSampler, serve_exporter
-from embedq.health import HealthServer, reachable
-from embedq.lag import ConsumerInfo, LagInfo
-from embedq.stream import Stream
-from embedq.top import Sample, Window, rates, render
+from embedq.core.config import Settings
+from embedq.ops.exporter import StreamCollector, StreamSampler, serve_exporter
+from embedq.ops.top import Sample, Window, rates, render
+from embedq.queue.lag import ConsumerInfo, LagInfo
+from embedq.queue.stream import Stream
+from embedq.worker.health import HealthServer, reachable
 
 from .conftest import REDIS_URL
 from .support.servers import free_port, http_get, wait_for
@@ -300,7 +300,7 @@ def test_init_creates_the_group_at_0_without_model_side_packages(
     script = (
         "import sys\n"
         f"for name in {blocked!r}: sys.modules[name] = None\n"
-        "import embedq.health, embedq.top  # exporter and top run there too\n"
+        "import embedq.worker.health, embedq.ops.top  # exporter and top run there too\n"
         "from embedq.cli import main\n"
         "main()\n"
     )

@@ -22,16 +22,16 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.config import Settings
-from embedq.encoder import Encoder
-from embedq.keys import Keys
-from embedq.producer import Producer, as_record
-from embedq.records import Record
-from embedq.sink import Sink
-from embedq.stream import Stream
-from embedq.verify import repair, verify
-from embedq.versions import BUSY, GO, STALE, Versions, Written
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.core.keys import Keys
+from embedq.core.records import Record
+from embedq.model.encoder import Encoder
+from embedq.ops.verify import repair, verify
+from embedq.producer.client import Producer, as_record
+from embedq.queue.stream import Stream
+from embedq.queue.versions import BUSY, GO, STALE, Versions, Written
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
 
 from .conftest import corpus_rows
 from .support.fault_fixtures import WorkerProcess
@@ -485,7 +485,7 @@ def test_verify_finds_rows_deleted_or_changed_behind_its_back_and_repair_fixes_t
 
 
 def _row(stored: dict[str, Any], text: str) -> Any:
-    from embedq.sink import Row
+    from embedq.sink.milvus import Row
 
     return Row(
         id=stored["id"],
@@ -501,10 +501,10 @@ def test_two_workers_each_holding_an_id_the_other_wants_do_not_wait_for_each_oth
     """A holds x and wants y; B holds y and wants x. Neither may wait with its leases held
     (they would wait out each other's leases): claim hands back the busy ids at once, the
     caller settles the rest (releasing its leases) and asks again."""
-    from embedq.backoff import Retrier
-    from embedq.ordering import Ordering
-    from embedq.pipeline import Item
-    from embedq.records import Record
+    from embedq.core.backoff import Retrier
+    from embedq.core.records import Record
+    from embedq.worker.pipeline import Item
+    from embedq.worker.write_order import Ordering
 
     a_stream = Stream(redis_client, stream_name, "g", "A")
     b_stream = Stream(redis_client, stream_name, "g", "B")
@@ -512,7 +512,7 @@ def test_two_workers_each_holding_an_id_the_other_wants_do_not_wait_for_each_oth
     x2, y2 = entry(redis_client, stream_name, "x", "2"), entry(redis_client, stream_name, "y", "2")
 
     def item(stream: Stream, doc: str, version: str) -> Item:
-        from embedq.entries import Entry
+        from embedq.queue.entries import Entry
 
         return Item(stream, Entry(version, {}), Record(doc, "t"), content_hash="h")
 

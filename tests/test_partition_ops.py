@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from embedq.dlq import iter_dead_letters, locate, purge, retry, show
-from embedq.errors import ConfigError
-from embedq.keys import partition_for, partition_streams
-from embedq.stream import Stream
+from embedq.core.errors import ConfigError
+from embedq.core.keys import partition_for, partition_streams
+from embedq.queue.dlq import iter_dead_letters, locate, purge, retry, show
+from embedq.queue.stream import Stream
 
 from .conftest import REDIS_URL, corpus_rows
 from .support.servers import free_port, http_get, wait_for

@@ -14,15 +14,15 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from embedq.config import Settings, SettingsError
-from embedq.encoder import Encoder
-from embedq.jobs import JobLedger
-from embedq.keys import Keys, hash_tag, key_slot, partition_for, partition_streams
-from embedq.launch import assemble
-from embedq.producer import Producer
-from embedq.sink import Sink
-from embedq.stream import Stream
-from embedq.worker import Worker
+from embedq.core.config import Settings, SettingsError
+from embedq.core.keys import Keys, hash_tag, key_slot, partition_for, partition_streams
+from embedq.model.encoder import Encoder
+from embedq.producer.client import Producer
+from embedq.queue.jobs import JobLedger
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink
+from embedq.worker.launch import assemble
+from embedq.worker.loop import Worker
 
 from .conftest import REDIS_URL, corpus_rows
 from .support.servers import RedisServer
@@ -98,7 +98,7 @@ def test_partition_of_an_id_is_the_same_in_every_process_and_spread_evenly() -> 
     ids = [f"doc-{i}#{i % 7}" for i in range(8000)]
     here = [partition_for(i, 4) for i in ids]
     code = (
-        "import json,sys; from embedq.keys import partition_for; "
+        "import json,sys; from embedq.core.keys import partition_for; "
         "print(json.dumps([partition_for(f'doc-{i}#{i % 7}', 4) for i in range(8000)]))"
     )
     # Python's hash() would differ under another PYTHONHASHSEED; the partition must not.

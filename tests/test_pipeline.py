@@ -10,11 +10,11 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from embedq.config import Settings
-from embedq.encoder import Encoder, packaged_model_dir
-from embedq.producer import Producer
-from embedq.sink import Sink
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.producer.client import Producer
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
 
 from .conftest import corpus_rows
 
@@ -189,7 +189,7 @@ def test_restarted_worker_first_finishes_its_own_pending_entries(
 def test_collection_with_another_dimension_is_refused(
     make_worker: Callable[..., Worker], sink: Sink
 ) -> None:
-    from embedq.errors import ConfigError
+    from embedq.core.errors import ConfigError
 
     sink.ensure_collection(128, "some-other-model")
     with pytest.raises(ConfigError, match="128-dimensional vectors but the model makes 384"):

@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 import redis
 
-from embedq.config import Settings
-from embedq.jobs import JobLedger, get_job
-from embedq.keys import partition_streams
-from embedq.producer import Producer
-from embedq.records import Record
-from embedq.sink import Sink
-from embedq.sources import read_jsonl
-from embedq.stream import Stream
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.core.keys import partition_streams
+from embedq.core.records import Record
+from embedq.producer.client import Producer
+from embedq.producer.sources import read_jsonl
+from embedq.queue.jobs import JobLedger, get_job
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
 
 from .conftest import REDIS_URL, corpus_rows
 from .test_cli import embedq
@@ -245,8 +245,8 @@ def test_progress_draws_a_bar_on_a_terminal_and_logs_off_one() -> None:
 
     from structlog.testing import capture_logs
 
-    from embedq.producer import Counts
-    from embedq.progress import Progress
+    from embedq.core.progress import Progress
+    from embedq.producer.client import Counts
 
     counts = Counts(sent=400, unchanged=5, rejected=1, position=406)
     screen = io.StringIO()

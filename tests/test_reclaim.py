@@ -10,12 +10,12 @@ from collections.abc import Callable, Sequence
 import redis
 from structlog.testing import capture_logs
 
-from embedq.dlq import iter_dead_letters, purge, retry, show
-from embedq.entries import Entry
-from embedq.reclaimer import Reclaimer, run_reclaim
-from embedq.sink import Sink
-from embedq.stream import Stream
-from embedq.worker import Worker
+from embedq.queue.dlq import iter_dead_letters, purge, retry, show
+from embedq.queue.entries import Entry
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
+from embedq.worker.reclaimer import Reclaimer, run_reclaim
 
 from .conftest import corpus_rows
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from embedq.errors import PoisonInput
-from embedq.records import MAX_ID_BYTES, Limits, Record, decode
+from embedq.core.errors import PoisonInput
+from embedq.core.records import MAX_ID_BYTES, Limits, Record, decode
 
 LIMITS = Limits(max_text_bytes=1000, max_meta_bytes=100)
 

@@ -5,7 +5,7 @@ After Redis lost its data (a restart without AOF, FLUSHALL) or with a wrong ``--
 must refuse to delete them (exit 4, one line, nothing deleted), ``--max-delete`` bounds a
 legitimate repair, ``verify --adopt`` rebuilds the index from the collection, and the
 worker, ``lag``, ``top``, ``jobs`` and ``job`` say what happened. The deployment's epoch
-(``embedq.epoch``) is what tells a lost Redis from a new one.
+(``embedq.sink.epoch``) is what tells a lost Redis from a new one.
 
 Each test has a private ``redis-server`` without persistence (it flushes and restarts it),
 a Milvus Lite file of its own (one test: the real 2.3.5 server) and the tiny model.
@@ -25,16 +25,16 @@ import redis
 from click.testing import CliRunner, Result
 from structlog.testing import capture_logs
 
-from embedq import epoch
 from embedq.cli import main
-from embedq.config import Settings
-from embedq.encoder import Encoder
-from embedq.keys import Keys, partition_streams
-from embedq.launch import assemble
-from embedq.producer import Producer
-from embedq.sink import Row, Sink, open_sink
-from embedq.stream import Stream, open_streams
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.core.keys import Keys, partition_streams
+from embedq.model.encoder import Encoder
+from embedq.producer.client import Producer
+from embedq.queue.stream import Stream, open_streams
+from embedq.sink import epoch
+from embedq.sink.milvus import Row, Sink, open_sink
+from embedq.worker.launch import assemble
+from embedq.worker.loop import Worker
 
 from .support.servers import MilvusStandalone, RedisServer
 
@@ -305,7 +305,7 @@ def test_adopt_after_flushall_makes_verify_clean_and_dedup_send_nothing(
 
 
 def _owner(settings: Settings, doc_id: str) -> str:
-    from embedq.keys import partition_for
+    from embedq.core.keys import partition_for
 
     return partition_streams(settings.stream, settings.partitions)[
         partition_for(doc_id, settings.partitions)

@@ -18,26 +18,26 @@ import pytest
 import redis
 import torch
 
-from embedq.batching import (
+from embedq.core.config import Settings, SettingsError
+from embedq.core.errors import ConfigError
+from embedq.model.encoder import Encoder, attention_for, resolve_dtype
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink
+from embedq.worker.launch import assemble, resolve_batch_settings
+from embedq.worker.packing import (
     CPU_MAX_BATCH_ROWS,
     CPU_MAX_BATCH_TOKENS,
     CUDA_MAX_BATCH_TOKENS,
     batch_limits,
     plan_batches,
 )
-from embedq.config import Settings, SettingsError
-from embedq.encoder import Encoder, attention_for, resolve_dtype
-from embedq.errors import ConfigError
-from embedq.launch import assemble, resolve_batch_settings
-from embedq.replicas import (
+from embedq.worker.replicas import (
     parse_devices,
     replicas_for,
     run_per_device,
     settings_per_device,
     share_cpu_threads,
 )
-from embedq.sink import Sink
-from embedq.stream import Stream
 from tests.conftest import corpus_rows
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedq.errors import ConfigError
-from embedq.sink import Row, Sink
+from embedq.core.errors import ConfigError
+from embedq.sink.milvus import Row, Sink
 
 from .conftest import MilvusServer, corpus_rows
 from .support.servers import RedisServer, make_tls_certs

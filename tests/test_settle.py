@@ -11,17 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedq.backoff import Retrier
-from embedq.batcher import Batcher, BatchPolicy
-from embedq.encoder import Encoder
-from embedq.encoding import Encoding
-from embedq.heartbeat import InFlight
-from embedq.metrics import WorkerMetrics
-from embedq.ordering import Ordering
-from embedq.pipeline import Stats
-from embedq.records import Limits
-from embedq.settler import Settler, isolate
-from embedq.vector_cache import VectorCache
+from embedq.core.backoff import Retrier
+from embedq.core.records import Limits
+from embedq.model.encoder import Encoder
+from embedq.model.vector_cache import VectorCache
+from embedq.worker.batcher import Batcher, BatchPolicy
+from embedq.worker.heartbeat import InFlight
+from embedq.worker.metrics import WorkerMetrics
+from embedq.worker.model_stage import Encoding
+from embedq.worker.pipeline import Stats
+from embedq.worker.settler import Settler, isolate
+from embedq.worker.write_order import Ordering
 
 from .support.stubs import StubLedger, StubSink, StubStream
 
@@ -29,7 +29,7 @@ RAISES = "the velocity xⁿ grows"  # a token past the tiny model's embedding ta
 
 
 class Rig:
-    """A batcher and a settler wired as ``embedq.launch.assemble`` wires them."""
+    """A batcher and a settler wired as ``embedq.worker.launch.assemble`` wires them."""
 
     def __init__(self, encoder: Encoder, sink: StubSink, cache: int = 0, **policy: Any) -> None:
         self.stream = StubStream()
@@ -185,7 +185,7 @@ def test_overlong_texts_are_truncated_or_rejected_as_the_policy_says(
 
 @pytest.mark.parametrize("size", [1, 2, 7, 64])
 def test_isolate_finds_every_culprit_and_keeps_the_order(size: int) -> None:
-    from embedq.errors import SinkRejected
+    from embedq.core.errors import SinkRejected
 
     bad = {0, size - 1, size // 2}
 
@@ -277,7 +277,7 @@ class StandIn:
         return getattr(self._encoder, name)
 
     def forward(self, batch: Any) -> Any:
-        from embedq.encoder import model_error
+        from embedq.model.encoder import model_error
 
         self.calls += 1
         exc = self._fail(len(batch))
@@ -311,7 +311,7 @@ def test_a_cuda_oom_shrinks_the_batch_and_dead_letters_nothing(tiny_encoder: Enc
 def test_a_broken_device_stops_the_worker_and_dead_letters_nothing(
     tiny_encoder: Encoder, error: Exception
 ) -> None:
-    from embedq.errors import DeviceFailed
+    from embedq.core.errors import DeviceFailed
 
     rig = Rig(StandIn(tiny_encoder, lambda _rows: error), StubSink())  # type: ignore[arg-type]
     with pytest.raises(DeviceFailed):
@@ -323,7 +323,7 @@ def test_a_broken_device_stops_the_worker_and_dead_letters_nothing(
 def test_an_error_that_hits_every_text_is_the_model_not_the_input(tiny_encoder: Encoder) -> None:
     """A model that fails on any input with an error that names no device (a corrupted
     checkpoint, a bug) must not empty the stream into the dead-letter stream."""
-    from embedq.errors import DeviceFailed
+    from embedq.core.errors import DeviceFailed
 
     broken = StandIn(tiny_encoder, lambda _rows: ValueError("weights are NaN"))
     rig = Rig(broken, StubSink())  # type: ignore[arg-type]
@@ -347,8 +347,8 @@ def test_the_reported_rate_leaves_out_the_time_spent_waiting_for_work() -> None:
 
 
 def test_a_read_window_shrinks_when_entries_are_large_and_grows_back() -> None:
-    from embedq.entries import Entry
-    from embedq.read_window import ReadWindow
+    from embedq.queue.entries import Entry
+    from embedq.worker.reader import ReadWindow
 
     window = ReadWindow(512, max_bytes=10_000_000)
     assert window.count() == 512

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
-from embedq.errors import ConfigError
-from embedq.records import Record
-from embedq.sources import (
+from embedq.core.errors import ConfigError
+from embedq.core.records import Record
+from embedq.producer.sources import (
     Fields,
     Rejected,
     open_source,
@@ -254,7 +254,7 @@ def test_sources_are_usable_without_the_cli(tmp_path: Path) -> None:
 
 
 def test_dsn_passwords_count_as_secrets() -> None:
-    from embedq.config import Settings
+    from embedq.core.config import Settings
 
     assert "pw1" in Settings(dsn="postgresql://etl:pw1@db:5432/app").secrets
     assert "pw2" in Settings(dsn="host=db user=etl password=pw2 dbname=app").secrets

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import redis
 
-from embedq import retrieval
-from embedq.config import Settings
-from embedq.encoder import Encoder
-from embedq.errors import ConfigError
-from embedq.launch import assemble
-from embedq.model_spec import ModelSpec
-from embedq.producer import Producer
-from embedq.schema import model_fingerprint
-from embedq.sink import Sink, open_sink
-from embedq.stream import Stream
+from embedq.core.config import Settings
+from embedq.core.errors import ConfigError
+from embedq.model.encoder import Encoder
+from embedq.model.model_spec import ModelSpec
+from embedq.producer.client import Producer
+from embedq.queue.stream import Stream
+from embedq.sink import retrieval
+from embedq.sink.milvus import Sink, open_sink
+from embedq.sink.schema import model_fingerprint
+from embedq.worker.launch import assemble
 
 from .support.servers import MilvusLiteServer
 from .support.sparse_models import bgem3_flag_model, build_bge_m3, build_splade

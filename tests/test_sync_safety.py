@@ -18,15 +18,15 @@ import redis
 from click.testing import CliRunner, Result
 
 from embedq.cli import main
-from embedq.config import Settings
-from embedq.encoder import Encoder
-from embedq.errors import ExitCode
-from embedq.keys import Keys
-from embedq.launch import assemble
-from embedq.records import Record
-from embedq.sink import Sink
-from embedq.sources import Rejected, open_source, read_csv, read_jsonl
-from embedq.stream import Stream
+from embedq.core.config import Settings
+from embedq.core.errors import ExitCode
+from embedq.core.keys import Keys
+from embedq.core.records import Record
+from embedq.model.encoder import Encoder
+from embedq.producer.sources import Rejected, open_source, read_csv, read_jsonl
+from embedq.queue.stream import Stream
+from embedq.sink.milvus import Sink
+from embedq.worker.launch import assemble
 
 BOM = "\ufeff"
 

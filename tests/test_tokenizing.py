@@ -1,4 +1,4 @@
-"""Clean ASCII texts skip BERT's normalizer (embedq.tokenizing): the ids and the truncation
+"""Clean ASCII texts skip BERT's normalizer (embedq.model.tokenizing): the ids and the truncation
 must be exactly what the model's full tokenizer gives, on both corpora and on the strings
 most likely to tell the two paths apart."""
 
@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer, normalizers
 
-from embedq import tokenizing
-from embedq.encoder import Encoder
-from embedq.tokenizing import Tokenizing
+from embedq.model import tokenizing
+from embedq.model.encoder import Encoder
+from embedq.model.tokenizing import Tokenizing
 from tests.conftest import corpus_rows
 
 HOSTILE = [
@@ -183,8 +183,8 @@ def test_a_tokenizer_that_is_not_bert_s_keeps_its_full_pipeline(packaged: Encode
 _THREADS_AFTER_A_WINDOW = """
 import os
 import threading
-from embedq.config import Settings
-from embedq.launch import load_encoders
+from embedq.core.config import Settings
+from embedq.worker.launch import load_encoders
 
 def cpu_ns():
     out = {}
@@ -209,7 +209,7 @@ def test_a_worker_tokenizes_in_its_reader_thread_unless_the_operator_asks_for_th
     operator: str | None,
 ) -> None:
     # The pool's threads cost more CPU than they saved beside the model and writer threads,
-    # and their time was invisible in the tokenize stage's count (embedq.tokenizing.serial).
+    # and their time was invisible in the tokenize stage's count (embedq.model.tokenizing.serial).
     import os
     import subprocess
     import sys

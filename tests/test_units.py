@@ -7,10 +7,10 @@ import random
 import pytest
 from structlog.testing import capture_logs
 
-from embedq.backoff import compute_backoff
-from embedq.batching import plan_batches
-from embedq.config import Settings, SettingsError, redact_url
-from embedq.logs import SecretScrubber
+from embedq.core.backoff import compute_backoff
+from embedq.core.config import Settings, SettingsError, redact_url
+from embedq.core.logs import SecretScrubber
+from embedq.worker.packing import plan_batches
 
 
 def test_batches_respect_the_padded_token_budget_and_row_cap() -> None:

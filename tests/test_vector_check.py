@@ -1,9 +1,9 @@
 """Issue 25: ``embedq verify`` checks vectors, not only content hashes and versions.
 
-Workers record a digest of each written row's vectors in the index (``embedq.digest``);
+Workers record a digest of each written row's vectors in the index (``embedq.sink.digest``);
 ``verify`` reports a row whose vectors are not those (rewritten by hand, hash and version
 kept) as changed, and ``verify --sample N`` embeds rows again with the model and compares
-(``embedq.sampling``). Real Redis, Milvus Lite, the 2.3.5 server for the round trip.
+(``embedq.ops.sampling``). Real Redis, Milvus Lite, the 2.3.5 server for the round trip.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import redis
 
-from embedq.config import Settings
-from embedq.digest import collection_tag, row_digest, vector_digest
-from embedq.encoder import Encoder
-from embedq.keys import Keys
-from embedq.launch import assemble
-from embedq.producer import Producer
-from embedq.sampling import sample
-from embedq.sink import Row, Sink, open_sink
-from embedq.sparse import EMPTY
-from embedq.stream import Stream
-from embedq.verify import repair, verify
-from embedq.versions import Held, Versions, Written
+from embedq.core.config import Settings
+from embedq.core.keys import Keys
+from embedq.model.encoder import Encoder
+from embedq.model.sparse import EMPTY
+from embedq.ops.sampling import sample
+from embedq.ops.verify import repair, verify
+from embedq.producer.client import Producer
+from embedq.queue.stream import Stream
+from embedq.queue.versions import Held, Versions, Written
+from embedq.sink.digest import collection_tag, row_digest, vector_digest
+from embedq.sink.milvus import Row, Sink, open_sink
+from embedq.worker.launch import assemble
 
 from .conftest import REDIS_URL
 from .support.servers import MilvusLiteServer, MilvusStandalone

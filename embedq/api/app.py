@@ -27,11 +27,11 @@ from embedq.api.fleet import DeadlineExceeded, Fleet, connect_async
 from embedq.api.limits import Keyring, RateLimiter
 from embedq.api.requests import ApiError, Bounds, parse_embeddings, parse_search
 from embedq.api.telemetry import ApiMetrics
-from embedq.config import Settings
-from embedq.encoder import PACKAGED_MODEL_NAME, model_name, resolve_model_dir
-from embedq.errors import CollectionMissing, ConfigError, InfrastructureError, SinkRejected
-from embedq.lane import Answer
-from embedq.sink import Sink, open_sink
+from embedq.core.config import Settings
+from embedq.core.errors import CollectionMissing, ConfigError, InfrastructureError, SinkRejected
+from embedq.model.encoder import PACKAGED_MODEL_NAME, model_name, resolve_model_dir
+from embedq.queue.online_wire import Answer
+from embedq.sink.milvus import Sink, open_sink
 
 log = structlog.get_logger("embedq.api")
 

@@ -1,7 +1,7 @@
 """The gateway's way through the fleet: a request's inputs onto the interactive lane, its
 answers from its reply list.
 
-``Fleet.embed`` adds one lane entry per input (``embedq.lane``: text, reply key, index,
+``Fleet.embed`` adds one lane entry per input (``embedq.queue.online_wire``: text, reply key, index,
 deadline) in one pipelined round trip, then pops answers from the request's reply list
 (BLMPOP) until it has them all or the deadline passes. Past the deadline it raises
 ``DeadlineExceeded`` (the gateway's 503): a worker that picks an entry up later sees the
@@ -20,10 +20,10 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from embedq.config import Settings
-from embedq.keys import Keys, lane_stream
-from embedq.lane import Answer, entry_fields, now_ms, unpack_reply
-from embedq.redis_connection import translated
+from embedq.core.config import Settings
+from embedq.core.keys import Keys, lane_stream
+from embedq.queue.connection import translated
+from embedq.queue.online_wire import Answer, entry_fields, now_ms, unpack_reply
 
 log = structlog.get_logger("embedq.api")
 

@@ -23,9 +23,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from embedq.api.requests import ApiError
-from embedq.entries import load_script
-from embedq.keys import Keys
-from embedq.redis_connection import translated
+from embedq.core.keys import Keys
+from embedq.queue.connection import translated
+from embedq.queue.entries import load_script
 
 
 def digest(secret: str) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import structlog
 
 from embedq.api.app import create_app
-from embedq.config import Settings
-from embedq.errors import ConfigError, ExitCode
+from embedq.core.config import Settings
+from embedq.core.errors import ConfigError, ExitCode
 
 log = structlog.get_logger("embedq.api")
 

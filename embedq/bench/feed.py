@@ -117,7 +117,7 @@ def run_feed(
     run: int,
 ) -> FeedResult:
     """(e): ``procs`` worker processes drain a stream filled beforehand."""
-    from embedq.producer import Producer
+    from embedq.producer.client import Producer
 
     with Producer.connect(redis_url, name) as producer:
         producer.enqueue(rows)
@@ -232,8 +232,8 @@ def run_sink(
     columns: bool,
 ) -> FeedResult:
     """(f): one client upserting the rows, ``SINK_ROWS`` per call."""
-    from embedq.columns import Columns
-    from embedq.sink import Sink
+    from embedq.sink.columns import Columns
+    from embedq.sink.milvus import Sink
 
     sink = Sink(milvus_uri, "", name, timeout_s=60)
     sink.ensure_collection(dimension, "bench")
@@ -292,7 +292,7 @@ def run_redis(rows: list[dict[str, str]], *, redis_url: str, name: str, run: int
     """(h): XREADGROUP COUNT 512 + XACK of the entries the producer wrote, one client."""
     import redis
 
-    from embedq.producer import Producer
+    from embedq.producer.client import Producer
 
     with Producer.connect(redis_url, name) as producer:
         producer.enqueue(rows)

@@ -22,7 +22,7 @@ from embedq.bench.feed import (
 )
 from embedq.bench.run import load_sample, loadavg, machine_facts
 from embedq.bench.servers import MilvusStandalone, RedisServer
-from embedq.encoder import Encoder
+from embedq.model.encoder import Encoder
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Level:
 def baseline_app(model: str) -> FastAPI:
     """The model served directly: one Encoder, one forward pass per request (a lock: torch
     already uses every core for one pass), OpenAI's response shape."""
-    from embedq.encoder import Encoder
+    from embedq.model.encoder import Encoder
 
     encoder = Encoder(model, "cpu")
     lock = threading.Lock()
@@ -194,7 +194,7 @@ def measure(
 
 
 def enqueue_backlog(redis_url: str, stream: str, n: int) -> None:
-    from embedq.producer import Producer
+    from embedq.producer.client import Producer
 
     rows = load_sample(CORPUS / "long.jsonl", n)
     with Producer.connect(redis_url, stream=stream) as producer:

@@ -29,8 +29,8 @@ from typing import Any
 from embedq.bench.report import BenchReport, median, summarize
 from embedq.bench.servers import RedisServer
 from embedq.bench.variants import VARIANTS, BenchRun, RunResult, run_in_child
-from embedq.config import Settings
-from embedq.errors import ConfigError
+from embedq.core.config import Settings
+from embedq.core.errors import ConfigError
 
 # -- machine facts ------------------------------------------------------------------------
 
@@ -158,8 +158,8 @@ def run_bench(
 def resolve_settings(settings: Settings) -> Settings:
     """Device, dtype and batch limits resolved as the worker resolves them, so the report
     names what ran, and (a) batches as (d) does."""
-    from embedq.encoder import resolve_device
-    from embedq.launch import resolve_batch_settings
+    from embedq.model.encoder import resolve_device
+    from embedq.worker.launch import resolve_batch_settings
 
     device = resolve_device(settings.device)
     dtype = settings.dtype
@@ -183,7 +183,7 @@ def _settings_for(settings: Settings, variant: str, run: int, redis_url: str, tm
 
 def _enqueue(sample: list[dict[str, str]], settings: Settings) -> float:
     """Fill the variant's stream before it starts (not timed as its throughput); texts/s."""
-    from embedq.producer import Producer
+    from embedq.producer.client import Producer
 
     started = time.perf_counter()
     with Producer.connect(settings.redis_url, settings.stream) as producer:

@@ -27,7 +27,7 @@ from typing import Any, Self
 
 import redis
 
-from embedq.errors import ConfigError
+from embedq.core.errors import ConfigError
 
 # milvus-lite and milvus-server are console scripts of packages in this environment.
 BIN = Path(sys.executable).parent

@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from embedq.batching import plan_batches
 from embedq.bench.run import load_sample
-from embedq.encoder import Encoder, packaged_model_dir
-from embedq.sink import Row, Sink
+from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.sink.milvus import Row, Sink
+from embedq.worker.packing import plan_batches
 
 
 def texts_from(corpus: Path, n: int) -> list[str]:

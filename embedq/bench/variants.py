@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from embedq.config import Settings
+from embedq.core.config import Settings
 
 ST_BATCH_SIZE = 32  # SentenceTransformer.encode's default
 
@@ -72,8 +72,8 @@ def _peak_rss_mb() -> float:
 
 
 def run_raw(bench_run: BenchRun) -> RunResult:
-    from embedq.batching import plan_batches
-    from embedq.encoder import Encoder
+    from embedq.model.encoder import Encoder
+    from embedq.worker.packing import plan_batches
 
     s = bench_run.settings
     loaded = time.perf_counter()
@@ -99,7 +99,7 @@ def run_raw(bench_run: BenchRun) -> RunResult:
 def run_st(bench_run: BenchRun) -> RunResult:
     from sentence_transformers import SentenceTransformer
 
-    from embedq.encoder import resolve_model_dir
+    from embedq.model.encoder import resolve_model_dir
 
     s = bench_run.settings
     loaded = time.perf_counter()
@@ -121,10 +121,10 @@ def run_classic(bench_run: BenchRun) -> RunResult:
     The one-row write is a plain pymilvus ``upsert`` of a dict (as such a worker is written,
     not embedq's columnar writer), with the fields the collection created by embedq's
     ``Sink`` asks for; one Milvus call per message."""
-    from embedq.columns import Columns, meta_json
-    from embedq.encoder import Encoder
-    from embedq.sink import open_sink
-    from embedq.stream import open_stream
+    from embedq.model.encoder import Encoder
+    from embedq.queue.stream import open_stream
+    from embedq.sink.columns import Columns, meta_json
+    from embedq.sink.milvus import open_sink
 
     s = bench_run.settings
     loaded = time.perf_counter()
@@ -172,7 +172,7 @@ def run_embedq(bench_run: BenchRun) -> RunResult:
     """The real worker, drained; batch latencies from its ``batch_done`` debug events."""
     import structlog
 
-    from embedq.launch import build_worker
+    from embedq.worker.launch import build_worker
 
     events: list[tuple[float, dict[str, Any]]] = []
 
@@ -227,7 +227,7 @@ EXTRA_VARIANTS = ("unordered",)  # on request (--variants)
 def _child(bench_run: BenchRun) -> RunResult:
     import torch
 
-    from embedq import logs
+    from embedq.core import logs
 
     # Warnings only (the embedq variant installs its own event recorder).
     logs.configure("warning", json=True)

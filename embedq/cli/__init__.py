@@ -1,7 +1,7 @@
 """The ``embedq`` command: a thin click group over the library.
 
 Every option is a flag that also reads ``EMBEDQ_<NAME>`` (e.g. ``--redis-url`` and
-``EMBEDQ_REDIS_URL``); defaults come from ``embedq.config.Settings``.
+``EMBEDQ_REDIS_URL``); defaults come from ``embedq.core.config.Settings``.
 
 The shared option machinery lives in ``options``; the commands, grouped by what they are
 for, in ``produce`` (enqueue, jobs, job, trim), ``work`` (init, worker, reclaim), ``ops``
@@ -20,7 +20,7 @@ import click
 
 from embedq.cli import bench, dlq, migrate, ops, produce, serve, verify, work
 from embedq.cli.feedback import one_line, unknown_variables
-from embedq.errors import ExitCode
+from embedq.core.errors import ExitCode
 
 
 class Embedq(click.Group):

@@ -143,7 +143,7 @@ def _feed(
     corpus: Path, n: int, runs: int, procs: list[int], model: str, *, output: Path | None
 ) -> None:
     from embedq.bench.feed_run import feed_markdown, run_feed_bench
-    from embedq.encoder import resolve_model_dir
+    from embedq.model.encoder import resolve_model_dir
 
     def body() -> int:
         report = run_feed_bench(

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from embedq.cli.options import build_settings, common, log, run_guarded
-from embedq.errors import ExitCode
+from embedq.core.errors import ExitCode
 
 if TYPE_CHECKING:
-    from embedq.dlq import DeadLetterQueue
+    from embedq.queue.dlq import DeadLetterQueue
 
 
 @click.group()
@@ -24,7 +24,7 @@ def dlq() -> None:
 
 
 def _open_lanes(options: dict[str, Any]) -> list[DeadLetterQueue]:
-    from embedq.stream import open_streams
+    from embedq.queue.stream import open_streams
 
     return [stream.dlq for stream in open_streams(build_settings(options))]
 
@@ -43,7 +43,7 @@ def dlq_list(reason: str | None, limit: int, as_json: bool, **options: Any) -> N
     """Dead-letter entries, oldest first: id, reason, deliveries, age."""
     from itertools import islice
 
-    from embedq.dlq import iter_dead_letters
+    from embedq.queue.dlq import iter_dead_letters
 
     lanes = _open_lanes(options)
 
@@ -73,7 +73,7 @@ def dlq_list(reason: str | None, limit: int, as_json: bool, **options: Any) -> N
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def dlq_show(dlq_id: str, as_json: bool, **options: Any) -> None:
     """Every field of one dead-letter entry, with the reason and the last error."""
-    from embedq.dlq import show
+    from embedq.queue.dlq import show
 
     lanes = _open_lanes(options)
 
@@ -105,7 +105,7 @@ def dlq_retry(
     dlq_ids: tuple[str, ...], retry_all: bool, reason: str | None, **options: Any
 ) -> None:
     """Re-enqueue dead-letter entries (their original fields) and remove them from the DLQ."""
-    from embedq.dlq import iter_dead_letters, retry
+    from embedq.queue.dlq import iter_dead_letters, retry
 
     if reason is not None and not retry_all:
         raise click.UsageError("--reason needs --all (retry every entry with that reason)")
@@ -139,7 +139,7 @@ def dlq_retry(
 @click.option("--all", "purge_all", is_flag=True, help="Delete the whole dead-letter stream.")
 def dlq_purge(dlq_ids: tuple[str, ...], purge_all: bool, **options: Any) -> None:
     """Delete dead-letter entries for good."""
-    from embedq.dlq import purge
+    from embedq.queue.dlq import purge
 
     if bool(dlq_ids) == purge_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")

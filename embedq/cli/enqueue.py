@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from embedq.cli.options import build_settings, common, log, run_guarded, setting
-from embedq.deletes import DEFAULT as DEFAULT_MAX_DELETE
-from embedq.deletes import MaxDelete
-from embedq.errors import ConfigError, DeletesRefused, EmbedqError, ExitCode
+from embedq.core.deletes import DEFAULT as DEFAULT_MAX_DELETE
+from embedq.core.deletes import MaxDelete
+from embedq.core.errors import ConfigError, DeletesRefused, EmbedqError, ExitCode
 
 if TYPE_CHECKING:
     import redis
 
-    from embedq.config import Settings
-    from embedq.producer import Counts
-    from embedq.records import Rejected
-    from embedq.sources import Fields, Source
-    from embedq.sync import Cleanup, DocSync
+    from embedq.core.config import Settings
+    from embedq.core.records import Rejected
+    from embedq.producer.client import Counts
+    from embedq.producer.sources import Fields, Source
+    from embedq.producer.sync import Cleanup, DocSync
 
 _SHOWN_REJECTED = 5  # the reasons an enqueue that sent nothing prints
 
@@ -106,8 +106,8 @@ _SHOWN_REJECTED = 5  # the reasons an enqueue that sent nothing prints
 @common
 def enqueue(source: str | None, **options: Any) -> None:
     """Send records from SOURCE (a file, a directory, - for stdin, or --sql) as one job."""
-    from embedq.jobs import check_job_id, new_job_id
-    from embedq.sources import first_or_none, open_source
+    from embedq.producer.sources import first_or_none, open_source
+    from embedq.queue.jobs import check_job_id, new_job_id
 
     fmt, id_prefix, sql = options.pop("fmt"), options.pop("id_prefix"), options.pop("sql")
     job_id, progress_every = options.pop("job_id"), options.pop("progress_every")
@@ -189,7 +189,7 @@ def _source_path(source: str | None, sql: str | None) -> str:
 
 def _fields(options: dict[str, Any]) -> Fields:
     """The source's field mapping, taken out of ``options`` (they are not settings)."""
-    from embedq.sources import Fields
+    from embedq.producer.sources import Fields
 
     return Fields(
         id=options.pop("id_field"),
@@ -215,7 +215,7 @@ class _Plan:
 
     def sync(self, client: redis.Redis, settings: Settings) -> DocSync | None:
         """The document sync this plan asks for, if any."""
-        from embedq.sync import DocSync
+        from embedq.producer.sync import DocSync
 
         if not (self.doc_field and self.cleanup):
             return None
@@ -235,9 +235,9 @@ def _send(  # noqa: PLR0917 (the parts of one enqueue)
     """Run the producer over ``where`` as ``job``, with progress, keeping the first few
     rejected records. A stop (an error or Ctrl-C) says how to resume; a source that cannot
     be read is a ``ConfigError``; a refused cleanup says what was sent before it."""
-    from embedq.producer import Producer
-    from embedq.progress import Progress
-    from embedq.redis_connection import connect
+    from embedq.core.progress import Progress
+    from embedq.producer.client import Producer
+    from embedq.queue.connection import connect
 
     def rejected(item: Rejected) -> None:
         log.warning("record_rejected", where=item.where, reason=item.reason)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import click
 from click.core import ParameterSource
 
-from embedq.config import ENV_PREFIX, Settings
+from embedq.core.config import ENV_PREFIX, Settings
 
 # Read by something other than an option: compose.yaml's .env holds the Redis password it
 # puts into EMBEDQ_REDIS_URL, and the test suite has its own (EMBEDQ_TEST_REDIS_URL, ...).

@@ -1,4 +1,4 @@
-"""``embedq migrate``: move the readers' alias to a new model's collection (embedq.migrate)."""
+"""``embedq migrate``: move the readers' alias to a new model's collection (embedq.ops.migrate)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from embedq.cli.options import LOG_LEVEL, build_settings, milvus, model, run_guarded
-from embedq.errors import ConfigError, ExitCode
+from embedq.core.errors import ConfigError, ExitCode
 
 if TYPE_CHECKING:
-    from embedq.encoder import Encoder
-    from embedq.migrate import Migration, PassReport
-    from embedq.sink import Sink
+    from embedq.model.encoder import Encoder
+    from embedq.ops.migrate import Migration, PassReport
+    from embedq.sink.milvus import Sink
 
 MAX_PASSES = 20  # catch-up passes before giving up on writes that arrive faster than it copies
 
@@ -26,7 +26,7 @@ class Reporter:
         self.last = 0.0
 
     def __call__(self, done: int, todo: int, elapsed_s: float) -> None:
-        from embedq.progress import eta_s, format_duration
+        from embedq.core.progress import eta_s, format_duration
 
         now = time.monotonic()
         if now - self.last < self.every_s and done < todo:
@@ -42,7 +42,7 @@ def _passes(
     source: Sink, shadow: Sink, encoder: Encoder, *, newer_only: bool = False
 ) -> PassReport:
     """Catch up until a pass finds nothing to do; the last pass's report."""
-    from embedq.migrate import catch_up
+    from embedq.ops.migrate import catch_up
 
     for number in range(1, MAX_PASSES + 1):
         result = catch_up(source, shadow, encoder, newer_only=newer_only, report=Reporter())
@@ -68,7 +68,7 @@ def _follow(source: Sink, shadow: Sink, encoder: Encoder, interval_s: float) -> 
     import signal
     import threading
 
-    from embedq.migrate import catch_up
+    from embedq.ops.migrate import catch_up
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -114,11 +114,11 @@ def migrate(
     --model NEW moves the alias atomically; --rollback moves it back; --drop-old drops the
     replaced collection.
     """
-    from embedq.encoder import resolve_model_dir
-    from embedq.launch import encoder_for
-    from embedq.migrate import Migration, shadow_name, source_sink
-    from embedq.schema import model_fingerprint
-    from embedq.sink import open_sink
+    from embedq.model.encoder import resolve_model_dir
+    from embedq.ops.migrate import Migration, shadow_name, source_sink
+    from embedq.sink.milvus import open_sink
+    from embedq.sink.schema import model_fingerprint
+    from embedq.worker.launch import encoder_for
 
     if promote + rollback + drop_old + follow > 1:
         raise click.UsageError("give one of --promote, --rollback, --drop-old, --follow")

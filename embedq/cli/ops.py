@@ -21,17 +21,17 @@ from embedq.cli.options import (
     run_guarded,
     setting,
 )
-from embedq.errors import ConfigError, ExitCode
+from embedq.core.errors import ConfigError, ExitCode
 
 if TYPE_CHECKING:
-    from embedq.lag import LagInfo
-    from embedq.stream import Stream
+    from embedq.queue.lag import LagInfo
+    from embedq.queue.stream import Stream
 
 
 def _partition_hint(streams: Sequence[Stream], parts: Sequence[LagInfo]) -> list[str]:
     """A note when one stream was asked for, it does not exist, and partition streams of it
     do: the command probably lacks --partitions."""
-    from embedq.lag import partitions_found, partitions_hint
+    from embedq.queue.lag import partitions_found, partitions_hint
 
     if len(parts) != 1 or parts[0].group_exists or parts[0].length:
         return []
@@ -47,8 +47,7 @@ def lag(as_json: bool, **options: Any) -> None:
     """Show stream length, group lag, pending entries, consumers and dead letters, and
     whether Redis lost its data since the collection recorded the deployment's epoch
     (checked when the collection can be read: --milvus-uri, --collection)."""
-    from embedq.epoch import check_if_reachable
-    from embedq.lag import (
+    from embedq.queue.lag import (
         consumer_table,
         describe,
         lag_json,
@@ -57,7 +56,8 @@ def lag(as_json: bool, **options: Any) -> None:
         merge_partitions,
         partition_table,
     )
-    from embedq.stream import open_streams
+    from embedq.queue.stream import open_streams
+    from embedq.sink.epoch import check_if_reachable
 
     settings = build_settings(options)
 
@@ -111,10 +111,10 @@ def lag(as_json: bool, **options: Any) -> None:
 def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
     """Embed QUERY with the worker's model and print the nearest stored entries (dense,
     sparse or hybrid, by what the collection holds: --mode)."""
-    from embedq import retrieval
-    from embedq.encoder import resolve_model_dir
-    from embedq.launch import encoder_for
-    from embedq.sink import open_sink
+    from embedq.model.encoder import resolve_model_dir
+    from embedq.sink import retrieval
+    from embedq.sink.milvus import open_sink
+    from embedq.worker.launch import encoder_for
 
     mode = options.pop("mode")
     fusion = _fusion(options.pop("ranker"), options.pop("weights"))
@@ -141,7 +141,7 @@ def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
 
 
 def _fusion(ranker: str, weights: str) -> Any:
-    from embedq.retrieval import Fusion
+    from embedq.sink.retrieval import Fusion
 
     try:
         dense, sparse = (float(w) for w in weights.split(","))
@@ -172,7 +172,7 @@ def exporter(**options: Any) -> None:
     import signal
     import threading
 
-    from embedq.exporter import serve_exporter
+    from embedq.ops.exporter import serve_exporter
 
     settings = build_settings(options)
     if not settings.metrics_port:
@@ -220,10 +220,10 @@ def top(interval: float, iterations: int, window: float, as_json: bool, **option
     and, checked once at start, whether Redis lost its data (as ``lag``)."""
     import time
 
-    from embedq.epoch import check_if_reachable
-    from embedq.lag import loss_fields, loss_lines, merge_partitions
-    from embedq.stream import open_streams
-    from embedq.top import Window, render
+    from embedq.ops.top import Window, render
+    from embedq.queue.lag import loss_fields, loss_lines, merge_partitions
+    from embedq.queue.stream import open_streams
+    from embedq.sink.epoch import check_if_reachable
 
     settings = build_settings(options)
     clear = sys.stdout.isatty() and not as_json

@@ -1,10 +1,10 @@
 """Shared option machinery for the ``embedq`` commands.
 
 Every option is a flag that also reads ``EMBEDQ_<NAME>`` (e.g. ``--redis-url`` and
-``EMBEDQ_REDIS_URL``); defaults come from ``embedq.config.Settings``. Commands declare
+``EMBEDQ_REDIS_URL``); defaults come from ``embedq.core.config.Settings``. Commands declare
 their options with ``setting(...)`` and the ``common``/``milvus``/``model`` groups, build
 their Settings with ``build_settings`` and run their body under ``run_guarded``, which
-turns the body's return value or error into an ``embedq.errors.ExitCode``.
+turns the body's return value or error into an ``embedq.core.errors.ExitCode``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import click
 import structlog
 from click.core import ParameterSource
 
-from embedq import logs
 from embedq.cli.feedback import for_the_user, set_by
-from embedq.config import Settings, SettingsError
-from embedq.errors import (
+from embedq.core import logs
+from embedq.core.config import Settings, SettingsError
+from embedq.core.errors import (
     EmbedqError,
     ExitCode,
     QueueUnavailable,
@@ -227,8 +227,8 @@ def _waits_for_redis(ctx: click.Context) -> bool:
 def wait_for_redis(settings: Settings) -> None:
     """Return once Redis answers PING; retry with backoff for ``connect_timeout_s`` (0:
     forever), then raise the last ``QueueUnavailable``."""
-    from embedq.backoff import compute_backoff
-    from embedq.redis_connection import connect, translated
+    from embedq.core.backoff import compute_backoff
+    from embedq.queue.connection import connect, translated
 
     limit_s = settings.connect_timeout_s
     deadline = time.monotonic() + limit_s if limit_s else float("inf")
@@ -259,7 +259,7 @@ def wait_for_redis(settings: Settings) -> None:
 
 def _where(ctx: click.Context | None, settings: Settings | None, exc: EmbedqError) -> str:
     """The address a connection error is about, and the setting that names it."""
-    from embedq.redis_connection import RedisRefused
+    from embedq.queue.connection import RedisRefused
 
     if ctx is None or settings is None:
         return ""

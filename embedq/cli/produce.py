@@ -11,10 +11,10 @@ import click
 
 from embedq.cli.enqueue import enqueue
 from embedq.cli.options import build_settings, common, log, milvus_reading, run_guarded, setting
-from embedq.errors import ConfigError, ExitCode
+from embedq.core.errors import ConfigError, ExitCode
 
 if TYPE_CHECKING:
-    from embedq.config import Settings
+    from embedq.core.config import Settings
 
 __all__ = ["delete", "enqueue", "job", "jobs", "trim"]  # cli/__init__ registers them
 
@@ -35,7 +35,7 @@ def delete(ids: tuple[str, ...], from_file: str | None, **options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        from embedq.producer import Producer
+        from embedq.producer.client import Producer
 
         wanted = list(ids)
         if from_file is not None:
@@ -59,7 +59,7 @@ def delete(ids: tuple[str, ...], from_file: str | None, **options: Any) -> None:
 
 
 def _print_jobs(views: list[Any]) -> None:
-    from embedq.progress import format_duration
+    from embedq.core.progress import format_duration
 
     header = f"{'job':<28} {'state':<8} {'enqueued':>9} {'embedded':>9} {'dead':>6} {'eta':>8}"
     click.echo(header + "  source")
@@ -90,7 +90,7 @@ def _print_jobs(views: list[Any]) -> None:
 )
 def jobs(as_json: bool, prune: bool, older_than: float, **options: Any) -> None:
     """List enqueue jobs: state, enqueued, embedded and dead-lettered counts, ETA."""
-    from embedq.jobs import list_jobs, open_ledger
+    from embedq.queue.jobs import list_jobs, open_ledger
 
     settings = build_settings(options)
 
@@ -120,7 +120,7 @@ def jobs(as_json: bool, prune: bool, older_than: float, **options: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def job(job_id: str, as_json: bool, **options: Any) -> None:
     """Show one enqueue job (exit 1 when there is no such job)."""
-    from embedq.jobs import get_job, open_ledger
+    from embedq.queue.jobs import get_job, open_ledger
 
     settings = build_settings(options)
 
@@ -143,8 +143,8 @@ def job(job_id: str, as_json: bool, **options: Any) -> None:
 def _say_if_redis_lost(settings: Settings) -> None:
     """The one line (on stderr, so ``--json`` stays parseable) when Redis lost its data since
     the collection recorded the deployment's epoch: jobs it held are gone or partial."""
-    from embedq.epoch import check_if_reachable
-    from embedq.stream import open_streams
+    from embedq.queue.stream import open_streams
+    from embedq.sink.epoch import check_if_reachable
 
     standing = check_if_reachable(settings, open_streams(settings.replace(block_ms=0)))
     if standing is not None and standing.lost:
@@ -153,7 +153,7 @@ def _say_if_redis_lost(settings: Settings) -> None:
 
 def _shown(name: str, value: Any) -> str:
     """A job field for a person: times as UTC dates, the ETA as a duration."""
-    from embedq.progress import format_duration, format_time_ms
+    from embedq.core.progress import format_duration, format_time_ms
 
     if value is None:
         return ""
@@ -169,7 +169,7 @@ def _shown(name: str, value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per stream, in an array.")
 def trim(as_json: bool, **options: Any) -> None:
     """Drop entries every consumer group has acknowledged (XTRIM MINID); never others."""
-    from embedq.stream import open_streams
+    from embedq.queue.stream import open_streams
 
     settings = build_settings(options)
 

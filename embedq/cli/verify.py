@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from embedq.cli.options import build_settings, common, log, milvus, model, run_guarded
-from embedq.deletes import DEFAULT as MAX_DELETE_DEFAULT
-from embedq.deletes import MaxDelete
-from embedq.errors import ConfigError, DeletesRefused, ExitCode
+from embedq.core.deletes import DEFAULT as MAX_DELETE_DEFAULT
+from embedq.core.deletes import MaxDelete
+from embedq.core.errors import ConfigError, DeletesRefused, ExitCode
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from embedq.config import Settings
-    from embedq.epoch import Standing
-    from embedq.sink import Sink
-    from embedq.stream import Stream
-    from embedq.verify import Adopted, Drift, Index
+    from embedq.core.config import Settings
+    from embedq.ops.verify import Adopted, Drift, Index
+    from embedq.queue.stream import Stream
+    from embedq.sink.epoch import Standing
+    from embedq.sink.milvus import Sink
 
 
 @click.command()
@@ -76,9 +76,9 @@ def verify(repair: bool, as_json: bool, sample: int, **options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        from embedq import verify as check
-        from embedq.sink import open_sink
-        from embedq.stream import open_streams
+        from embedq.ops import verify as check
+        from embedq.queue.stream import open_streams
+        from embedq.sink.milvus import open_sink
 
         streams = open_streams(settings.replace(block_ms=0))
         sink = open_sink(settings, create=False)
@@ -154,10 +154,10 @@ def _print_vectors(report: dict[str, Any]) -> None:
 
 def _sample(drift: Drift, index: Index, sink: Sink, settings: Settings, n: int) -> None:
     """``--sample``: the model loads (and must be the collection's, as for ``search``)."""
-    from embedq import verify as check
-    from embedq.encoder import resolve_model_dir
-    from embedq.launch import encoder_for
-    from embedq.sampling import sample
+    from embedq.model.encoder import resolve_model_dir
+    from embedq.ops import verify as check
+    from embedq.ops.sampling import sample
+    from embedq.worker.launch import encoder_for
 
     resolve_model_dir(settings.model)  # the cheap check first, then the model loads
     encoder = encoder_for(settings)
@@ -192,9 +192,9 @@ def _loss_options(options: dict[str, Any], repair: bool) -> _Loss:
 
 
 def _epoch(streams: Sequence[Stream], sink: Sink, loss: _Loss) -> tuple[Standing, Adopted | None]:
-    """Where the deployment's epoch stands (``embedq.epoch``), after ``--adopt`` if asked."""
-    from embedq import epoch
-    from embedq import verify as check
+    """Where the deployment's epoch stands (``embedq.sink.epoch``), after ``--adopt`` if asked."""
+    from embedq.ops import verify as check
+    from embedq.sink import epoch
 
     adopted = check.adopt(streams, sink) if loss.adopt else None
     return epoch.check(streams, sink), adopted
@@ -213,8 +213,8 @@ def _loss_report(standing: Standing, drift: Drift, adopted: Adopted | None) -> d
 def _refusal(
     drift: Drift, index: Index, streams: Sequence[Stream], standing: Standing, loss: _Loss
 ) -> DeletesRefused | None:
-    """Why the repair must not go (``embedq.verify.refuse_unproven``); None: it may."""
-    from embedq import verify as check
+    """Why the repair must not go (``embedq.ops.verify.refuse_unproven``); None: it may."""
+    from embedq.ops import verify as check
 
     lost = "" if loss.accept else standing.line(len(drift.unknown))
     try:
@@ -226,7 +226,7 @@ def _refusal(
 
 def _accepted(streams: Sequence[Stream], sink: Sink, standing: Standing, loss: _Loss) -> None:
     """A repair with --accept-redis-loss went through: the collection takes Redis's epoch."""
-    from embedq import epoch
+    from embedq.sink import epoch
 
     if loss.accept and standing.lost:
         epoch.accept(streams, sink)

@@ -35,7 +35,7 @@ def init(with_collection: bool, **options: Any) -> None:
     Run it before anything scales on the group (the Helm hook Job, the compose init
     service): KEDA reads a missing group as no lag.
     """
-    from embedq.stream import open_streams
+    from embedq.queue.stream import open_streams
 
     settings = build_settings(options)
 
@@ -49,8 +49,8 @@ def init(with_collection: bool, **options: Any) -> None:
                 + ("created at 0" if created else "already there")
             )
         if with_collection:
-            from embedq.launch import encoder_for
-            from embedq.sink import open_sink
+            from embedq.sink.milvus import open_sink
+            from embedq.worker.launch import encoder_for
 
             encoder = encoder_for(settings)
             made = open_sink(settings).ensure_for(encoder)
@@ -119,7 +119,7 @@ def worker(**options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        from embedq.launch import run_device_workers, run_worker
+        from embedq.worker.launch import run_device_workers, run_worker
 
         if settings.devices or settings.procs_per_device > 1:
             return run_device_workers(settings)
@@ -146,7 +146,7 @@ def reclaim(once: bool, **options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        from embedq.launch import run_reclaim
+        from embedq.worker.launch import run_reclaim
 
         summary = run_reclaim(settings, once=once)
         log.info("reclaim_done", **dataclasses.asdict(summary))

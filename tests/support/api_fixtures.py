@@ -13,9 +13,9 @@ from typing import Any
 import uvicorn
 
 from embedq.api.app import create_app
-from embedq.config import Settings
-from embedq.sink import Sink
-from embedq.worker import Worker
+from embedq.core.config import Settings
+from embedq.sink.milvus import Sink
+from embedq.worker.loop import Worker
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ A test is slow when a fixture in its closure is one of ``SLOW_FIXTURES``, or whe
 can start a process: the test function, the fixtures it uses, and every function or class
 of the test suite they name (followed transitively, nested functions and lambdas
 included) are searched for a name bound to ``subprocess``, ``multiprocessing``,
-``os.fork``/``os.system``, ``embedq.replicas.run_per_device``, or a server launcher (a
+``os.fork``/``os.system``, ``embedq.worker.replicas.run_per_device``, or a server launcher (a
 subclass of ``embedq.bench.servers.Server``). Library and product code is not searched: an
 in-process ``CliRunner`` call, or a Milvus Lite file opened through ``pymilvus`` (the
 product's embedded default), stays in the fast layer.
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from embedq.bench.servers import Server
-from embedq.replicas import run_per_device
+from embedq.worker.replicas import run_per_device
 
 # Fixtures that start a server or a process, or load the real packaged model (seconds of
 # load and of CPU per batch; tiny_encoder is the fast layer's model).

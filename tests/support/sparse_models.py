@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from embedq.bench.sparse import save_splade
-from embedq.encoder import packaged_model_dir
+from embedq.model.encoder import packaged_model_dir
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample.jsonl"
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from embedq.columns import Columns
-from embedq.entries import Entry
-from embedq.errors import SinkRejected, SinkUnavailable
-from embedq.keys import Keys
-from embedq.sink import Row
+from embedq.core.errors import SinkRejected, SinkUnavailable
+from embedq.core.keys import Keys
+from embedq.queue.entries import Entry
+from embedq.sink.columns import Columns
+from embedq.sink.milvus import Row
 
 FIELDS = ("id", "vector", "text", "meta", "content_hash", "version")
 

@@ -127,7 +127,7 @@ A password with URL-reserved characters must be stored percent-encoded.
 
 {{/*
 Partition stream i of (list .Values.stream i): the stream itself with one partition, else
-<name>:{p<i>} (embedq.keys.partition_streams).
+<name>:{p<i>} (embedq.core.keys.partition_streams).
 */}}
 {{- define "embedq.partitionStream" -}}
 {{- $stream := index . 0 -}}

@@ -1,0 +1,1 @@
+"""What every layer shares: settings, errors, Redis key names, the stream contract."""

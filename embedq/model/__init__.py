@@ -1,0 +1,1 @@
+"""The model: tokenize, forward, post-process; sparse heads, Matryoshka, fingerprint."""

@@ -1,0 +1,1 @@
+"""What operators run beside the workers: the stream exporter, top, verify, migrate."""

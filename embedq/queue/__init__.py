@@ -1,0 +1,1 @@
+"""Redis: the group's stream, entries, per-id versions, DLQ, jobs, lag, Lua scripts."""

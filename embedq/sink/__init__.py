@@ -1,0 +1,1 @@
+"""Milvus: the collection, columnar upserts, schema, error codes, search, digests."""

@@ -1,0 +1,1 @@
+"""The worker process: read, encode, write, ack; its stages, and launch (the root)."""

@@ -180,7 +180,7 @@ def assemble(
         fault_point=fault_injector(settings.fault_point),
     )
     stop_requested = threading.Event()
-    lane = online_lane(settings, partitions[-1], in_flight, retrying, stop_requested)
+    lane = online_lane(partitions, settings, in_flight, retrying, stop_requested)
     batcher, encoding = reader_and_model(
         settings, encoders[0], lane, settler, metrics=metrics, stats=stats
     )
@@ -243,17 +243,19 @@ def reader_and_model(
 
 
 def online_lane(
+    streams: Sequence[Stream],
     settings: Settings,
-    lane: Stream,
     in_flight: InFlight,
     retrying: Retrier,
     stop: threading.Event,
 ) -> OnlineLane | None:
-    """The worker's side of the interactive lane (None with ``--no-online``)."""
-    if not settings.online:
+    """The worker's side of the interactive lane, the one of ``streams`` whose keys are
+    online (None with ``--no-online``: none is)."""
+    lanes = [s for s in streams if s.keys.online]
+    if not lanes:
         return None
     return OnlineLane(
-        lane,
+        lanes[0],
         in_flight,
         retrying,
         reply_ttl_ms=int(settings.api_timeout_s * 1000) + 5000,

@@ -23,15 +23,19 @@ def dlq() -> None:
     """
 
 
-def _open_lanes(options: dict[str, Any]) -> list[DeadLetterQueue]:
+def _open_partitions(options: dict[str, Any]) -> list[DeadLetterQueue]:
     from embedq.queue.stream import open_streams
 
     return [stream.dlq for stream in open_streams(build_settings(options))]
 
 
-def _where(lanes: Sequence[DeadLetterQueue]) -> str:
+def _where(partitions: Sequence[DeadLetterQueue]) -> str:
     """The dead-letter stream(s), for a closing line."""
-    return lanes[0].keys.dlq if len(lanes) == 1 else f"{len(lanes)} partition dead-letter streams"
+    return (
+        partitions[0].keys.dlq
+        if len(partitions) == 1
+        else f"{len(partitions)} partition dead-letter streams"
+    )
 
 
 @dlq.command("list")
@@ -45,23 +49,23 @@ def dlq_list(reason: str | None, limit: int, as_json: bool, **options: Any) -> N
 
     from embedq.queue.dlq import iter_dead_letters
 
-    lanes = _open_lanes(options)
+    partitions = _open_partitions(options)
 
     def body() -> int:
-        letters = list(islice(iter_dead_letters(lanes, reason), limit))
+        letters = list(islice(iter_dead_letters(partitions, reason), limit))
         if as_json:
             for letter in letters:
                 click.echo(json.dumps(letter.summary(), ensure_ascii=False))
             return ExitCode.OK
-        width = 20 if len(lanes) == 1 else 24
+        width = 20 if len(partitions) == 1 else 24
         click.echo(f"{'dlq id':<{width}} {'reason':<16} {'deliv':>5} {'age':>9}  id")
         for letter in letters:
             click.echo(
                 f"{letter.ref:<{width}} {letter.reason:<16} {letter.deliveries:>5} "
                 f"{letter.age_s():>8.0f}s  {letter.doc_id[:60]}"
             )
-        total = sum(lane.length() for lane in lanes)
-        click.echo(f"{len(letters)} shown, {total} in {_where(lanes)}")
+        total = sum(partition.length() for partition in partitions)
+        click.echo(f"{len(letters)} shown, {total} in {_where(partitions)}")
         return ExitCode.OK
 
     run_guarded(body)
@@ -75,12 +79,12 @@ def dlq_show(dlq_id: str, as_json: bool, **options: Any) -> None:
     """Every field of one dead-letter entry, with the reason and the last error."""
     from embedq.queue.dlq import show
 
-    lanes = _open_lanes(options)
+    partitions = _open_partitions(options)
 
     def body() -> int:
-        letter = show(lanes, dlq_id)
+        letter = show(partitions, dlq_id)
         if letter is None:
-            click.echo(f"embedq: no entry {dlq_id} in {_where(lanes)}", err=True)
+            click.echo(f"embedq: no entry {dlq_id} in {_where(partitions)}", err=True)
             return ExitCode.NOT_FOUND
         data = letter.as_dict()
         if as_json:
@@ -111,11 +115,11 @@ def dlq_retry(
         raise click.UsageError("--reason needs --all (retry every entry with that reason)")
     if bool(dlq_ids) == retry_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
-    lanes = _open_lanes(options)
+    partitions = _open_partitions(options)
 
     def body() -> int:
-        ids = list(dlq_ids) or [d.ref for d in iter_dead_letters(lanes, reason)]
-        sent = retry(lanes, ids)
+        ids = list(dlq_ids) or [d.ref for d in iter_dead_letters(partitions, reason)]
+        sent = retry(partitions, ids)
         log.info("dlq_retried", sent=len(sent), asked=len(ids))
         for old, (stream, new) in sent.items():
             click.echo(f"{old} -> {stream} {new}")
@@ -143,12 +147,12 @@ def dlq_purge(dlq_ids: tuple[str, ...], purge_all: bool, **options: Any) -> None
 
     if bool(dlq_ids) == purge_all:
         raise click.UsageError("give dead-letter ids or --all (not both)")
-    lanes = _open_lanes(options)
+    partitions = _open_partitions(options)
 
     def body() -> int:
-        removed = purge(lanes, None if purge_all else list(dlq_ids))
+        removed = purge(partitions, None if purge_all else list(dlq_ids))
         log.info("dlq_purged", removed=removed)
-        click.echo(f"purged {removed} from {_where(lanes)}")
+        click.echo(f"purged {removed} from {_where(partitions)}")
         return ExitCode.OK
 
     run_guarded(body)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo on embedded defaults: enqueue the shipped sample, drain it with one worker into a
 # Milvus Lite file, print the throughput and a search result.
-# README's "Using it" goes on from here with the same settings (.demo/embedq.db, collection
+# README's "Using it" (and docs/getting-started.md) goes on from here with the same settings (.demo/embedq.db, collection
 # demo, stream embedq:demo): keep the three in step with it (tests/test_readme.py runs both).
 #
 # It ends consistent (issue 25): the rows stay in .demo/embedq.db and their record stays in
@@ -38,5 +38,5 @@ exec bash scripts/with-redis.sh bash -c '
   embedq search "how do I read a file line by line" -k 3
   forget work
   echo "== done: the vectors are in .demo/embedq.db, collection demo, and Redis keeps their"
-  echo "   index ($EMBEDQ_STREAM:index:demo): embedq verify is clean (README: Using it)"
+  echo "   index ($EMBEDQ_STREAM:index:demo): embedq verify is clean (README.md: Using it)"
 '

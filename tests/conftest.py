@@ -85,10 +85,15 @@ def corpus_rows(name: str, n: int) -> list[dict[str, Any]]:
     # Copies get their own text too: a repeated text is a vector-cache hit, and a backlog
     # of hits drains without the model (the priority and dashboard tests need real work).
     return [
-        row if i < len(kind) else
-        {**row, "id": f"{row['id']}~{i // len(kind)}", "text": f"{row['text']} ({i // len(kind)})"}
+        row
+        if i < len(kind)
+        else {
+            **row,
+            "id": f"{row['id']}~{i // len(kind)}",
+            "text": f"{row['text']} ({i // len(kind)})",
+        }
         for i, row in ((i, kind[i % len(kind)]) for i in range(n))
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="session")

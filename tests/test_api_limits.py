@@ -46,7 +46,9 @@ def _lane(settings: Settings) -> str:
 def test_bad_requests_get_their_status_and_a_json_error(
     settings: Settings, tiny_worker: Worker, tiny_encoder: Encoder
 ) -> None:
-    limited = settings.replace(api_keys=f"{KEY}, {OTHER}", api_max_inputs=4)
+    limited = settings.replace(
+        api_keys=f"{KEY}, {OTHER}", api_max_inputs=4, model=str(tiny_encoder.model_dir)
+    )
     auth = {"Authorization": f"Bearer {KEY}"}
     with running(tiny_worker), gateway(limited) as url:
         post = lambda body, headers=auth, **kw: httpx.post(  # noqa: E731
@@ -187,14 +189,14 @@ def test_two_gateway_processes_share_one_keys_budget(
 
 
 def test_no_worker_means_503_within_the_deadline_and_late_entries_are_skipped(
-    settings: Settings, tiny_worker: Worker, redis_client: redis.Redis
+    settings: Settings, tiny_worker: Worker, redis_client: redis.Redis, tiny_encoder: Encoder
 ) -> None:
-    quick = settings.replace(api_timeout_s=1.5)
+    quick = settings.replace(api_timeout_s=1.5, model=str(tiny_encoder.model_dir))
     with capture_logs() as logs, gateway(quick) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as unavailable:
-            client.embeddings.create(input=["nobody", "home"], model="all-MiniLM-L6-v2")
+            client.embeddings.create(input=["nobody", "home"], model=tiny_encoder.name)
         took = time.monotonic() - started
         assert 1.4 <= took < 1.5 + 2.0
         assert unavailable.value.status_code == 503
@@ -214,7 +216,7 @@ def test_no_worker_means_503_within_the_deadline_and_late_entries_are_skipped(
                 "the worker to settle the expired entries",
             )
             # ...and serves the next request.
-            ok = client.embeddings.create(input="now", model="all-MiniLM-L6-v2")
+            ok = client.embeddings.create(input="now", model=tiny_encoder.name)
             assert len(ok.data) == 1
         expired = [e for e in worker_logs if e["event"] == "online_expired"]
         assert sum(e["count"] for e in expired) == 2
@@ -252,7 +254,7 @@ def test_worker_killed_mid_request_is_redone_by_another(
             *extra,
         ]
 
-    with gateway(settings.replace(api_timeout_s=60)) as url:
+    with gateway(settings.replace(api_timeout_s=60, model=str(tiny_model))) as url:
         doomed = spawn_worker(*worker_args("doomed", "--fault-point", "after_read"))
         result: dict[str, Any] = {}
 

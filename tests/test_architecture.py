@@ -200,9 +200,10 @@ def test_long_modules_name_a_reason() -> None:
 
 
 def test_the_readme_layout_names_every_subpackage() -> None:
-    """The file list is the architecture: README's Layout names each subpackage (and any
-    module still directly in embedq/), one line each; the modules speak for themselves."""
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    """The file list is the architecture: the Layout (docs/architecture.md, issue 28) names
+    each subpackage (and any module still directly in embedq/), one line each; the modules
+    speak for themselves."""
+    readme = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
     layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
     names = {f"{p.parent.name}/" for p in PACKAGE.glob("*/__init__.py")}
     names |= {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}

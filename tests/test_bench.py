@@ -57,8 +57,11 @@ def test_summary_takes_medians_over_runs() -> None:
 
 def test_ratios_compare_embedq_within_each_run_then_take_the_median() -> None:
     # The machine is shared: run 2 is slow for everyone. Ratios inside a run stay honest.
-    speeds = {1: {"raw": 100, "st": 50, "embedq": 90}, 2: {"raw": 10, "st": 5, "embedq": 9},
-              3: {"raw": 100, "st": 80, "embedq": 100}}  # fmt: skip
+    speeds = {
+        1: {"raw": 100, "st": 50, "embedq": 90},
+        2: {"raw": 10, "st": 5, "embedq": 9},
+        3: {"raw": 100, "st": 80, "embedq": 100},
+    }
     results = [
         RunResult(variant, 100, 1000, 100 / texts_per_s, 1.0, run=run)
         for run, by_variant in speeds.items()
@@ -145,10 +148,29 @@ def test_bench_command_runs_all_four_variants(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     ran = subprocess.run(
-        [sys.executable, "-m", "embedq.cli", "bench", "--corpus", str(corpus), "-n", "20",
-         "--n-classic", "8", "--runs", "1", "--json", "--output", str(output)],
-        capture_output=True, text=True, env=env, timeout=240, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "embedq.cli",
+            "bench",
+            "--corpus",
+            str(corpus),
+            "-n",
+            "20",
+            "--n-classic",
+            "8",
+            "--runs",
+            "1",
+            "--json",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     report = json.loads(ran.stdout)
     assert list(report["summaries"]) == ["raw", "st", "classic", "embedq"]

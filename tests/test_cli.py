@@ -104,7 +104,7 @@ def test_enqueue_worker_lag_search_round_trip(
 
     found = embedq("search", rows[3]["text"], "-k", "3", "--json", env=env)
     assert found.returncode == 0, found.stderr
-    hits = json.loads(found.stdout)
+    hits = [json.loads(line) for line in found.stdout.splitlines()]  # JSON Lines
     assert hits[0]["id"] == rows[3]["id"] and hits[0]["score"] > 0.99 and len(hits) == 3
     text_out = embedq("search", rows[3]["text"], "-k", "2", env=env)
     assert rows[3]["id"] in text_out.stdout.splitlines()[0]

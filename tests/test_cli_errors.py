@@ -59,6 +59,7 @@ _REDIS_COMMANDS = {
     "reclaim": Command(("reclaim", "--once"), _WAIT),
     "lag": Command(("lag",)),
     "top": Command(("top", "--iterations", "1")),
+    "usage": Command(("usage",)),
     "dlq list": Command(("dlq", "list")),
     "dlq show": Command(("dlq", "show", "1-0")),
     "dlq retry": Command(("dlq", "retry", "1-0")),
@@ -444,7 +445,9 @@ def process_rows() -> dict[str, tuple[Command, Mistake, int]]:
     misspelled = {"EMBEDQ_CHUNK": "5", "EMBEDQ_STRAEM": "x", "EMBEDQ_MIN_IDLE": "9"}
     return {
         "a bad setting exits USAGE": (
-            SETTINGS_COMMANDS["lag"], SETTINGS_MISTAKES["url without a scheme (flag)"], 0
+            SETTINGS_COMMANDS["lag"],
+            SETTINGS_MISTAKES["url without a scheme (flag)"],
+            0,
         ),
         "redis out of reach exits CONNECT after the wait": (REDIS_COMMANDS["worker"], closed, 0),
         "misspelled variables warn first": (
@@ -453,9 +456,11 @@ def process_rows() -> dict[str, tuple[Command, Mistake, int]]:
             3,
         ),
         "a console log (stderr a terminal) is one line": (
-            Command(("lag",), {"EMBEDQ_LOG_JSON": "0"}), closed, 0
+            Command(("lag",), {"EMBEDQ_LOG_JSON": "0"}),
+            closed,
+            0,
         ),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("row", list(process_rows()))

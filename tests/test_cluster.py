@@ -126,7 +126,7 @@ def test_a_partitioned_deployment_runs_on_a_three_node_cluster(
     job = json.loads(embedq("job", "j1", "--json", env=on_cluster).stdout)
     assert (job["enqueued"], job["embedded"], job["dead_lettered"]) == (121, 120, 1)
 
-    trimmed = json.loads(embedq("trim", "--json", env=on_cluster).stdout)
+    trimmed = [json.loads(t) for t in embedq("trim", "--json", env=on_cluster).stdout.splitlines()]
     assert sum(t["trimmed"] for t in trimmed) == 121  # all acked, all gone
     assert embedq("dlq", "purge", "--all", env=on_cluster).returncode == 0
 

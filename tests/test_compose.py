@@ -174,3 +174,40 @@ def test_the_gateway_serves_through_the_workers_with_keys_from_env(
     assert f":{port}/readyz" in " ".join(gateway["healthcheck"]["test"])
     assert gateway["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert Settings(api_port=int(port), api_keys="k1, k2").api_key_list == ("k1", "k2")
+
+
+def test_the_cpu_profile_builds_no_cuda_image(compose: dict[str, Any]) -> None:
+    """Issue 28: `--profile cpu` built the CUDA base image for `init` and `worker-cpu`."""
+    services = compose["services"]
+    dockerfile = (ROOT / "workers" / "Dockerfile").read_text()
+    default_base = re.search(r"ARG BASE_IMAGE=(\S+)", dockerfile)
+    assert default_base and "cuda" in default_base[1]
+    for name, service in services.items():
+        if "gpu" in service.get("profiles", []) or "build" not in service:
+            continue
+        build = service["build"]
+        if build.get("dockerfile") == "workers/Dockerfile":
+            assert "cuda" not in build["args"]["BASE_IMAGE"], name
+            assert build["args"]["TORCH_INDEX_URL"].endswith("/cpu"), name
+            assert service["image"] != services["worker"]["image"], name  # not the GPU tag
+
+
+def test_redis_is_published_on_loopback_for_enqueue_from_the_host(
+    compose: dict[str, Any],
+) -> None:
+    (published,) = compose["services"]["redis"]["ports"]
+    assert published.startswith("127.0.0.1:") and published.endswith(":6379")
+
+
+def test_the_documented_compose_commands_name_services_of_their_profile(
+    compose: dict[str, Any],
+) -> None:
+    """`docker compose exec worker embedq top` failed on the cpu profile (no `worker`)."""
+    services = compose["services"]
+    text = (ROOT / "docs" / "operations.md").read_text() + (ROOT / "compose.yaml").read_text()
+    for line in re.findall(r"docker compose [^\n#]+", text):
+        profiles = set(re.findall(r"--profile (\S+)", line))
+        named = re.findall(r"\bexec (\S+)", line) + re.findall(r"--scale (\S+?)=", line)
+        for name in named:
+            wanted = set(services[name].get("profiles", []))
+            assert not wanted or wanted & profiles, line  # runs in every profile, or in this

@@ -75,13 +75,16 @@ BAD_INPUT: list[tuple[dict[str, Any], str, str | None]] = [
     ({"id": "latin1", "text": b"caf\xe9 au lait"}, "invalid_utf8", "invalid_utf8"),
     ({"id": "overlong", "text": OVERLONG}, "overlong", None),
     ({"id": "huge-text", "text": "x" * 5000}, "text_too_large", "text_too_large"),
-    ({"id": "huge-meta", "text": "ok", "meta": json.dumps({"k": "v" * 300})}, "meta_too_large",
-     "meta_too_large"),
+    (
+        {"id": "huge-meta", "text": "ok", "meta": json.dumps({"k": "v" * 300})},
+        "meta_too_large",
+        "meta_too_large",
+    ),
     ({"id": "i" * 600, "text": "an id longer than the primary key"}, "id_too_long", "id_too_long"),
     ({"id": "meta-list", "text": "ok", "meta": "[1, 2]"}, "meta_not_object", "meta_not_object"),
     ({"id": "meta-junk", "text": "ok", "meta": "{oops"}, "meta_not_object", "meta_not_object"),
     ({"id": "model-raises", "text": RAISES}, "encode_failed", "encode_failed"),
-]  # fmt: skip
+]
 
 
 def dlq_by_key(client: redis.Redis, stream: str) -> dict[bytes, dict[bytes, bytes]]:

@@ -19,6 +19,7 @@ import redis
 
 from embedq.model.encoder import Encoder
 from embedq.sink.milvus import Sink
+from embedq.worker.shutdown import TOGETHER_S
 
 from .conftest import corpus_rows
 from .support.fault_fixtures import WorkerProcess
@@ -377,8 +378,10 @@ def test_second_signal_exits_at_once_and_embedq_reclaim_finishes_the_entries(
     worker, _ = start_busy_worker(rig, milvus_uri)
 
     worker.signal(signal.SIGTERM)
-    # Two signals sent back to back arrive as one; the second must come after the first.
+    # Two signals sent back to back arrive as one; the second must come after the first,
+    # and signals within TOGETHER_S of it are that same request (a process group's Ctrl-C).
     wait_until(lambda: '"stop_requested"' in worker.log_text(), 30, "the first signal", 0.01)
+    time.sleep(TOGETHER_S)
     worker.signal(signal.SIGTERM)
 
     assert worker.wait(30) == 1, worker.log_tail()

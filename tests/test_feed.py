@@ -245,12 +245,38 @@ def test_two_processes_per_device_share_the_stream_as_two_consumers(
         for i in range(300):
             client.xadd("t", {"id": f"d{i}", "text": f"text number {i} about goats"})
         run = subprocess.run(
-            [sys.executable, "-m", "embedq.cli", "worker", "--drain", "--procs-per-device", "2",
-             "--device", "cpu", "--model", str(tiny_model), "--redis-url", server.url,
-             "--stream", "t", "--consumer", "node", "--milvus-uri", milvus_lite_server.uri,
-             "--collection", "procs", "--read-count", "20", "--block-ms", "100"],
-            check=False, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "embedq.cli",
+                "worker",
+                "--drain",
+                "--procs-per-device",
+                "2",
+                "--device",
+                "cpu",
+                "--model",
+                str(tiny_model),
+                "--redis-url",
+                server.url,
+                "--stream",
+                "t",
+                "--consumer",
+                "node",
+                "--milvus-uri",
+                milvus_lite_server.uri,
+                "--collection",
+                "procs",
+                "--read-count",
+                "20",
+                "--block-ms",
+                "100",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         consumers = {c["name"].decode(): c for c in client.xinfo_consumers("t", "embedq")}
         assert set(consumers) == {"node-cpu0-p0", "node-cpu0-p1"}
@@ -268,8 +294,11 @@ def test_two_processes_per_device_share_the_stream_as_two_consumers(
 def test_procs_per_device_must_be_positive() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "embedq.cli", "worker", "--procs-per-device", "0"],
-        check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2 and "procs" in run.stderr.lower()
 
 
@@ -284,11 +313,15 @@ def test_the_rate_is_read_between_ten_and_ninety_percent() -> None:
 
 def test_feed_ratios_divide_by_the_slowest_component_of_the_same_run() -> None:
     results = [
-        FeedResult("feed×1", 1, 10, 80.0), FeedResult("sink", 1, 10, 100.0),
-        FeedResult("tokenizer", 1, 10, 500.0), FeedResult("redis", 1, 10, 900.0),
-        FeedResult("feed×1", 2, 10, 45.0), FeedResult("sink", 2, 10, 50.0),
-        FeedResult("tokenizer", 2, 10, 60.0), FeedResult("redis", 2, 10, 900.0),
-    ]  # fmt: skip
+        FeedResult("feed×1", 1, 10, 80.0),
+        FeedResult("sink", 1, 10, 100.0),
+        FeedResult("tokenizer", 1, 10, 500.0),
+        FeedResult("redis", 1, 10, 900.0),
+        FeedResult("feed×1", 2, 10, 45.0),
+        FeedResult("sink", 2, 10, 50.0),
+        FeedResult("tokenizer", 2, 10, 60.0),
+        FeedResult("redis", 2, 10, 900.0),
+    ]
     assert feed_ratios(results) == {"feed×1": pytest.approx(0.85)}
 
 
@@ -334,10 +367,24 @@ def test_the_writer_gets_batches_back_in_read_order_up_to_its_row_budget() -> No
 def test_bench_sparse_reports_the_three_encoders(tmp_path: Path) -> None:
     sample = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
     run = subprocess.run(
-        [sys.executable, "-m", "embedq.cli", "bench", "--sparse", "--corpus", str(sample),
-         "-n", "24", "--runs", "1"],
-        check=False, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "embedq.cli",
+            "bench",
+            "--sparse",
+            "--corpus",
+            str(sample),
+            "-n",
+            "24",
+            "--runs",
+            "1",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if "x |" in line}
     assert set(rows) == {"dense", "dense+sparse", "splade"}

@@ -98,10 +98,21 @@ _meta = {
 # From KEDA's docs: the redis-streams scaler's metadata keys (all strings), and those of
 # redis-cluster-streams (a list of nodes, no database: a cluster has only database 0).
 REDIS_STREAMS_METADATA = {
-    "address", "host", "port", "usernameFromEnv", "passwordFromEnv",
-    "databaseIndex", "enableTLS", "unsafeSsl", "stream", "consumerGroup",
-    "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount",
-}  # fmt: skip
+    "address",
+    "host",
+    "port",
+    "usernameFromEnv",
+    "passwordFromEnv",
+    "databaseIndex",
+    "enableTLS",
+    "unsafeSsl",
+    "stream",
+    "consumerGroup",
+    "pendingEntriesCount",
+    "streamLength",
+    "lagCount",
+    "activationLagCount",
+}
 REDIS_CLUSTER_STREAMS_METADATA = (
     REDIS_STREAMS_METADATA - {"address", "host", "port", "databaseIndex"}
 ) | {"addresses", "hosts", "ports"}
@@ -824,8 +835,8 @@ def test_the_prometheus_rule_carries_the_readme_alerts() -> None:
     assert rule["spec"] == shipped
     assert rule["metadata"]["labels"]["release"] == "prom"
     alerts = {r["alert"] for g in shipped["groups"] for r in g["rules"]}
-    readme = (CHART.parents[1] / "README.md").read_text()
-    for alert in alerts:  # every shipped alert is explained where operators read
+    readme = (CHART.parents[1] / "docs" / "operations.md").read_text()
+    for alert in alerts:  # every shipped alert is explained where operators read (the docs)
         assert f"`{alert}`" in readme, alert
     assert by_kind(render({}), "PrometheusRule") == []
 
@@ -897,3 +908,22 @@ def test_the_gateway_serves_through_the_chart(rendered: tuple[str, list[dict[str
         for doc in docs:
             if doc["kind"] != "Secret":
                 assert "sk-gw-alpha" not in yaml.safe_dump(doc), doc["kind"]
+
+
+def test_the_notes_commands_work_at_zero_workers() -> None:
+    """Issue 28: NOTES.txt said `kubectl exec deploy/<workers> -- embedq top`, which fails
+    while KEDA holds the workers at 0 replicas, and `kubectl port-forward ... && curl ...`,
+    whose curl never runs (port-forward does not return)."""
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render({}, name="prod", namespace="ml", is_install=True)
+    notes = files["embedq/templates/NOTES.txt"]
+    deployments = {d["metadata"]["name"]: d for d in by_kind(render({}), "Deployment")}
+    for target in re.findall(r"kubectl exec deploy/(\S+)", notes):
+        assert deployments[target]["spec"]["replicas"] >= 1, target  # never scaled to 0
+        assert "ScaledObject" not in {
+            d["kind"]
+            for d in render({})
+            if d.get("spec", {}).get("scaleTargetRef", {}).get("name") == target
+        }
+    assert "&& curl" not in notes
+    assert re.search(r"port-forward \S+ \d+ &\n\s+curl ", notes)

@@ -139,9 +139,17 @@ def test_sparse_only_model_cannot_be_truncated(tmp_path: Path) -> None:
 
 def test_worker_cli_refuses_dimensions_for_an_undeclared_model(settings: Settings) -> None:
     result = embedq(
-        "worker", "--dimensions", "128", "--drain", "--milvus-uri", settings.milvus_uri,
-        "--stream", settings.stream, "--connect-timeout", "1",
-    )  # fmt: skip
+        "worker",
+        "--dimensions",
+        "128",
+        "--drain",
+        "--milvus-uri",
+        settings.milvus_uri,
+        "--stream",
+        settings.stream,
+        "--connect-timeout",
+        "1",
+    )
     assert result.returncode == 2, result.stderr
     assert "does not declare Matryoshka training" in result.stderr
     assert "--force-dimensions" in result.stderr and "Traceback" not in result.stderr

@@ -158,13 +158,17 @@ def test_acks_counted_per_millisecond_give_the_histogram_one_observation_per_ent
         reference.observe(max(0.0, now - (now_ms - age) / 1000))
     mine = {
         s.labels.get("le"): s.value
-        for m in metrics.registry.collect() if m.name == "embedq_enqueue_to_ack_seconds"
-        for s in m.samples if s.name.endswith("_bucket")
-    }  # fmt: skip
+        for m in metrics.registry.collect()
+        if m.name == "embedq_enqueue_to_ack_seconds"
+        for s in m.samples
+        if s.name.endswith("_bucket")
+    }
     wanted = {
         s.labels["le"]: s.value
-        for m in reference.collect() for s in m.samples if s.name.endswith("_bucket")
-    }  # fmt: skip
+        for m in reference.collect()
+        for s in m.samples
+        if s.name.endswith("_bucket")
+    }
     assert mine == wanted
     assert get(metrics, "embedq_enqueue_to_ack_seconds_count") == len(ids)
     total = sum(s.value for m in reference.collect() for s in m.samples if s.name == "ref_sum")
@@ -199,11 +203,13 @@ def test_forward_passes_feed_batch_shapes_and_model_busy_time() -> None:
     ("model_dir", "expected"),
     [
         ("/models/bge-small-en-v1.5/model", "bge-small-en-v1.5"),
-        ("/hf/hub/models--BAAI--bge-m3/snapshots/0123456789abcdef0123456789abcdef01234567",
-         "BAAI/bge-m3"),
+        (
+            "/hf/hub/models--BAAI--bge-m3/snapshots/0123456789abcdef0123456789abcdef01234567",
+            "BAAI/bge-m3",
+        ),
         ("/models/e5-large", "e5-large"),
     ],
-)  # fmt: skip
+)
 def test_model_info_names_the_model_not_its_directory(model_dir: str, expected: str) -> None:
     """Encoder.name, which embedq_model_info reports (the packaged model is named by
     resolve_model_dir: sentence-transformers/all-MiniLM-L6-v2)."""
@@ -265,9 +271,13 @@ def test_everything_a_process_writes_to_stderr_is_one_json_object_per_line() -> 
     )
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
-    )  # fmt: skip
+    )
     assert done.stdout.strip() == "NONE"
     events = [json.loads(line) for line in done.stderr.splitlines()]  # each line is JSON
     by_event = {e["event"]: e for e in events}

@@ -85,12 +85,23 @@ def test_migration_while_writes_arrive_then_promote_rollback_and_drop(
     # Model B backfills in another process and keeps following the live collection...
     where = ("--milvus-uri", settings.milvus_uri, "--collection", settings.collection)
     follow = subprocess.Popen(
-        [sys.executable, "-m", "embedq.cli", "migrate", "--model", str(tiny_model), "--follow",
-         "--interval", "0.2", *where],
+        [
+            sys.executable,
+            "-m",
+            "embedq.cli",
+            "migrate",
+            "--model",
+            str(tiny_model),
+            "--follow",
+            "--adopt",
+            "--interval",
+            "0.2",
+            *where,
+        ],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     try:
         assert follow.stderr is not None
         for line in follow.stderr:  # the collection is behind the alias once pass 1 is done
@@ -114,9 +125,19 @@ def test_migration_while_writes_arrive_then_promote_rollback_and_drop(
 
     # A worker with model B is refused A's collection (exit 2, ModelMismatch).
     refused = embedq(
-        "worker", "--model", str(tiny_model), "--drain", "--stream", settings.stream,
-        "--group", "g", "--milvus-uri", settings.milvus_uri, "--collection", settings.collection,
-    )  # fmt: skip
+        "worker",
+        "--model",
+        str(tiny_model),
+        "--drain",
+        "--stream",
+        settings.stream,
+        "--group",
+        "g",
+        "--milvus-uri",
+        settings.milvus_uri,
+        "--collection",
+        settings.collection,
+    )
     assert refused.returncode == ExitCode.USAGE
     assert "fingerprint" in refused.stderr and "embedq migrate" in refused.stderr
 
@@ -224,3 +245,5 @@ def test_a_collection_without_text_cannot_be_backfilled(
 def test_migrate_flags(settings: Settings) -> None:
     both = _migrate(settings, "--promote", "--rollback")
     assert both.returncode == ExitCode.USAGE and "give one of" in both.stderr
+    twice = _migrate(settings, "--follow", "--backfill")
+    assert twice.returncode == ExitCode.USAGE and "give one of" in twice.stderr

@@ -178,8 +178,10 @@ def test_dashboard_panels_agree_with_embedq_lag_through_a_drain(fleet: Fleet) ->
     # A warm-up the worker processes: it leaves acked entries in the stream (no trimming),
     # so the stream's length is not the backlog afterwards.
     enqueue(fleet.client, corpus_rows("short.jsonl", 50))
-    fleet.settled("the warm-up", lambda: fleet.panel("Backlog") == 0 and p.value(
-        f"sum(embedq_texts_total{{{SG}}})") == 50)  # fmt: skip
+    fleet.settled(
+        "the warm-up",
+        lambda: fleet.panel("Backlog") == 0 and p.value(f"sum(embedq_texts_total{{{SG}}})") == 50,
+    )
     assert shown("ETA to drain", fleet.panel("ETA to drain")) == "drained"
     assert shown("Lag", fleet.panel("Lag")) == "0"
 
@@ -193,8 +195,10 @@ def test_dashboard_panels_agree_with_embedq_lag_through_a_drain(fleet: Fleet) ->
         fleet.client.xdel(STREAM, ids[DRAIN - 300])
         # (A read the worker sent before it froze may have been served: some are pending.)
         truth = DRAIN - 1
-        fleet.settled("the exporter and Prometheus to see the backlog",
-                      lambda: fleet.panel("Backlog") == truth)  # fmt: skip
+        fleet.settled(
+            "the exporter and Prometheus to see the backlog",
+            lambda: fleet.panel("Backlog") == truth,
+        )
         frozen = fleet.lag_json()
         assert waiting_count(fleet.client) == truth
         assert frozen["lag"] is None and frozen["pending"] <= truth
@@ -347,27 +351,33 @@ def test_a_frozen_redis_is_reported_not_waited_on(fleet: Fleet) -> None:
     assert fleet.redis.proc is not None
     os.kill(fleet.redis.proc.pid, signal.SIGSTOP)
     try:
-        fleet.settled("the exporter to report Redis down",
-                      lambda: p.value('embedq_stream_up{job="exporter"}') == 0)  # fmt: skip
+        fleet.settled(
+            "the exporter to report Redis down",
+            lambda: p.value('embedq_stream_up{job="exporter"}') == 0,
+        )
         for url in (fleet.worker_url, fleet.exporter_url):
             started = time.monotonic()
             status, _ = http_get(url + "/metrics")
             assert status == 200 and time.monotonic() - started < 1.0, url
         assert p.value('up{job="worker"}') == 1 and p.value('up{job="exporter"}') == 1
         assert p.value(f"sum(embedq_texts_total{{{SG}}})") is not None  # the worker's own
-        fleet.settled("the worker's /readyz to say 503",
-                      lambda: http_get(fleet.worker_url + "/readyz")[0] == 503)  # fmt: skip
+        fleet.settled(
+            "the worker's /readyz to say 503",
+            lambda: http_get(fleet.worker_url + "/readyz")[0] == 503,
+        )
         checks = json.loads(http_get(fleet.worker_url + "/readyz")[1])["checks"]
         assert checks["redis"] != "ok" and checks["milvus"] == "ok", checks
         assert http_get(fleet.worker_url + "/healthz")[0] == 200
         assert shown("Redis", fleet.panel("Redis")) == "down"
-        fleet.settled("the alert to go pending",
-                      lambda: p.alerts().get("EmbedqRedisUnreadable") == "pending")  # fmt: skip
+        fleet.settled(
+            "the alert to go pending", lambda: p.alerts().get("EmbedqRedisUnreadable") == "pending"
+        )
     finally:
         os.kill(fleet.redis.proc.pid, signal.SIGCONT)
     fleet.settled("Redis to read as up again", lambda: fleet.panel("Redis") == 1, 20)
-    fleet.settled("the worker to be ready again",
-                  lambda: http_get(fleet.worker_url + "/readyz")[0] == 200, 20)  # fmt: skip
+    fleet.settled(
+        "the worker to be ready again", lambda: http_get(fleet.worker_url + "/readyz")[0] == 200, 20
+    )
     enqueue(fleet.client, [{"id": f"late-{i}", "text": f"after the freeze {i}"} for i in range(5)])
 
     def caught_up() -> bool:
@@ -432,26 +442,48 @@ def test_alert_rules_fire_only_when_something_is_wrong(tmp_path: Path) -> None:
                 "interval": "1m",
                 "input_series": inputs,
                 "alert_rule_test": [
-                    {"eval_time": "20m", "alertname": "EmbedqNotDraining", "exp_alerts": [
-                        {"exp_labels": {**critical, "stream": "stuck", "group": "g"}},
-                        {"exp_labels": {**critical, "stream": "nobody", "group": "g"}},
-                    ]},
+                    {
+                        "eval_time": "20m",
+                        "alertname": "EmbedqNotDraining",
+                        "exp_alerts": [
+                            {"exp_labels": {**critical, "stream": "stuck", "group": "g"}},
+                            {"exp_labels": {**critical, "stream": "nobody", "group": "g"}},
+                        ],
+                    },
                     {"eval_time": "11m", "alertname": "EmbedqRedisUnreadable", "exp_alerts": []},
-                    {"eval_time": "15m", "alertname": "EmbedqRedisUnreadable", "exp_alerts": [
-                        {"exp_labels": {**critical, "instance": "exporter"}},
-                    ]},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "EmbedqRedisUnreadable",
+                        "exp_alerts": [
+                            {"exp_labels": {**critical, "instance": "exporter"}},
+                        ],
+                    },
                     {"eval_time": "25m", "alertname": "EmbedqRedisUnreadable", "exp_alerts": []},
                     {"eval_time": "20m", "alertname": "EmbedqDeadLettered", "exp_alerts": []},
-                    {"eval_time": "25m", "alertname": "EmbedqDeadLettered", "exp_alerts": [
-                        {"exp_labels": {"severity": "warning", "stream": "poison", "group": "g",
-                                        "reason": "missing_text"}},
-                    ]},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "EmbedqDeadLettered",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "stream": "poison",
+                                    "group": "g",
+                                    "reason": "missing_text",
+                                }
+                            },
+                        ],
+                    },
                     {"eval_time": "39m", "alertname": "EmbedqDeadLettered", "exp_alerts": []},
                     {"eval_time": "30m", "alertname": "EmbedqExporterMissing", "exp_alerts": []},
                     {"eval_time": "5m", "alertname": "EmbedqRedisDataLost", "exp_alerts": []},
-                    {"eval_time": "15m", "alertname": "EmbedqRedisDataLost", "exp_alerts": [
-                        {"exp_labels": {**critical, "instance": "exporter"}},
-                    ]},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "EmbedqRedisDataLost",
+                        "exp_alerts": [
+                            {"exp_labels": {**critical, "instance": "exporter"}},
+                        ],
+                    },
                     {"eval_time": "25m", "alertname": "EmbedqRedisDataLost", "exp_alerts": []},
                 ],
             },
@@ -460,13 +492,17 @@ def test_alert_rules_fire_only_when_something_is_wrong(tmp_path: Path) -> None:
                 "input_series": fleet_of("idle", "0x0", "1x30")[1:],
                 "alert_rule_test": [
                     {"eval_time": "5m", "alertname": "EmbedqExporterMissing", "exp_alerts": []},
-                    {"eval_time": "15m", "alertname": "EmbedqExporterMissing", "exp_alerts": [
-                        {"exp_labels": {"severity": "warning"}},
-                    ]},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "EmbedqExporterMissing",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning"}},
+                        ],
+                    },
                 ],
             },
         ],
-    }  # fmt: skip
+    }
     spec = tmp_path / "tests.yaml"
     spec.write_text(yaml.safe_dump(tests))
     done = subprocess.run(

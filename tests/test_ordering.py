@@ -73,6 +73,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
         "EMBEDQ_COLLECTION": settings.collection,
     }
 
+
 # -- the Lua behind it, on a real Redis -------------------------------------------------
 
 
@@ -209,12 +210,36 @@ def assert_index_equals(sink: Sink, last: dict[str, Any], encoder: Encoder) -> N
 
 def worker_args(redis_url: str, stream: str, milvus: str, consumer: str, *extra: str) -> list[str]:
     return [
-        "--redis-url", redis_url, "--stream", stream, "--group", "g", "--consumer", consumer,
-        "--milvus-uri", milvus, "--collection", "ordered", "--block-ms", "100",
-        "--min-idle", "3", "--milvus-timeout", "2", "--reclaim-interval", "0.5",
-        "--read-count", "5", "--max-batch-rows", "3", "--device", "cpu", "--replicas", "1",
+        "--redis-url",
+        redis_url,
+        "--stream",
+        stream,
+        "--group",
+        "g",
+        "--consumer",
+        consumer,
+        "--milvus-uri",
+        milvus,
+        "--collection",
+        "ordered",
+        "--block-ms",
+        "100",
+        "--min-idle",
+        "3",
+        "--milvus-timeout",
+        "2",
+        "--reclaim-interval",
+        "0.5",
+        "--read-count",
+        "5",
+        "--max-batch-rows",
+        "3",
+        "--device",
+        "cpu",
+        "--replicas",
+        "1",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def test_three_workers_with_kills_leave_every_id_as_its_last_entry_says(
@@ -252,8 +277,10 @@ def test_three_workers_with_kills_leave_every_id_as_its_last_entry_says(
         last_one = spawn("w3")  # restarted under the same name: re-reads its own pending
         plant_versions(client, stream, 40, range(6, 8), last)
         wait_until(
-            lambda: client.xpending(stream, "g")["pending"] == 0
-            and client.xinfo_groups(stream)[0]["lag"] == 0,
+            lambda: (
+                client.xpending(stream, "g")["pending"] == 0
+                and client.xinfo_groups(stream)[0]["lag"] == 0
+            ),
             240,
             "the fleet to drain the stream",
         )
@@ -328,8 +355,11 @@ def test_deletes_through_the_cli_remove_rows_in_order_with_writes(
     stats = make_worker().run()
     assert stats.deleted == 3
     assert sorted(r["id"] for r in sink.get([f"d{i}" for i in range(6)], with_vectors=False)) == [
-        "d2", "d3", "d4", "d5",
-    ]  # fmt: skip
+        "d2",
+        "d3",
+        "d4",
+        "d5",
+    ]
     nothing = embedq("delete", env=env)
     assert nothing.returncode == 2 and "give ids" in nothing.stderr
 

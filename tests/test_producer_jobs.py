@@ -141,9 +141,8 @@ def test_max_lag_holds_the_stream_still_until_a_worker_drains_it(
     assert job is not None
     assert (job.enqueued, job.embedded, job.dead_lettered, job.state) == (600, 600, 0, "done")
     listed = embedq("jobs", "--json", env=env)
-    assert [(j["job"], j["embedded"], j["eta_s"]) for j in json.loads(listed.stdout)] == [
-        ("bp", 600, 0.0)
-    ]
+    jobs = [json.loads(line) for line in listed.stdout.splitlines()]  # JSON Lines
+    assert [(j["job"], j["embedded"], j["eta_s"]) for j in jobs] == [("bp", 600, 0.0)]
     shown = embedq("job", "bp", env=env)
     assert "embedded         600" in shown.stdout
     missing = embedq("job", "nope", env=env)
@@ -223,7 +222,7 @@ def test_trim_drops_only_what_every_group_acknowledged(
     env = {"EMBEDQ_REDIS_URL": REDIS_URL, "EMBEDQ_STREAM": stream_name, "EMBEDQ_GROUP": "g1"}
     cli = embedq("trim", "--json", env=env)
     ms, seq = ids[5].split("-")
-    assert json.loads(cli.stdout) == [
+    assert [json.loads(line) for line in cli.stdout.splitlines()] == [
         {"stream": stream_name, "trimmed": 3, "minid": f"{ms}-{int(seq) + 1}"}
     ]
     left = [eid.decode() for eid, _ in redis_client.xrange(stream_name)]

@@ -291,9 +291,11 @@ def test_a_cuda_oom_shrinks_the_batch_and_dead_letters_nothing(tiny_encoder: Enc
 
     oom = StandIn(
         tiny_encoder,
-        lambda rows: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        if rows > 4
-        else None,
+        lambda rows: (
+            torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            if rows > 4
+            else None
+        ),
     )
     rig = Rig(oom, StubSink())  # type: ignore[arg-type]
     rig.run(*rows(24))

@@ -208,15 +208,23 @@ def test_bge_m3_rows_and_search_in_every_mode(
             "search", TEXTS[2], "--model", str(bge_m3_dir), "--mode", mode, "--json", *where
         )
         assert result.returncode == 0, result.stderr
-        found[mode] = [hit["id"] for hit in json.loads(result.stdout)]
+        found[mode] = [json.loads(hit)["id"] for hit in result.stdout.splitlines()]
     assert found["dense"][0] == "doc-2"  # its own text: cosine 1
     assert "doc-2" in found["sparse"][:2]
     assert found["hybrid"][0] == "doc-2"
     assert set(found["hybrid"]) == {r["id"] for r in rows}
     weighted = embedq(
-        "search", TEXTS[2], "--model", str(bge_m3_dir), "--ranker", "weighted",
-        "--weights", "1,0", "--json", *where,
-    )  # fmt: skip
+        "search",
+        TEXTS[2],
+        "--model",
+        str(bge_m3_dir),
+        "--ranker",
+        "weighted",
+        "--weights",
+        "1,0",
+        "--json",
+        *where,
+    )
     assert json.loads(weighted.stdout)[0]["id"] == "doc-2"
 
 

@@ -219,8 +219,12 @@ def test_a_worker_tokenizes_in_its_reader_thread_unless_the_operator_asks_for_th
         env["TOKENIZERS_PARALLELISM"] = operator
     out = subprocess.run(
         [sys.executable, "-c", _THREADS_AFTER_A_WINDOW],
-        env=env, capture_output=True, text=True, timeout=120, check=True,
-    ).stdout.split()  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
     busy_threads = int(out[-1])  # threads other than the caller's that did the work
     if operator:
         assert busy_threads > 0  # the Rust tokenizer's pool

@@ -95,10 +95,20 @@ def _unit(rng: np.random.Generator, dim: int) -> Any:
 
 def _cli(settings: Settings, *args: str) -> Any:
     return embedq(
-        "verify", "--json", "--redis-url", REDIS_URL, "--stream", settings.stream,
-        "--group", settings.group, "--milvus-uri", settings.milvus_uri,
-        "--collection", settings.collection, *args,
-    )  # fmt: skip
+        "verify",
+        "--json",
+        "--redis-url",
+        REDIS_URL,
+        "--stream",
+        settings.stream,
+        "--group",
+        settings.group,
+        "--milvus-uri",
+        settings.milvus_uri,
+        "--collection",
+        settings.collection,
+        *args,
+    )
 
 
 @pytest.fixture
@@ -189,8 +199,11 @@ def test_verify_reports_a_vector_rewritten_by_hand_and_repair_fixes_it(
     _rewrite(sink, "d03", vector=_unit(np.random.default_rng(3), 32))
     drift, found = verify(streams, sink)
     assert (drift.changed, drift.vector_changed, drift.missing, drift.unknown) == (
-        ["d03"], ["d03"], [], []
-    )  # fmt: skip
+        ["d03"],
+        ["d03"],
+        [],
+        [],
+    )
     result = _cli(settings)
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)

@@ -3,49 +3,48 @@ and ``/healthz``, ``/readyz``, ``/metrics``.
 
 No model here: every text goes through the fleet (``embedq.api.fleet``), so a query is
 embedded by the same workers, model and hardware as the bulk data. Each request passes, in
-order: the API key (401), the rate limit (429), the body's size and shape (413, 400, 422),
-the model name (404), this process's in-flight bound (503), then the fleet's deadline
-(503); each refusal is an OpenAI-shaped JSON error and one log line.
+order: the API key (401), the rate limit (429), this process's in-flight bound (503; the
+body's read counts), the body's arrival (408 past ``--request-timeout``), size and shape
+(413, 400, 422), the model name (404), then the fleet's deadline (503); each refusal is an
+OpenAI-shaped JSON error and one log line, unknown routes and methods included. A client
+that leaves before its body arrived is one ``api_client_left`` line, counted as 499.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import structlog
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from embedq.api.answers import encoded, served_model, truncated, within
 from embedq.api.fleet import DeadlineExceeded, Fleet, connect_async
-from embedq.api.limits import Keyring, RateLimiter
+from embedq.api.limits import Keyring, RateLimiter, Tenant, load_keys_file
 from embedq.api.requests import ApiError, Bounds, parse_embeddings, parse_search
-from embedq.api.telemetry import ApiMetrics
+from embedq.api.telemetry import USAGE_FIELDS, ApiMetrics, usage_key
 from embedq.core.config import Settings
 from embedq.core.errors import CollectionMissing, ConfigError, InfrastructureError, SinkRejected
-from embedq.model.encoder import PACKAGED_MODEL_NAME, model_name, resolve_model_dir
+from embedq.core.keys import Keys
+from embedq.queue.connection import translated
 from embedq.queue.online_wire import Answer
 from embedq.sink.milvus import Sink, open_sink
 
 log = structlog.get_logger("embedq.api")
 
+CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait; the deadline already waited
+COLLECTION_MODEL_TTL_S = 5.0  # how long the collection's recorded model is trusted
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
-
-
-def served_model(settings: Settings) -> tuple[str, frozenset[str]]:
-    """The model's name (as workers report it) and the names a request may give for it."""
-    try:
-        name = resolve_model_dir(settings.model)[1]
-    except ConfigError:  # a gateway image without the model: its configured name
-        name = model_name(Path(settings.model)) if settings.model else PACKAGED_MODEL_NAME
-    return name, frozenset({name.lower(), name.rsplit("/", 1)[-1].lower()})
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -59,18 +58,22 @@ class Gateway:
     def __init__(self, settings: Settings, sink: Sink | None = None) -> None:
         self.settings = settings
         self.bounds = Bounds(settings.api_max_inputs, settings.api_max_input_bytes)
-        self.keyring = Keyring(settings.api_key_list)
+        tenants = load_keys_file(settings.api_keys_file) if settings.api_keys_file else None
+        self.keyring = Keyring(settings.api_key_list, tenants)
         self.metrics = ApiMetrics()
-        self.model, self.model_names = served_model(settings)
+        self.identity, names = served_model(settings)
+        self.model = names[0]  # what answers and /v1/models say
+        self.model_names = frozenset(n.lower() for n in names)
         self.sink = sink
         self.in_flight = 0
+        self._collection_model: tuple[float, str, str, int] = (0.0, "", "", 0)
         self.fleet: Fleet | None = None
         self.limiter: RateLimiter | None = None
 
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         client = connect_async(self.settings)  # bound to this event loop
-        self.fleet = Fleet(client, self.settings)
+        self.fleet = Fleet(client, self.settings, self.identity)
         self.limiter = RateLimiter(
             client, self.settings.stream, self.settings.api_rate_limit, self.settings.api_rate_burst
         )
@@ -94,6 +97,7 @@ class Gateway:
             port=s.api_port,
             lane=self.fleet.keys.stream if self.fleet else None,
             model=self.model,
+            fingerprint=self.identity.fingerprint or None,
             api_keys=len(s.api_key_list),
             rate_limit=s.api_rate_limit,
             timeout_s=s.api_timeout_s,
@@ -104,12 +108,26 @@ class Gateway:
     async def serve(self, request: Request, handler: Handler) -> Response:
         """Run ``handler``; errors become their JSON answers, everything is counted."""
         started = time.perf_counter()
+        held = False
         try:
             caller = self.keyring.caller(
                 request.headers.get("authorization"), request.client.host if request.client else ""
             )
-            headers = await self._limiter().check(caller)
+            tenant = self.keyring.tenant(caller)
+            request.state.tenant = tenant
+            headers = await self._limiter().check(caller, tenant)
+            held = self._hold()  # before the body is read: a slow body holds a slot too
             response = await handler(request, headers)
+            await self._meter(request, tenant)
+        except ClientDisconnect:
+            log.info(
+                "api_client_left",
+                path=request.url.path,
+                status=CLIENT_CLOSED,
+                why="the client closed the connection before its request was read",
+            )
+            body = ApiError(CLIENT_CLOSED, "client closed request", code="client_closed").body()
+            response = json_response(body, CLIENT_CLOSED)  # nobody reads it; counted as 499
         except ApiError as exc:
             response = self._refused(request, exc)
         except InfrastructureError as exc:
@@ -122,8 +140,38 @@ class Gateway:
             response = json_response(
                 ApiError(500, "internal error", type="server_error").body(), 500
             )
+        finally:
+            if held:
+                self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
         self.metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
         return response
+
+    async def _meter(self, request: Request, tenant: Tenant | None) -> None:
+        """Count what the request embedded by key name (never the key): Prometheus here,
+        and a hash in Redis all gateways share (``embedq usage``)."""
+        used: tuple[int, int] | None = getattr(request.state, "usage", None)
+        if used is None or self.fleet is None:
+            return
+        name = tenant.name if tenant else "anonymous"
+        self.metrics.meter(name, *used)
+        key = usage_key(Keys(self.settings.stream).base)
+        pipe = self.fleet.client.pipeline(transaction=False)
+        for field, value in zip(USAGE_FIELDS, (1, *used), strict=True):
+            pipe.hincrby(key, f"{name}\t{field}", value)
+        try:
+            with translated("HINCRBY usage"):
+                await pipe.execute()
+        except InfrastructureError as exc:  # the answer is made; the meter lags
+            log.warning("api_usage_unrecorded", key=name, error=str(exc)[:200])
+
+    def _hold(self) -> bool:
+        """Take one of ``--max-in-flight`` slots (503 when none is left)."""
+        if self.in_flight >= self.settings.api_max_in_flight:
+            raise _unavailable("this gateway holds as many requests as it may", "overloaded")
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+        return True
 
     def _refused(self, request: Request, exc: ApiError) -> Response:
         event = log.warning if exc.status >= 500 else log.info
@@ -135,6 +183,24 @@ class Gateway:
             error=exc.message[:300],
         )
         return json_response(exc.body(), exc.status, exc.headers)
+
+    def routing_error(self, request: Request, status: int, headers: dict[str, str]) -> Response:
+        """404, 405 and the like (no route, another method) in OpenAI's error shape."""
+        method, path = request.method, request.url.path
+        if status == 404:
+            error = ApiError(404, f"no route {path}: see /v1/embeddings", code="not_found")
+        elif status == 405:
+            allowed = headers.get("allow", "")
+            error = ApiError(
+                405,
+                f"{method} is not allowed on {path}" + (f"; use {allowed}" if allowed else ""),
+                code="method_not_allowed",
+            )
+        else:
+            error = ApiError(status, f"{method} {path} cannot be answered", code="invalid_request")
+        error.headers = {"allow": headers["allow"]} if "allow" in headers else {}
+        self.metrics.observe(path, status, 0.0)
+        return self._refused(request, error)
 
     def _limiter(self) -> RateLimiter:
         if self.limiter is None:
@@ -150,11 +216,20 @@ class Gateway:
                 413, f"the body is {declared} bytes; the limit is {limit}", code="body_too_large"
             )
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the body exceeds {limit} bytes", code="body_too_large")
-            chunks.append(chunk)
+        wait_s = self.settings.api_timeout_s
+        try:
+            async with asyncio.timeout(wait_s):  # a client trickling its body is cut off
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(
+                            413, f"the body exceeds {limit} bytes", code="body_too_large"
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(
+                408, f"the body did not arrive within {wait_s:g} s", code="body_timeout"
+            ) from None
         return b"".join(chunks)
 
     def _check_model(self, model: str) -> None:
@@ -166,15 +241,13 @@ class Gateway:
                 code="model_not_found",
             )
 
-    async def _through_fleet(self, texts: list[str]) -> list[Answer]:
-        """The fleet's answers, within this process's in-flight bound and the deadline."""
-        if self.in_flight >= self.settings.api_max_in_flight:
-            raise _unavailable("this gateway holds as many requests as it may", "overloaded")
+    async def _through_fleet(
+        self, texts: list[str], request: Request | None = None
+    ) -> list[Answer]:
+        """The fleet's answers, within the deadline (the request holds its in-flight slot)."""
         fleet = self.fleet
         if fleet is None:
             raise _unavailable("starting", "starting")
-        self.in_flight += 1
-        self.metrics.in_flight.set(self.in_flight)
         started = time.perf_counter()
         try:
             answers = await fleet.embed(texts)
@@ -184,9 +257,6 @@ class Gateway:
                 "fleet is down or saturated",
                 "deadline_exceeded",
             ) from None
-        finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.set(self.in_flight)
         self.metrics.queue_wait.observe(time.perf_counter() - started)
         refused = [a for a in answers if a.vector is None]
         if refused:
@@ -198,19 +268,45 @@ class Gateway:
         tokens = sum(a.tokens for a in answers)
         self.metrics.inputs.inc(len(answers))
         self.metrics.tokens.inc(tokens)
+        if request is not None:
+            request.state.usage = (len(answers), tokens)
         return answers
+
+    def _shortened(self, answers: list[Answer], dimensions: int) -> list[Answer]:
+        """``dimensions`` honoured: the model's own size as it is; a smaller one truncated
+        and renormalised (as ``--dimensions``) where the model declares Matryoshka
+        training; anything else a 422."""
+        width = len(answers[0].vector) if answers and answers[0].vector is not None else 0
+        if not dimensions or dimensions == width:
+            return answers
+        if dimensions > width:
+            raise ApiError(
+                422,
+                f"dimensions {dimensions}: {self.model} makes {width}-dimensional vectors",
+                param="dimensions",
+            )
+        if not self.identity.matryoshka:
+            raise ApiError(
+                422,
+                f"dimensions {dimensions}: {self.model} is not trained for shortened vectors "
+                f"(no Matryoshka tag in its model card); it makes {width} dimensions",
+                param="dimensions",
+            )
+        return [dataclasses.replace(a, vector=truncated(a.vector, dimensions)) for a in answers]
 
     # -- endpoints -------------------------------------------------------------------
 
     async def embeddings(self, request: Request, headers: dict[str, str]) -> Response:
         asked = parse_embeddings(await self._body(request), self.bounds)
         self._check_model(asked.model)
-        answers = await self._through_fleet(asked.inputs)
+        answers = self._shortened(
+            await self._through_fleet(asked.inputs, request), asked.dimensions
+        )
         data = [
             {
                 "object": "embedding",
                 "index": a.index,
-                "embedding": _encoded(a, asked.encoding_format),
+                "embedding": encoded(a, asked.encoding_format),
             }
             for a in answers
         ]
@@ -222,22 +318,44 @@ class Gateway:
     async def search(self, request: Request, headers: dict[str, str]) -> Response:
         asked = parse_search(await self._body(request), self.bounds)
         self._check_model(asked.model)
-        answer = (await self._through_fleet([asked.query]))[0]
+        answer = (await self._through_fleet([asked.query], request))[0]
         assert answer.vector is not None  # refused answers raised above
-        hits = await asyncio.to_thread(self._search, answer.vector, asked.k, asked.where)
+        tenant: Tenant | None = getattr(request.state, "tenant", None)
+        scope = tenant.filter if tenant else ""
+        hits = await asyncio.to_thread(self._search, answer.vector, asked.k, asked.where, scope)
         data = [{"id": h.id, "score": h.score, "text": h.text, "meta": h.meta} for h in hits]
         usage = {"prompt_tokens": answer.tokens, "total_tokens": answer.tokens}
         body = {"object": "list", "data": data, "model": self.model, "usage": usage}
         return json_response(body, headers=headers)
 
-    def _search(self, vector: np.ndarray[Any, Any], k: int, where: str) -> list[Any]:
+    def _search(
+        self, vector: np.ndarray[Any, Any], k: int, where: str, scope: str = ""
+    ) -> list[Any]:
+        """The hits for ``where`` within the key's ``scope``: ANDed around the client's
+        filter (parenthesised), then every hit checked against ``scope`` alone, so no
+        client filter (unbalanced parentheses included) can reach another tenant's row."""
         try:
             if self.sink is None:
                 self.sink = open_sink(self.settings, create=False)
-            return self.sink.search(vector, k, where)
+            self._check_collection_model(self.sink, len(vector))
+            if not scope:
+                return self.sink.search(vector, k, where)
+            confined = f"({scope}) and ({where})" if where else f"({scope})"
+            hits = self.sink.search(vector, k, confined)
+            return within(self.sink, hits, scope)
         except SinkRejected as exc:
+            if not where:  # nothing of the client's to blame
+                log.warning("api_search_refused", error=str(exc)[:300])
+                raise _unavailable(
+                    "the collection refused this model's query vector", "model_mismatch"
+                ) from None
+            log.info("api_filter_refused", error=str(exc)[:500])  # the details stay here
             raise ApiError(
-                422, f"search refused (check the filter): {exc}", param="filter"
+                422,
+                "the filter is not a valid expression over id, text and meta "
+                '(e.g. meta["lang"] == "en" and id in ["a", "b"])',
+                param="filter",
+                code="invalid_filter",
             ) from None
         except CollectionMissing as exc:
             raise ApiError(404, str(exc), code="collection_not_found") from None
@@ -245,14 +363,51 @@ class Gateway:
             log.warning("api_search_failed", error=str(exc)[:300])
             raise _unavailable(f"milvus cannot be searched now: {exc}", "milvus") from None
 
+    def _check_collection_model(self, sink: Sink, dimension: int) -> None:
+        """Refuse (503, never the client's fault) to search a collection that holds another
+        model's vectors: during a rollout the alias may name the other model's collection.
+        The collection's recorded model is read at most every ``COLLECTION_MODEL_TTL_S``."""
+        now = time.monotonic()
+        if now >= self._collection_model[0]:
+            with translated("describe collection"):
+                info = sink.client.describe_collection(sink.collection, timeout=sink.timeout_s)
+            properties = info.get("properties") or {}
+            fields = {f.get("name"): f for f in info.get("fields", [])}
+            width = (fields.get("vector") or {}).get("params", {}).get("dim", 0)
+            self._collection_model = (
+                now + COLLECTION_MODEL_TTL_S,
+                str(properties.get("embedq.fingerprint", "")),
+                str(properties.get("embedq.model", "")),
+                int(width or 0),
+            )
+        _, recorded, name, width = self._collection_model
+        mine = self.identity.fingerprint
+        if (recorded and mine and recorded != mine) or (width and width != dimension):
+            raise _unavailable(
+                f"collection {sink.collection} holds vectors of model {name or '?'} "
+                f"({recorded or f'{width} dimensions'}); this gateway serves {self.model} "
+                f"({mine or f'{dimension} dimensions'}): point a gateway of that model at it",
+                "model_mismatch",
+            )
+
+    async def models(self, _request: Request, headers: dict[str, str]) -> Response:
+        """``GET /v1/models`` in OpenAI's shape: the model this gateway serves."""
+        data = [{"id": self.model, "object": "model", "created": 0, "owned_by": "embedq"}]
+        return json_response({"object": "list", "data": data}, headers=headers)
+
     async def ready(self) -> Response:
+        """Ready is about this gateway (its Redis); the body also says how many workers
+        serve its model on the lane now (0: requests wait for one, then 503)."""
         try:
             if self.fleet is None:
                 raise ApiError(503, "starting")
             await self.fleet.ping()
+            workers, others = await self.fleet.workers()
         except (InfrastructureError, ApiError) as exc:
             return json_response({"ready": False, "redis": str(exc)[:200]}, 503)
-        return json_response({"ready": True, "redis": "ok", "auth": self.keyring.enabled})
+        body = {"ready": True, "redis": "ok", "auth": self.keyring.enabled, "model": self.model}
+        body |= {"workers": workers, "other_model_workers": others}
+        return json_response(body)
 
 
 def _retry() -> dict[str, str]:
@@ -261,14 +416,6 @@ def _retry() -> dict[str, str]:
 
 def _unavailable(message: str, code: str) -> ApiError:
     return ApiError(503, message, type="server_error", code=code, headers=_retry())
-
-
-def _encoded(answer: Answer, encoding_format: str) -> Any:
-    vector = answer.vector
-    assert vector is not None
-    if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector
 
 
 def create_app(settings: Settings, *, sink: Sink | None = None) -> FastAPI:
@@ -280,9 +427,22 @@ def create_app(settings: Settings, *, sink: Sink | None = None) -> FastAPI:
     )
     app.state.gateway = gateway
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        return gateway.routing_error(request, exc.status_code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, _exc: RequestValidationError) -> Response:
+        return gateway.routing_error(request, 422, {})
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         return await gateway.serve(request, gateway.embeddings)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await gateway.serve(request, gateway.models)
 
     @app.post("/v1/search")
     async def search(request: Request) -> Response:

@@ -2,8 +2,9 @@
 embedq's search), each refusal an ``ApiError`` with its HTTP status and a clear message.
 
 Statuses: 400 a body that is not JSON (or not an object), 413 too many inputs or too many
-bytes, 422 a value of the wrong kind (an empty input, an item that is not a string, an
-unknown ``encoding_format``), 404 a ``model`` this deployment does not serve.
+bytes (a filter longer than ``MAX_FILTER_BYTES`` included), 422 a value of the wrong kind
+(an empty input, an item that is not a string, a lone surrogate that is no Unicode text,
+an unknown ``encoding_format``), 404 a ``model`` this deployment does not serve.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 ENCODING_FORMATS = ("float", "base64")
 MAX_K = 1000
+MAX_FILTER_BYTES = 16_384  # a search filter's UTF-8 bytes: an id list this long is not a query
 
 
 @dataclass
@@ -50,6 +52,7 @@ class EmbeddingsRequest:
     inputs: list[str]
     model: str
     encoding_format: str
+    dimensions: int = 0  # 0: the model's own size
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ def _text(value: Any, param: str, bounds: Bounds) -> str:
         )
     if not value.strip():
         raise ApiError(422, f"{param} is empty: send text to embed", param=param)
+    _unicode(value, param)
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > bounds.max_input_bytes:
         raise ApiError(
@@ -89,6 +93,20 @@ def _text(value: Any, param: str, bounds: Bounds) -> str:
             code="input_too_large",
         )
     return value
+
+
+def _unicode(value: str, param: str) -> None:
+    """Refuse a lone surrogate (JSON allows ``"\\ud800"``; UTF-8 cannot carry it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(
+            422,
+            f"{param} holds a lone surrogate (U+{ord(value[exc.start]):04X}) at character "
+            f"{exc.start}: not valid Unicode text",
+            param=param,
+            code="invalid_unicode",
+        ) from None
 
 
 def _inputs(value: Any, bounds: Bounds) -> list[str]:
@@ -119,8 +137,9 @@ def _model(value: Any) -> str:
 
 
 def parse_embeddings(body: bytes, bounds: Bounds) -> EmbeddingsRequest:
-    """``POST /v1/embeddings``: ``input``, ``model``, ``encoding_format`` (``user`` and
-    other fields OpenAI defines are accepted and ignored, except ``dimensions``)."""
+    """``POST /v1/embeddings``: ``input``, ``model``, ``encoding_format``, ``dimensions``
+    (checked against the model's vectors by the gateway; ``user`` and other fields OpenAI
+    defines are accepted and ignored)."""
     data = _object(body)
     encoding = data.get("encoding_format") or "float"
     if encoding not in ENCODING_FORMATS:
@@ -129,14 +148,13 @@ def parse_embeddings(body: bytes, bounds: Bounds) -> EmbeddingsRequest:
             f"encoding_format must be float or base64, got {encoding!r}",
             param="encoding_format",
         )
-    if data.get("dimensions") is not None:
-        raise ApiError(
-            422,
-            "dimensions is not supported: this model's vectors have one size",
-            param="dimensions",
-        )
+    dimensions = data.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise ApiError(422, "dimensions must be a positive integer", param="dimensions")
     return EmbeddingsRequest(
-        _inputs(data.get("input"), bounds), _model(data.get("model")), encoding
+        _inputs(data.get("input"), bounds), _model(data.get("model")), encoding, dimensions or 0
     )
 
 
@@ -150,5 +168,13 @@ def parse_search(body: bytes, bounds: Bounds) -> SearchRequest:
     where = data.get("filter") or ""
     if not isinstance(where, str):
         raise ApiError(422, "filter must be a string (a Milvus expression)", param="filter")
+    _unicode(where, "filter")
+    if len(where.encode("utf-8")) > MAX_FILTER_BYTES:
+        raise ApiError(
+            413,
+            f"filter is {len(where.encode('utf-8'))} bytes; the limit is {MAX_FILTER_BYTES}",
+            param="filter",
+            code="filter_too_large",
+        )
     query = _text(data.get("query"), "query", bounds)
     return SearchRequest(query, _model(data.get("model")), k, where)

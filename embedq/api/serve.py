@@ -7,6 +7,8 @@ requests in hand finish (at most ``--request-timeout``), then exits 0.
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from embedq.api.app import create_app
@@ -16,19 +18,39 @@ from embedq.core.errors import ConfigError, ExitCode
 log = structlog.get_logger("embedq.api")
 
 
-def serve(settings: Settings) -> int:
+PROBE_HEADROOM = 32  # connections past --max-in-flight kept for probes and /metrics
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+MAX_HEADER_BYTES = 16 * 1024  # h11's bound on an incomplete request head
+
+
+def server_config(settings: Settings, app: Any) -> Any:
+    """uvicorn's settings for the gateway: connections bounded (``--max-in-flight`` plus
+    room for probes; past it uvicorn answers 503 at once), idle keep-alive closed, request
+    heads bounded, and forwarded headers trusted only from ``--forwarded-allow-ips``
+    (none by default: uvicorn's own default trusts 127.0.0.1)."""
     import uvicorn
 
-    config = uvicorn.Config(
-        create_app(settings),
+    trusted = settings.api_forwarded_allow_ips.strip()
+    return uvicorn.Config(
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,  # embedq's logging (structlog, secrets scrubbed) is already set up
         access_log=False,  # one line per refusal instead (embedq.api.app); counts in /metrics
         timeout_graceful_shutdown=int(settings.api_timeout_s) + 1,
         server_header=False,
+        limit_concurrency=settings.api_max_in_flight + PROBE_HEADROOM,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
     )
-    server = uvicorn.Server(config)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    server = uvicorn.Server(server_config(settings, create_app(settings)))
     server.run()
     if not server.started:
         # uvicorn logged why (a port in use, Redis refusing the lane's group).

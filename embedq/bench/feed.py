@@ -121,17 +121,22 @@ def run_feed(
 
     with Producer.connect(redis_url, name) as producer:
         producer.enqueue(rows)
-    base = [sys.executable, "-m", "embedq.cli", "worker", "--drain", "--model", str(model),
-            "--redis-url", redis_url, "--stream", name, "--milvus-uri", milvus_uri,
-            "--collection", name, "--log-level", "info", *GPU_SHAPES]  # fmt: skip
+    flags = {"model": str(model), "redis-url": redis_url, "stream": name}
+    flags |= {"milvus-uri": milvus_uri, "collection": name, "log-level": "info"}
+    base = [sys.executable, "-m", "embedq.cli", "worker", "--drain", *GPU_SHAPES]
+    base += [part for flag, value in flags.items() for part in (f"--{flag}", value)]
     # One intra-op thread each: the zero-layer forward is tiny, and processes sharing the
     # cores must not each start a thread per core.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     workers = [
-        subprocess.Popen([*base, "--consumer", f"{name}-{i}"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [*base, "--consumer", f"{name}-{i}"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for i in range(procs)
-    ]  # fmt: skip
+    ]
     logs: list[bytes] = [b""] * procs
     readers = [threading.Thread(target=_collect, args=(w, logs, i)) for i, w in enumerate(workers)]
     for t in readers:
@@ -192,11 +197,14 @@ def _summary(stopped: list[dict[str, Any]], variant: str, run: int) -> FeedResul
             stages[stage] = stages.get(stage, 0.0) + us * int(s["texts"]) / max(texts, 1)
     process_us = sum(float(s.get("process_cpu_s", 0.0)) for s in stopped) / max(texts, 1) * 1e6
     return FeedResult(
-        variant, run, texts, 0.0,
+        variant,
+        run,
+        texts,
+        0.0,
         max(float(s.get("peak_rss_mb", 0.0)) for s in stopped),
         {k: round(v, 1) for k, v in sorted(stages.items())},
         round(process_us, 1),
-    )  # fmt: skip
+    )
 
 
 def _collect(proc: subprocess.Popen[bytes], logs: list[bytes], i: int) -> None:

@@ -66,6 +66,44 @@ def _rate(result: FeedResult) -> float:
     return result.texts_per_s
 
 
+def _steps(
+    rows: list[dict[str, str]],
+    run: int,
+    *,
+    procs: list[int],
+    zero: Path,
+    dimension: int,
+    redis_url: str,
+    milvus_uri: str,
+) -> list[tuple[str, Callable[[], FeedResult]]]:
+    """One run's variants, in the order they run: the whole feed at each process count,
+    the bare sink (rows, then columns), the tokenizer alone, and bare Redis."""
+    feed = [
+        (
+            f"feed×{p}",
+            partial(
+                run_feed,
+                rows,
+                procs=p,
+                model=zero,
+                redis_url=redis_url,
+                milvus_uri=milvus_uri,
+                name=f"feed{p}r{run}",
+                run=run,
+            ),
+        )
+        for p in procs
+    ]
+    sink = partial(run_sink, rows, milvus_uri=milvus_uri, run=run, dimension=dimension)
+    return [
+        *feed,
+        ("sink", partial(sink, name=f"sink{run}", columns=False)),
+        ("sink-columns", partial(sink, name=f"cols{run}", columns=True)),
+        ("tokenizer", partial(run_tokenizer, rows, model=zero, run=run)),
+        ("redis", partial(run_redis, rows, redis_url=redis_url, name=f"bare{run}", run=run)),
+    ]
+
+
 def run_feed_bench(
     corpus: Path,
     model_dir: Path,
@@ -88,20 +126,15 @@ def run_feed_bench(
         zero = zero_layer_copy(model_dir, Path(tmp) / "zero-layer-model")
         dimension = Encoder(str(zero), "cpu").dimension
         for run in range(1, runs + 1):
-            steps: list[tuple[str, Callable[[], FeedResult]]] = [
-                (f"feed×{p}", partial(run_feed, rows, procs=p, model=zero,
-                 redis_url=redis_server.url, milvus_uri=milvus.uri, name=f"feed{p}r{run}",
-                 run=run)) for p in procs
-            ]  # fmt: skip
-            steps += [
-                ("sink", partial(run_sink, rows, milvus_uri=milvus.uri, name=f"sink{run}",
-                 run=run, dimension=dimension, columns=False)),
-                ("sink-columns", partial(run_sink, rows, milvus_uri=milvus.uri,
-                 name=f"cols{run}", run=run, dimension=dimension, columns=True)),
-                ("tokenizer", partial(run_tokenizer, rows, model=zero, run=run)),
-                ("redis", partial(run_redis, rows, redis_url=redis_server.url,
-                 name=f"bare{run}", run=run)),
-            ]  # fmt: skip
+            steps = _steps(
+                rows,
+                run,
+                procs=procs,
+                zero=zero,
+                dimension=dimension,
+                redis_url=redis_server.url,
+                milvus_uri=milvus.uri,
+            )
             for label, step in steps:
                 # Every variant starts on an idle server: the previous variant's segments
                 # are sealed and indexed in the background for many seconds after its last
@@ -112,12 +145,34 @@ def run_feed_bench(
                 results.append(result)
                 _drop_all(milvus.uri)
                 progress(f"run {run}/{runs} {label:<13} {result.texts_per_s:9.0f} texts/s")
-    return FeedReport(corpus.name, command, len(rows), runs, procs, machine_facts(), before,
-                      loadavg(), started_at, results)  # fmt: skip
+    return FeedReport(
+        corpus.name,
+        command,
+        len(rows),
+        runs,
+        procs,
+        machine_facts(),
+        before,
+        loadavg(),
+        started_at,
+        results,
+    )
 
 
-STAGES = ("read", "decode", "tokenize", "plan", "forward", "pool", "fence", "build_rows",
-          "upsert", "ack", "jobs", "metrics")  # fmt: skip
+STAGES = (
+    "read",
+    "decode",
+    "tokenize",
+    "plan",
+    "forward",
+    "pool",
+    "fence",
+    "build_rows",
+    "upsert",
+    "ack",
+    "jobs",
+    "metrics",
+)
 
 
 def feed_markdown(report: FeedReport) -> str:
@@ -147,9 +202,13 @@ def feed_markdown(report: FeedReport) -> str:
         )
     feeds = [v for v in medians if v.startswith("feed")]
     if feeds:
-        lines += ["", "CPU µs per text by stage (worker threads' own CPU time; the median run):",
-                  "", "| stage | " + " | ".join(feeds) + " |",
-                  "|---|" + "--:|" * len(feeds)]  # fmt: skip
+        lines += [
+            "",
+            "CPU µs per text by stage (worker threads' own CPU time; the median run):",
+            "",
+            "| stage | " + " | ".join(feeds) + " |",
+            "|---|" + "--:|" * len(feeds),
+        ]
         for stage in STAGES:
             cells = [f"{medians[v].cpu_us_per_text.get(stage, 0.0):.1f}" for v in feeds]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")

@@ -109,8 +109,13 @@ class Server:
                 return False
 
         try:
-            wait_until(ready, timeout_s, f"{self.name} on port {self.port} ({self.log})",
-                       every_s=every_s, ignore=())  # fmt: skip
+            wait_until(
+                ready,
+                timeout_s,
+                f"{self.name} on port {self.port} ({self.log})",
+                every_s=every_s,
+                ignore=(),
+            )
         except BaseException:
             self.stop()
             raise
@@ -170,9 +175,22 @@ class RedisServer(Server):
 
     def command(self) -> list[str]:
         binary = find_binary("redis-server", "apt-get install redis-server")
-        return [binary, *self._listen(), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--maxmemory-policy", "noeviction", "--logfile", str(self.log),
-                *self._options(), *self.args]  # fmt: skip
+        return [
+            binary,
+            *self._listen(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            str(self.log),
+            *self._options(),
+            *self.args,
+        ]
 
     def _listen(self) -> list[str]:
         return ["--port", str(self.port)]
@@ -232,11 +250,25 @@ class MilvusStandalone(Server):
             f"listen-client-urls: http://127.0.0.1:{etcd_client}\n"
             f"advertise-client-urls: http://127.0.0.1:{etcd_client}\n"
         )
-        args = [find_binary("milvus-server", "pip install milvus==2.3.5"),
-                "--data", str(self.dir / "data"),
-                "--proxy-port", str(self.port), "--etcd-port", str(etcd_client)]  # fmt: skip
-        for role in ("root-coord", "proxy-internal", "query-coord", "query-node",
-                     "index-coord", "index-node", "data-coord", "data-node"):  # fmt: skip
+        args = [
+            find_binary("milvus-server", "pip install milvus==2.3.5"),
+            "--data",
+            str(self.dir / "data"),
+            "--proxy-port",
+            str(self.port),
+            "--etcd-port",
+            str(etcd_client),
+        ]
+        for role in (
+            "root-coord",
+            "proxy-internal",
+            "query-coord",
+            "query-node",
+            "index-coord",
+            "index-node",
+            "data-coord",
+            "data-node",
+        ):
             args += [f"--{role}-port", str(free_port())]
         args += self._options()
         self._launch(args, env={**os.environ, "ETCD_CONFIG_PATH": str(etcd_config)})

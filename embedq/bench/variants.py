@@ -146,8 +146,9 @@ def run_classic(bench_run: BenchRun) -> RunResult:
         text = entry.fields[b"text"].decode()
         tokenized = encoder.tokenize([text])
         vector = encoder.forward([tokenized[0].ids]).vectors[0]
-        row = Columns([entry.fields[b"id"].decode()], vector[None, :], [text], [meta_json({})],
-                      [""], [""]).rows(sink.fields)  # fmt: skip
+        row = Columns(
+            [entry.fields[b"id"].decode()], vector[None, :], [text], [meta_json({})], [""], [""]
+        ).rows(sink.fields)
         sink.client.upsert(sink.target, row, timeout=sink.timeout_s)
         stream.ack([entry.entry_id])
         batch_ms.append((time.perf_counter() - t0) * 1000)
@@ -157,9 +158,15 @@ def run_classic(bench_run: BenchRun) -> RunResult:
     stored = sink.count()
     sink.close()
     return RunResult(
-        "classic", done, tokens, elapsed, _peak_rss_mb(), batch_ms, started - loaded,
+        "classic",
+        done,
+        tokens,
+        elapsed,
+        _peak_rss_mb(),
+        batch_ms,
+        started - loaded,
         {"rows_in_milvus": stored},
-    )  # fmt: skip
+    )
 
 
 def run_unordered(bench_run: BenchRun) -> RunResult:
@@ -197,10 +204,15 @@ def run_embedq(bench_run: BenchRun) -> RunResult:
     batch_ms = [batch_latency_ms(e) for _, e in events if e.get("event") == "batch_done"]
     tokens = sum(int(e.get("tokens", 0)) for _, e in events if e.get("event") == "batch_done")
     return RunResult(
-        "embedq", stats.texts, tokens or stats.tokens, finished - started, _peak_rss_mb(),
-        batch_ms, started - loaded,
+        "embedq",
+        stats.texts,
+        tokens or stats.tokens,
+        finished - started,
+        _peak_rss_mb(),
+        batch_ms,
+        started - loaded,
         {"rows_in_milvus": stored, "dead_lettered": stats.dead_lettered},
-    )  # fmt: skip
+    )
 
 
 def batch_latency_ms(event: dict[str, Any]) -> float:

@@ -79,6 +79,7 @@ for command in (
     ops.search,
     migrate.migrate,
     serve.serve,
+    serve.usage,
     dlq.dlq,
     bench.bench,
 ):

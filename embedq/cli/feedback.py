@@ -35,7 +35,7 @@ def _option(ctx: click.Context, name: str) -> click.Option | None:
 
 
 def flag_of(param: click.Option) -> str:
-    """The flag the README and ``--help`` lead with: the shortest long one (``--chunk``
+    """The flag the docs and ``--help`` lead with: the shortest long one (``--chunk``
     rather than ``--enqueue-chunk``)."""
     long = [o for o in param.opts if o.startswith("--")] or list(param.opts)
     return min(long, key=len)

@@ -93,6 +93,44 @@ def _undo(migration: Migration, *, rollback: bool) -> int:
     return ExitCode.OK
 
 
+def _toward(
+    migration: Migration,
+    encoder: Encoder,
+    *,
+    promote: bool,
+    follow: bool,
+    adopt: bool,
+    interval_s: float,
+) -> int:
+    """--backfill, --follow or --promote toward ``encoder``'s collection."""
+    from embedq.ops.migrate import shadow_name, source_sink
+    from embedq.sink.schema import model_fingerprint
+
+    live = migration.adopt(allowed=adopt)
+    target = shadow_name(migration.name, model_fingerprint(encoder))
+    if live == target:
+        click.echo(f"migrate: {migration.name} already serves this model ({live})")
+        return ExitCode.OK
+    source = source_sink(migration, live)
+    shadow = migration.shadow(source, encoder)
+    failed = _passes(source, shadow, encoder).failed
+    if failed and promote:
+        raise ConfigError(
+            f"the new model fails on the text of {len(failed)} row(s) ({', '.join(failed[:5])}"
+            f"{', …' if len(failed) > 5 else ''}): promoting would lose them from search; "
+            "fix or delete those rows, then promote (the log has each error)"
+        )
+    if follow:
+        _follow(source, shadow, encoder, interval_s)
+    elif promote:
+        migration.move_alias(target)
+        _passes(source, shadow, encoder, newer_only=True)  # what landed while it moved
+        click.echo(f"migrate: {migration.name} now points at {target} (was {live})")
+    else:
+        click.echo(f"migrate: {target} is caught up; promote with --promote")
+    return ExitCode.OK
+
+
 @click.command()
 @click.option(
     "--promote", is_flag=True, help="Catch up, then move the alias to --model's collection."
@@ -100,28 +138,45 @@ def _undo(migration: Migration, *, rollback: bool) -> int:
 @click.option("--rollback", is_flag=True, help="Move the alias back to the collection it replaced.")
 @click.option("--drop-old", is_flag=True, help="Drop the collection the live one replaced.")
 @click.option("--follow", is_flag=True, help="Keep catching up every --interval s until stopped.")
+@click.option("--backfill", is_flag=True, help="Create --model's collection and catch up once.")
+@click.option(
+    "--adopt",
+    is_flag=True,
+    help="Allow renaming --collection (not yet an alias) and creating the alias on it.",
+)
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
 @milvus
 @model
 @LOG_LEVEL
 def migrate(
-    promote: bool, rollback: bool, drop_old: bool, follow: bool, interval: float, **options: Any
+    *,
+    promote: bool,
+    rollback: bool,
+    drop_old: bool,
+    follow: bool,
+    backfill: bool,
+    adopt: bool,
+    interval: float,
+    **options: Any,
 ) -> None:
     """Move the collection (an alias for readers) to another model without a pause in search.
 
-    With --model NEW: create NEW's shadow collection, backfill it from the stored text and
-    catch up with the writes that keep arriving (--follow: until stopped). Then --promote
-    --model NEW moves the alias atomically; --rollback moves it back; --drop-old drops the
-    replaced collection.
+    With --model NEW and no action flag: print the plan, change nothing. --backfill creates
+    NEW's shadow collection and backfills it from the stored text (--follow: and keeps
+    catching up with the writes that arrive, until stopped). Then --promote --model NEW moves
+    the alias atomically; --rollback moves it back; --drop-old drops the replaced
+    collection. A collection not yet behind an alias is adopted only with --adopt.
     """
     from embedq.model.encoder import resolve_model_dir
-    from embedq.ops.migrate import Migration, shadow_name, source_sink
+    from embedq.ops.migrate import Migration, plan
     from embedq.sink.milvus import open_sink
     from embedq.sink.schema import model_fingerprint
     from embedq.worker.launch import encoder_for
 
-    if promote + rollback + drop_old + follow > 1:
-        raise click.UsageError("give one of --promote, --rollback, --drop-old, --follow")
+    if promote + rollback + drop_old + follow + backfill > 1:
+        raise click.UsageError(
+            "give one of --promote, --rollback, --drop-old, --follow, --backfill"
+        )
     settings = build_settings(options)
 
     def body() -> int:
@@ -131,28 +186,12 @@ def migrate(
             return _undo(migration, rollback=rollback)
         resolve_model_dir(settings.model)
         encoder = encoder_for(settings)
-        live = migration.adopt()
-        target = shadow_name(migration.name, model_fingerprint(encoder))
-        if live == target:
-            click.echo(f"migrate: {migration.name} already serves this model ({live})")
+        if not (promote or follow or backfill):
+            for line in plan(migration, model_fingerprint(encoder)):
+                click.echo(f"migrate: {line}")
             return ExitCode.OK
-        source = source_sink(migration, live)
-        shadow = migration.shadow(source, encoder)
-        failed = _passes(source, shadow, encoder).failed
-        if failed and promote:
-            raise ConfigError(
-                f"the new model fails on the text of {len(failed)} row(s) ({', '.join(failed[:5])}"
-                f"{', …' if len(failed) > 5 else ''}): promoting would lose them from search; "
-                "fix or delete those rows, then promote (the log has each error)"
-            )
-        if follow:
-            _follow(source, shadow, encoder, interval)
-        elif promote:
-            migration.move_alias(target)
-            _passes(source, shadow, encoder, newer_only=True)  # what landed while it moved
-            click.echo(f"migrate: {migration.name} now points at {target} (was {live})")
-        else:
-            click.echo(f"migrate: {target} is caught up; promote with --promote")
-        return ExitCode.OK
+        return _toward(
+            migration, encoder, promote=promote, follow=follow, adopt=adopt, interval_s=interval
+        )
 
     run_guarded(body)

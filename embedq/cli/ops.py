@@ -42,7 +42,7 @@ def _partition_hint(streams: Sequence[Stream], parts: Sequence[LagInfo]) -> list
 @click.command()
 @common
 @milvus_reading
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (documented in the README).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (docs/operations.md).")
 def lag(as_json: bool, **options: Any) -> None:
     """Show stream length, group lag, pending entries, consumers and dead letters, and
     whether Redis lost its data since the collection recorded the deployment's epoch
@@ -84,7 +84,7 @@ def lag(as_json: bool, **options: Any) -> None:
 @click.command()
 @click.argument("query")
 @click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--json", "as_json", is_flag=True, help="One JSON array of hits.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit, one a line.")
 @click.option(
     "--mode",
     type=click.Choice(["auto", "dense", "sparse", "hybrid"]),
@@ -128,7 +128,8 @@ def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
         sink.ensure_for(encoder, create=False)
         hits = retrieval.search(sink, encoder, query, top_k, mode=mode, fusion=fusion)
         if as_json:
-            click.echo(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False))
+            for hit in hits:  # JSON Lines, as every list --json prints
+                click.echo(json.dumps(dataclasses.asdict(hit), ensure_ascii=False))
             return ExitCode.OK
         for hit in hits:
             shown = hit.text if hit.text else json.dumps(hit.meta, ensure_ascii=False)

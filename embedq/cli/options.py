@@ -131,6 +131,21 @@ def model(func: F) -> F:
                 help="auto is fp16 on CUDA, fp32 on CPU.",
             ),
             setting(
+                "backend",
+                type=click.Choice(["torch", "onnx"]),
+                help="Forward pass: torch, or ONNX Runtime on the CPU (exported once, checked "
+                "against fp32 torch at load; docs/backends.md).",
+            ),
+            setting(
+                "quantize",
+                type=click.Choice(["none", "int8"]),
+                help="int8: dynamic int8 quantization (needs --backend onnx).",
+            ),
+            setting(
+                "model_cache",
+                help="Folder for exported models (default: ~/.cache/embedq).",
+            ),
+            setting(
                 "dimensions",
                 type=click.IntRange(min=0),
                 help="Matryoshka: keep the first N dimensions, renormalised (0: all); the "

@@ -61,20 +61,26 @@ def delete(ids: tuple[str, ...], from_file: str | None, **options: Any) -> None:
 def _print_jobs(views: list[Any]) -> None:
     from embedq.core.progress import format_duration
 
-    header = f"{'job':<28} {'state':<8} {'enqueued':>9} {'embedded':>9} {'dead':>6} {'eta':>8}"
-    click.echo(header + "  source")
-    for v in views:
-        eta = format_duration(v.eta_s)
-        click.echo(
-            f"{v.job:<28} {v.state:<8} {v.enqueued:>9} {v.embedded:>9} {v.dead_lettered:>6} "
-            f"{eta:>8}  {v.source}"
-        )
+    # Each column as wide as its widest cell (a state such as "interrupted" included).
+    header = ("job", "state", "enqueued", "embedded", "dead", "eta", "source")
+    rows = [
+        (v.job, v.state, str(v.enqueued), str(v.embedded), str(v.dead_lettered), eta, v.source)
+        for v in views
+        for eta in [format_duration(v.eta_s)]
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+    for row in (header, *rows):
+        cells = [
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        click.echo("  ".join(cells) + "  " + row[-1])
 
 
 @click.command()
 @common
 @milvus_reading
-@click.option("--json", "as_json", is_flag=True, help="One JSON array of jobs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per job, one a line.")
 @click.option(
     "--prune",
     is_flag=True,
@@ -103,7 +109,8 @@ def jobs(as_json: bool, prune: bool, older_than: float, **options: Any) -> None:
         views = list_jobs(open_ledger(settings))
         _say_if_redis_lost(settings)
         if as_json:
-            click.echo(json.dumps([v.as_dict() for v in views], sort_keys=True))
+            for view in views:  # JSON Lines, as every list --json prints (docs/reference)
+                click.echo(json.dumps(view.as_dict(), sort_keys=True))
         elif views:
             _print_jobs(views)
         else:
@@ -134,7 +141,9 @@ def job(job_id: str, as_json: bool, **options: Any) -> None:
             click.echo(json.dumps(view.as_dict(), sort_keys=True))
         else:
             for name, value in view.as_dict().items():
-                click.echo(f"{name:<16} {_shown(name, value)}")
+                # A date is labelled as one ("started", UTC), not by its JSON field's unit.
+                label = name.removesuffix("_ms") if name.endswith("_ms") else name
+                click.echo(f"{label:<16} {_shown(name, value)}")
         return ExitCode.OK
 
     run_guarded(body)
@@ -155,8 +164,8 @@ def _shown(name: str, value: Any) -> str:
     """A job field for a person: times as UTC dates, the ETA as a duration."""
     from embedq.core.progress import format_duration, format_time_ms
 
-    if value is None:
-        return ""
+    if value is None:  # not known (yet): a rate before anything was embedded, a lost job
+        return "-"
     if name.endswith("_ms") and isinstance(value, int):
         return format_time_ms(value)
     if name == "eta_s":
@@ -166,7 +175,7 @@ def _shown(name: str, value: Any) -> str:
 
 @click.command()
 @common
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per stream, in an array.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per stream, one a line.")
 def trim(as_json: bool, **options: Any) -> None:
     """Drop entries every consumer group has acknowledged (XTRIM MINID); never others."""
     from embedq.queue.stream import open_streams
@@ -181,7 +190,8 @@ def trim(as_json: bool, **options: Any) -> None:
             log.info("trimmed", stream=name, trimmed=trimmed, minid=minid)
             results.append({"stream": name, "trimmed": trimmed, "minid": minid})
         if as_json:
-            click.echo(json.dumps(results, sort_keys=True))
+            for r in results:
+                click.echo(json.dumps(r, sort_keys=True))
         else:
             for r in results:
                 kept = f"kept from {r['minid']}" if r["minid"] else "no consumer group: kept all"

@@ -112,6 +112,16 @@ def verify(repair: bool, as_json: bool, sample: int, **options: Any) -> None:
     run_guarded(body)
 
 
+def repair_line(r: dict[str, Any]) -> str:
+    """What ``--repair`` did; the ids it could not repair follow their count, if any."""
+    lost = r["unrepairable"]
+    trimmed = f"{len(lost)} trimmed from the stream"
+    if lost:  # the ids to re-send, not a colon with nothing after it
+        more = f" (and {len(lost) - 20} more: verify --json)" if len(lost) > 20 else ""
+        trimmed += " (re-send them): " + " ".join(lost[:20]) + more
+    return f"repair: sent {r['resent']} again, {r['deleted']} deletes; {trimmed}"
+
+
 def _print(report: dict[str, Any]) -> None:
     click.echo(f"rows {report['rows']}, indexed ids {report['indexed']}")
     _print_loss(report)
@@ -124,11 +134,7 @@ def _print(report: dict[str, Any]) -> None:
         click.echo("(the collection predates versioned rows: contents not compared)")
     if "repair" in report:
         r = report["repair"]
-        click.echo(
-            f"repair: sent {r['resent']} again, {r['deleted']} deletes; "
-            f"{len(r['unrepairable'])} trimmed from the stream (re-send them): "
-            + " ".join(r["unrepairable"][:20])
-        )
+        click.echo(repair_line(r))
     elif report["clean"]:
         click.echo("clean")
 

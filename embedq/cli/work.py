@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import click
@@ -18,6 +19,7 @@ from embedq.cli.options import (
     run_guarded,
     setting,
 )
+from embedq.cli.progress import loading
 
 
 @click.command()
@@ -71,6 +73,12 @@ def init(with_collection: bool, **options: Any) -> None:
 @processing
 @setting("read_count", help="Entries read per XREADGROUP (the batching window).")
 @setting(
+    "read_hold_s",
+    "--read-hold",
+    help="Seconds of work (at the measured rate) one read may take, at most --read-count "
+    "entries, so that workers share a backlog; 0: always --read-count.",
+)
+@setting(
     "replicas",
     help="Model replicas per device, each on its own thread/CUDA stream "
     "(0: auto, 2 on a CPU, 1 on CUDA).",
@@ -119,16 +127,27 @@ def worker(**options: Any) -> None:
     settings = build_settings(options)
 
     def body() -> int:
-        from embedq.worker.launch import run_device_workers, run_worker
+        def echo_summary(stats: Any, released: bool = False) -> None:
+            summary = stats.as_dict()
+            click.echo(
+                f"embedded {summary['texts']} texts in {summary['elapsed_s']} s "
+                f"({summary['working_s']} s working, {summary['texts_per_s']} texts/s), "
+                f"{summary['dead_lettered']} dead-lettered"
+                + ("; the batches in hand past --grace stay pending" if released else "")
+            )
 
-        if settings.devices or settings.procs_per_device > 1:
-            return run_device_workers(settings)
-        summary = run_worker(settings).as_dict()
-        click.echo(
-            f"embedded {summary['texts']} texts in {summary['elapsed_s']} s "
-            f"({summary['working_s']} s working, {summary['texts_per_s']} texts/s), "
-            f"{summary['dead_lettered']} dead-lettered"
-        )
+        stats = None
+        # A first line at once (before torch is imported), then one every 10 s until the
+        # model is loaded: a worker used to say nothing for 15-45 s (issue 28).
+        with loading(settings) as loaded:
+            from embedq.worker import launch
+
+            if not (settings.devices or settings.procs_per_device > 1):
+                released = partial(echo_summary, released=True)
+                stats = launch.run_worker(settings, released, on_loaded=loaded)
+        if stats is None:  # each device's process loads its own model, and says so
+            return launch.run_device_workers(settings)
+        echo_summary(stats)
         return 0
 
     run_guarded(body)

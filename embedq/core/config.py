@@ -69,9 +69,17 @@ class Settings:
     model: str = ""  # a local directory; empty means the packaged all-MiniLM-L6-v2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    # The forward pass: torch, or ONNX Runtime on the CPU (embedq.model.onnx_backend), fp32
+    # or dynamically quantized int8; an accuracy gate checks it against fp32 torch at load.
+    backend: str = "torch"  # torch | onnx
+    quantize: str = "none"  # none | int8 (needs backend onnx)
+    model_cache: str = ""  # where exported models are kept; "": ~/.cache/embedq
     dimensions: int = 0  # Matryoshka: keep the first N dimensions, renormalised; 0 keeps all
     force_dimensions: bool = False  # truncate a model that does not declare Matryoshka training
     read_count: int = 512
+    # A read takes at most this many seconds of work at the worker's measured rate, so a worker
+    # that joins shares the backlog (embedq.worker.reader); 0: always read_count.
+    read_hold_s: float = 5.0
     max_batch_tokens: int = 0  # 0: auto, per device (embedq.worker.packing.batch_limits)
     max_batch_rows: int = 0  # 0: auto, per device
     block_ms: int = 2000
@@ -131,6 +139,8 @@ class Settings:
     api_host: str = "0.0.0.0"  # noqa: S104 -- a gateway serves other machines
     api_port: int = 8000
     api_keys: str = field(default="", repr=False)  # comma-separated; empty: no auth
+    # A JSON list of {key, name, rate_limit, rate_burst, filter} (a Secret): named, scoped keys
+    api_keys_file: str = ""
     api_rate_limit: float = 0.0  # requests per second per key, shared by all gateways; 0: off
     api_rate_burst: int = 0  # requests a key may send at once; 0: one second's worth
     api_timeout_s: float = 10.0  # a request no worker answered by then gets 503
@@ -138,6 +148,12 @@ class Settings:
     api_max_input_bytes: int = 65_536  # UTF-8 bytes per input
     api_max_body_bytes: int = 4 * 1024 * 1024  # bytes per request body
     api_max_in_flight: int = 256  # requests one gateway process holds at once; then 503
+    # Proxies whose X-Forwarded-For/-Proto are trusted (comma-separated IPs/CIDRs, "*": any);
+    # empty: none, the peer's address is the caller's (rate limits without keys use it).
+    api_forwarded_allow_ips: str = ""
+    # The names the gateway answers as (comma-separated; the first labels answers and
+    # /v1/models; vLLM's --served-model-name); empty: the model's own name.
+    api_served_model_name: str = ""
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url, cluster=self.redis_cluster)
@@ -158,7 +174,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidSetting(f"{name} must be > 0, got {getattr(self, name)}", name)
-        for name in ("vector_cache_size", "wait_replicas", "dimensions"):
+        for name in ("vector_cache_size", "wait_replicas", "dimensions", "read_hold_s"):
             if getattr(self, name) < 0:
                 raise InvalidSetting(f"{name} must be >= 0, got {getattr(self, name)}", name)
         for name in ("max_batch_tokens", "max_batch_rows", "replicas"):
@@ -206,6 +222,16 @@ class Settings:
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise InvalidSetting(
                 f"dtype must be auto, fp32, fp16 or bf16, got {self.dtype!r}", "dtype"
+            )
+        if self.backend not in ("torch", "onnx"):
+            raise InvalidSetting(f"backend must be torch or onnx, got {self.backend!r}", "backend")
+        if self.quantize not in ("none", "int8"):
+            raise InvalidSetting(
+                f"quantize must be none or int8, got {self.quantize!r}", "quantize"
+            )
+        if self.quantize != "none" and self.backend != "onnx":
+            raise InvalidSetting(
+                f"quantize {self.quantize} needs backend onnx (got {self.backend})", "quantize"
             )
         if self.fault_point not in FAULT_POINTS:
             raise SettingsError(f"unknown fault_point {self.fault_point!r}")
@@ -303,8 +329,7 @@ def check_redis_url(url: str, *, cluster: bool = False) -> None:
         rest = url.split("://", 1)[1] if "://" in url else url
         fixed = _shown_url("redis://" + rest + ("" if "/" in rest else "/0"))
         raise InvalidSetting(
-            f"redis_url {_shown_url(url)!r} is not a Redis URL: write {fixed} "
-            "(rediss:// for TLS)",
+            f"redis_url {_shown_url(url)!r} is not a Redis URL: write {fixed} (rediss:// for TLS)",
             "redis_url",
         )
     if scheme == "unix":

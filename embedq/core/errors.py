@@ -17,7 +17,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """What an ``embedq`` process's exit status means; the README's "Exit codes" lists them.
+    """What an ``embedq`` process's exit status means; docs/concepts.md's "Exit codes" lists them.
 
     Kubernetes and scripts tell "misconfigured" (2: fix the settings, restarting will not
     help) from "cannot connect" (3: a dependency is down, a restart later may) from

@@ -113,7 +113,6 @@ class Keys:
     def leases(self, collection: str) -> str:
         return f"{self.stream}:leases:{collection}"
 
-
     def reply(self, request_id: str) -> str:
         """Request ``request_id``'s reply list, on the lane's cluster slot."""
         return f"{self.stream}:reply:{request_id}"

@@ -27,7 +27,7 @@ from embedq.core.errors import (
     EncodeFailed,
     ModelOutOfMemory,
 )
-from embedq.model import matryoshka, tokenizing
+from embedq.model import accuracy_gate, matryoshka, onnx_backend, tokenizing
 from embedq.model.model_spec import DenseSpec, ModelSpec
 from embedq.model.sparse import SparseVector, load_head, model_class
 
@@ -195,9 +195,17 @@ class Encoder:
     """A sentence-transformers-compatible embedder behind tokenize / forward / post-process."""
 
     def __init__(
-        self, model: str = "", device: str = "auto", dtype: str = "auto", *,
-        dimensions: int = 0, force_dimensions: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        model: str = "",
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        dimensions: int = 0,
+        force_dimensions: bool = False,
+        backend: str = "torch",
+        quantize: str = "none",
+        model_cache: str = "",
+    ) -> None:
         import torch
         import transformers
         from transformers import AutoTokenizer
@@ -245,6 +253,41 @@ class Encoder:
         # Each replica issues its work on its own CUDA stream, so K replicas driven by K
         # threads overlap copies and kernels on one GPU. None on CPU.
         self.cuda_stream: Any = self._new_stream()
+        self._start_backend(backend, quantize, model_cache)
+
+    def _start_backend(self, backend: str, quantize: str, model_cache: str) -> None:
+        """--backend onnx: only the forward pass changes (embedq.model.onnx_backend), behind
+        the accuracy gate (embedq.model.accuracy_gate)."""
+        self.backend, self.quantize = backend, quantize
+        self.variant = onnx_backend.variant(backend, quantize)  # part of the fingerprint
+        self.gate_cosine: float | None = None
+        self._onnx: onnx_backend.OnnxForward | None = None
+        onnx_backend.check_choice(backend, quantize, self.device, self.spec.splade is not None)
+        if backend == "onnx":
+            self._load_onnx(model_cache)
+
+    def _load_onnx(self, model_cache: str) -> None:
+        from embedq.model.fingerprint import fingerprint
+
+        cache = Path(model_cache).expanduser() if model_cache else onnx_backend.default_cache_dir()
+        entry = onnx_backend.cache_entry(
+            cache, self.name, fingerprint(self.model_dir, self.spec), self.quantize
+        )
+        path = onnx_backend.exported(
+            self.model,
+            self.model_dir,
+            entry,
+            quantize=self.quantize,
+            token_types=self.wants_token_types,
+        )
+        reference = self.encode(accuracy_gate.PROBES)  # fp32 torch, before the session exists
+        self._onnx = onnx_backend.OnnxForward(path)
+        self.gate_cosine = accuracy_gate.check(
+            reference,
+            self.encode(accuracy_gate.PROBES),
+            quantize=self.quantize,
+            what=f"--backend onnx --quantize {self.quantize} ({path})",
+        )
 
     def _new_stream(self) -> Any:
         if not self.on_cuda:
@@ -325,7 +368,9 @@ class Encoder:
                 if self.wants_token_types:
                     inputs["token_type_ids"] = torch.zeros_like(ids_t)
                 built = time.thread_time()
-                output = self.model(**inputs)
+                # ONNX: the graph always takes the mask; post-processing stays fp32 torch.
+                onnx = self._onnx
+                output = self.model(**inputs) if onnx is None else onnx(input_ids, mask)
                 modelled = time.thread_time()
                 vectors = self._dense_vectors(output, mask_t)
                 sparse = self.head.sparse(output, ids_t, mask_t) if self.head else None

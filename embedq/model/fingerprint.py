@@ -4,7 +4,10 @@ Two models whose vectors could not be compared must never share a collection, ev
 their dimensions agree (a fine-tuned twin of the same architecture, another pooling, the
 same model cut to other ``--dimensions``). The fingerprint covers the weights (every weight
 file in the model directory and its module folders), the post-processing (``ModelSpec``:
-pooling, dense layers, normalisation, the sparse head) and ``--dimensions``.
+pooling, dense layers, normalisation, the sparse head), ``--dimensions`` and the backend
+(``--backend onnx``, ``--quantize int8``: ``variant``, empty for fp32 torch so collections
+made before backends existed keep their fingerprint): an int8 index is never mixed with an
+fp32 one.
 
 Weight files up to 64 MiB are hashed whole. Larger ones are hashed by their size and 16
 evenly spaced 1 MiB samples: a full hash of a 2 GB checkpoint would add seconds to every
@@ -26,8 +29,9 @@ SAMPLE_BYTES = 1024 * 1024
 
 
 @functools.cache  # model files do not change under a running process
-def fingerprint(model_dir: Path, spec: ModelSpec, dimensions: int = 0) -> str:
-    """16 hex digits naming these weights, this post-processing and these dimensions."""
+def fingerprint(model_dir: Path, spec: ModelSpec, dimensions: int = 0, variant: str = "") -> str:
+    """16 hex digits naming these weights, this post-processing, these dimensions and this
+    backend variant (``embedq.model.onnx_backend.variant``)."""
     digest = hashlib.sha256()
     for path in weight_files(model_dir):
         digest.update(str(path.relative_to(model_dir)).encode())
@@ -38,6 +42,8 @@ def fingerprint(model_dir: Path, spec: ModelSpec, dimensions: int = 0) -> str:
         digest.update(
             repr((dense.in_features, dense.out_features, dense.bias, dense.activation)).encode()
         )
+    if variant:
+        digest.update(f"backend={variant}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -235,7 +235,7 @@ def stream_gauges(
             "rest summed as consumer=_others)",
             [*g, "consumer"],
         ),
-    }  # fmt: skip
+    }
     families = {
         key: GaugeMetricFamily(f"embedq_stream_{key}", doc, labels=labels)
         for key, (doc, labels) in fam.items()

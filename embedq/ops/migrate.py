@@ -15,10 +15,13 @@ Readers search ``--collection NAME``, a Milvus alias. Changing the model:
 3. ``migrate --rollback`` moves the alias back to the collection it replaced;
    ``migrate --drop-old`` drops that one once it is no longer wanted.
 
-The first migration of a collection that is not yet behind an alias adopts it: renamed to
-``NAME__<its fingerprint>``, with the alias NAME created on it. Workers resolve NAME once, at
-start (``Sink.target``), and keep writing to the collection it named; the fingerprint check
-(``embedq.sink.schema``) refuses a worker whose model is not that collection's.
+With no action flag, ``migrate`` prints the plan (``plan``) and changes nothing. The first
+migration of a collection that is not yet behind an alias adopts it only when asked
+(``--adopt``, issue 26 item 6): renamed to ``NAME__<its fingerprint>``, with the alias NAME
+created on it. Workers resolve NAME at start (``Sink.target``, the physical collection) and,
+before each write, check again what that name is (``Sink.check_target``): a worker started
+before the adoption switches to the renamed collection, and one whose model is not that of
+the collection the name now reaches stops, its entries left pending (issue 26 item 5).
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from typing import Any
 
 import structlog
 
-from embedq.core.errors import ConfigError, EncodeFailed, SinkUnavailable
+from embedq.core.errors import ConfigError, EncodeFailed, SinkRejected, SinkUnavailable
 from embedq.model.encoder import EncodedBatch, Encoder
 from embedq.sink.error_codes import translated
-from embedq.sink.milvus import Row, Sink
+from embedq.sink.milvus import INDEX_PROPERTY, RECHECK_S, Row, Sink
 from embedq.sink.schema import model_fingerprint
 
 log = structlog.get_logger("embedq.ops.migrate")
@@ -99,18 +102,36 @@ class Migration:
             info = self.client.describe_collection(collection, timeout=self.timeout_s)
         return {str(k): str(v) for k, v in (info.get("properties") or {}).items()}
 
-    def adopt(self) -> str:
-        """The collection behind the alias, putting NAME behind one first if it is not."""
+    def live(self) -> str:
+        """The physical collection readers search now (NAME itself before any adoption)."""
         current = self.target()
         if current is not None:
             return current
         with translated("describe collection"):
             if not self.client.has_collection(self.name, timeout=self.timeout_s):
                 raise ConfigError(f"collection {self.name} does not exist at {self.sink.uri}")
+        return self.name
+
+    def adopt(self, *, allowed: bool = True) -> str:
+        """The collection behind the alias, putting NAME behind one first if it is not and
+        ``allowed`` (``--adopt``); a ConfigError, changing nothing, when not allowed."""
+        current = self.live()
+        if current != self.name:
+            return current
         fingerprint = self.properties(self.name).get("embedq.fingerprint") or "v0"
         renamed = shadow_name(self.name, fingerprint)
+        if not allowed:
+            raise ConfigError(
+                f"{self.name} is a collection, not an alias: a migration first renames it to "
+                f"{renamed} and creates the alias {self.name} on it; add --adopt to do that "
+                "(running workers switch to the renamed collection before their next write)"
+            )
         with translated("adopt collection"):
-            # Readers miss NAME for the moment between these two calls.
+            # The renamed collection keeps its Redis index (keyed by NAME): Sink.index_name.
+            self.client.alter_collection_properties(
+                self.name, properties={INDEX_PROPERTY: self.name}, timeout=self.timeout_s
+            )
+            # Readers miss NAME for the moment between these two calls (writers wait).
             self.client.rename_collection(self.name, renamed, timeout=self.timeout_s)
             self.client.load_collection(renamed, timeout=self.timeout_s)
             self.client.create_alias(renamed, self.name, timeout=self.timeout_s)
@@ -118,9 +139,12 @@ class Migration:
             "collection_adopted",
             collection=renamed,
             alias=self.name,
-            why="the first migration puts the collection behind an alias: restart running "
-            "workers so that they write to it by its new name",
+            why="the first migration puts the collection behind an alias: running workers "
+            "switch to it by its new name before their next write",
         )
+        # Until every running worker has re-checked NAME (Sink.check_target), one may still
+        # write through it: nothing may move the alias before then.
+        time.sleep(2 * RECHECK_S)
         return renamed
 
     def move_alias(self, collection: str) -> None:
@@ -170,6 +194,46 @@ class Migration:
                     name, properties={PREVIOUS: source.collection}, timeout=self.timeout_s
                 )
         return shadow
+
+
+def plan(migration: Migration, fingerprint: str) -> list[str]:
+    """What ``migrate`` would do for the model of ``fingerprint``, read without a change."""
+    name = migration.name
+    live = migration.live()
+    live_fp = migration.properties(live).get("embedq.fingerprint") or "v0"
+    lines = [
+        f"plan: {name} is "
+        + (f"an alias of {live}" if live != name else "a collection (not behind an alias)")
+        + f", model fingerprint {live_fp}, {_rows_in(migration, live)} rows"
+    ]
+    target = shadow_name(name, fingerprint)
+    if live == target or (live == name and live_fp == fingerprint):
+        return [*lines, f"plan: {name} already serves this model ({live}); nothing to do"]
+    step = 1
+    if live == name:
+        lines.append(
+            f"plan: {step}. --adopt: rename {name} to {shadow_name(name, live_fp)} and create "
+            f"the alias {name} on it (running workers switch before their next write)"
+        )
+        step += 1
+    with translated("describe collection"):
+        exists = migration.client.has_collection(target, timeout=migration.timeout_s)
+    there = f"exists, {_rows_in(migration, target)} rows" if exists else "to create"
+    return [
+        *lines,
+        f"plan: {step}. --follow (or --backfill): new-model collection {target} ({there}), "
+        "backfilled from the live collection's text, then caught up pass after pass",
+        f"plan: {step + 1}. --promote: a last catch-up, then {name} moves to {target}",
+        f"plan: {step + 2}. --rollback moves it back; --drop-old drops the replaced collection",
+        "plan: nothing was changed (give an action flag)",
+    ]
+
+
+def _rows_in(migration: Migration, collection: str) -> str:
+    try:
+        return f"{migration.open(collection).count():,}"
+    except (SinkUnavailable, SinkRejected):  # e.g. not loaded: the plan loads nothing
+        return "?"
 
 
 def source_sink(migration: Migration, collection: str) -> Sink:

@@ -92,7 +92,7 @@ def _index(streams: Sequence[Stream], collection: str) -> dict[str, tuple[Held, 
 
 def verify(streams: Sequence[Stream], sink: Sink) -> tuple[Drift, dict[str, tuple[Held, Stream]]]:
     """The drift between the index and the collection (and the index, for ``repair``)."""
-    index = _index(streams, sink.collection)
+    index = _index(streams, sink.index_name)  # the physical collection's index
     drift = Drift(indexed=len(index), unversioned=not sink.versioned)
     seen: set[str] = set()
     tag = collection_tag(sink.target)
@@ -265,7 +265,7 @@ def adopt(streams: Sequence[Stream], sink: Sink, chunk: int = 1000) -> Adopted:
         nonlocal written
         if waiting[i]:
             with translated("adopt index"):
-                keys = [streams[i].keys.index(sink.collection)]
+                keys = [streams[i].keys.index(sink.index_name)]
                 written += int(script(keys=keys, args=waiting[i], client=streams[i].client))
             waiting[i] = []
 

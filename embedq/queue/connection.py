@@ -92,7 +92,7 @@ def translated(action: str) -> Iterator[None]:
             "redis rejected the credentials (check the password or ACL user)"
         ) from None
     except redis.exceptions.OutOfMemoryError:
-        # maxmemory with noeviction (what the README recommends): writes that would grow
+        # maxmemory with noeviction (what docs/operations.md recommends): writes that would grow
         # Redis are refused until memory is freed; reads, acks and deletes still work.
         raise QueueFull(
             f"redis is out of memory during {action} (maxmemory reached, noeviction): "

@@ -86,10 +86,15 @@ class Versions:
     def __init__(self, client: redis.Redis, keys: Keys, collection: str) -> None:
         self.client = client
         self.keys = keys
-        self.index_key = keys.index(collection)
-        self.leases_key = keys.leases(collection)
+        self.retarget(collection)
         self._fence = client.register_script(load_script("fence.lua"))
         self._settle = client.register_script(load_script("settle.lua"))
+
+    def retarget(self, collection: str) -> None:
+        """Keep the index of ``collection``: the physical one (``Sink.index_name``), never
+        an alias that may name another collection tomorrow (issue 26 item 3)."""
+        self.index_key = self.keys.index(collection)
+        self.leases_key = self.keys.leases(collection)
 
     def acquire(self, consumer: str, lease_ms: int, wanted: Sequence[tuple[str, str]]) -> list[str]:
         """Lease each (id, version) or say why not: ``GO``, ``STALE`` or ``BUSY`` per id."""

@@ -81,14 +81,30 @@ class Columns:
         returned None)."""
         sparse = [v or EMPTY for v in self.sparse] or [EMPTY] * len(self.ids)
         return [
-            {k: v for k, v in (("id", i), ("vector", vec.tolist()), ("text", cut_utf8(t)),
-             ("meta", orjson.loads(m)), ("content_hash", h), ("version", ver),
-             ("sparse", sp)) if k in fields}
+            {
+                k: v
+                for k, v in (
+                    ("id", i),
+                    ("vector", vec.tolist()),
+                    ("text", cut_utf8(t)),
+                    ("meta", orjson.loads(m)),
+                    ("content_hash", h),
+                    ("version", ver),
+                    ("sparse", sp),
+                )
+                if k in fields
+            }
             for i, vec, t, m, h, ver, sp in zip(
-                self.ids, self.vectors, self.texts, self.metas, self.content_hashes,
-                self.versions, sparse, strict=True,
+                self.ids,
+                self.vectors,
+                self.texts,
+                self.metas,
+                self.content_hashes,
+                self.versions,
+                sparse,
+                strict=True,
             )
-        ]  # fmt: skip
+        ]
 
 
 def cut_utf8(text: str, limit: int = TEXT_MAX_BYTES) -> str:

@@ -166,7 +166,7 @@ def _measured(standing: Standing, streams: Sequence[Stream], sink: Sink) -> Stan
         if stream.keys.online:
             continue  # the interactive lane writes nothing to Milvus
         with translated("HLEN index"):
-            indexed += int(stream.client.hlen(stream.keys.index(sink.collection)))
+            indexed += int(stream.client.hlen(stream.keys.index(sink.index_name)))
     return Standing(standing.redis, standing.collection, rows=sink.count(), indexed=indexed)
 
 

@@ -26,7 +26,13 @@ import numpy.typing as npt
 import structlog
 
 from embedq.core.config import Settings
-from embedq.core.errors import ConfigError, SinkRejected, SinkUnavailable
+from embedq.core.errors import (
+    CollectionMissing,
+    ConfigError,
+    ModelMismatch,
+    SinkRejected,
+    SinkUnavailable,
+)
 from embedq.sink.columns import TEXT_MAX_BYTES, Columns, meta_json, send
 from embedq.sink.error_codes import translated
 from embedq.sink.listing import pages
@@ -44,6 +50,10 @@ REQUEST_BUDGET_BYTES = 16 * 1024 * 1024  # one request may carry 64 MB; stay wel
 # Large, because a query on Milvus Lite's unsealed rows scans them all, however few match;
 # with vectors smaller, as pymilvus gives each one as a list of Python floats.
 PAGE_ROWS = 10_000
+# How stale a writer's view of its collection may be (``Sink.check_target``): ``embedq
+# migrate --adopt`` waits longer than this before it goes on.
+RECHECK_S = 1.0
+INDEX_PROPERTY = "embedq.index"  # see Sink.index_name
 VECTOR_PAGE_ROWS = 1_000
 
 
@@ -116,7 +126,12 @@ class Sink:
         self._connect_lock = threading.Lock()
         self.dimension: int | None = None
         self.sparse = False  # the collection has a ``sparse`` field
-        self.target = collection  # where writes go: the collection an alias named at start
+        self.target = collection  # where writes go: the physical collection (alias resolved)
+        # Whose Redis index (``Keys.index``) describes ``target``: its own name, or the name
+        # it had before ``embedq migrate --adopt`` renamed it (property ``embedq.index``).
+        self.index_name = collection
+        self.fingerprint = ""  # the writing model's; "" (a reader): writes are not re-checked
+        self._checked_until = 0.0  # monotonic time until which ``target`` needs no re-check
         # Called with each request's row count when pymilvus has no gRPC stub for the columnar
         # upsert (columns.send) and rows go as dicts; the worker counts it in a metric.
         self.on_row_fallback: Callable[[int], object] = lambda _rows: None
@@ -181,7 +196,7 @@ class Sink:
             if dimension is not None:
                 check_model(info, self.collection, sparse=sparse, fingerprint=fingerprint)
                 check_fields(info, self.collection, dimension, model_name)
-            self._open_existing(info, dimension)
+            self._open_existing(info, dimension, fingerprint)
             return False
         if not create or dimension is None:
             raise ConfigError(
@@ -208,6 +223,7 @@ class Sink:
                 dimension, model_name, sparse=sparse, fingerprint=fingerprint
             )
         self.dimension, self.sparse, self.target = dimension, sparse, self.collection
+        self.index_name, self.fingerprint = self.collection, fingerprint
         log.info(
             "collection_created",
             collection=self.collection,
@@ -231,9 +247,15 @@ class Sink:
         """``ensure_collection`` for what ``encoder``'s model makes and records."""
         return self.ensure_collection(**collection_args(encoder), create=create)
 
-    def _open_existing(self, info: dict[str, Any], dimension: int | None) -> None:
-        """Take an existing collection's fields as they are, and load it."""
+    def _open_existing(
+        self, info: dict[str, Any], dimension: int | None, fingerprint: str = ""
+    ) -> None:
+        """Take an existing collection's fields as they are, and load it; ``fingerprint``:
+        the checked model's (writes re-check it), "" when nothing was checked."""
+        self.fingerprint = fingerprint if dimension is not None else ""
         self.target = str(info.get("collection_name") or self.collection)
+        properties = info.get("properties") or {}
+        self.index_name = str(properties.get(INDEX_PROPERTY) or self.target)
         names = {f["name"] for f in info["fields"]}
         self.sparse = "sparse" in names
         self.store_text = self.store_text and "text" in names
@@ -248,6 +270,44 @@ class Sink:
         self.dimension = dimension if "vector" in names else 0
         with translated("load collection"):
             self.client.load_collection(self.target, timeout=self.timeout_s)
+
+    def check_target(self) -> None:
+        """Before a write (at most every ``RECHECK_S``): ``target`` is still a collection of
+        this model. A name that became an alias (``embedq migrate --adopt`` renamed the
+        collection under a running worker) is followed to the renamed collection when it
+        keeps the same index; a collection of another model raises ``ModelMismatch``, and
+        the worker stops with its entries pending for a worker of the right model (issue 26
+        item 5: an old-model worker wrote into the new model's collection after a promote)."""
+        now = time.monotonic()
+        if not self.fingerprint or now < self._checked_until:
+            return
+        info = self._describe_target()
+        check_model(info, self.target, sparse=self.sparse, fingerprint=self.fingerprint)
+        physical = str(info.get("collection_name") or self.target)
+        if physical != self.target:
+            index_name = str((info.get("properties") or {}).get(INDEX_PROPERTY) or physical)
+            if index_name != self.index_name:
+                raise ModelMismatch(
+                    f"collection {self.target} is now an alias of {physical}, whose index is "
+                    f"not the one this worker keeps ({self.index_name}): restart the worker"
+                )
+            log.warning("collection_renamed", was=self.target, now=physical, alias=self.target)
+            self.target = physical
+        self._checked_until = now + RECHECK_S
+
+    def _describe_target(self) -> dict[str, Any]:
+        """``target``'s description; the name is missing for the moment between ``migrate
+        --adopt``'s rename and its alias, so a missing one is asked again for a while."""
+        for _ in range(50):
+            try:
+                with translated("describe collection"):
+                    return dict(
+                        self.client.describe_collection(self.target, timeout=self.timeout_s)
+                    )
+            except CollectionMissing:
+                time.sleep(0.1)
+        with translated("describe collection"):
+            return dict(self.client.describe_collection(self.target, timeout=self.timeout_s))
 
     def _schema(self, dimension: int, model_name: str, sparse: bool = False) -> Any:
         """id (primary key), vector (unless the model makes none), sparse (if it makes one),
@@ -319,6 +379,7 @@ class Sink:
         )
 
     def upsert_columns(self, columns: Columns) -> int:
+        self.check_target()
         """Write rows; returns how many Milvus confirmed. Raises before confirming anything
         partial: the caller acks only after this returns."""
         written = 0
@@ -337,6 +398,7 @@ class Sink:
     def delete(self, ids: Sequence[str]) -> None:
         """Remove these ids' rows (absent ids are fine); raises before confirming."""
         if ids:
+            self.check_target()
             with translated("delete"):
                 self.client.delete(self.target, ids=list(ids), timeout=self.timeout_s)
 

@@ -33,7 +33,9 @@ def collection_args(encoder: Encoder) -> dict[str, Any]:
 
 def model_fingerprint(encoder: Encoder) -> str:
     """What collections record of ``encoder``'s model (``embedq.fingerprint``, cached)."""
-    return fingerprint(encoder.model_dir, encoder.spec, encoder.truncate_dim)
+    return fingerprint(
+        encoder.model_dir, encoder.spec, encoder.truncate_dim, getattr(encoder, "variant", "")
+    )
 
 
 def check_fields(info: dict[str, Any], collection: str, dimension: int, model_name: str) -> None:

@@ -83,11 +83,20 @@ class Heartbeat:
         self.interval_s = interval_s
         self.watchdog = watchdog or Watchdog(float("inf"))
         self._said_stuck = False
+        # More to do at each beat (and once at start): the lane's "who serves" record.
+        self.also: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-heartbeat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _also(self) -> None:
+        for task in self.also:
+            try:
+                task()
+            except Exception as exc:  # a record others read: the beat itself goes on
+                log.warning("heartbeat_task_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,7 +141,9 @@ class Heartbeat:
         return lost
 
     def _run(self) -> None:
+        self._also()
         while not self._stop.wait(self.interval_s):
+            self._also()
             try:
                 self.beat()
             except InfrastructureError as exc:

@@ -18,6 +18,11 @@ list and the XACK together. Online entries never reach Milvus; an expired one (i
 ``deadline_ms`` passed: the gateway answered 503) is acked without encoding; a text the
 model refuses is answered with the error, not dead-lettered. Lane entries are always
 truncated at the model's limit, whatever ``--on-overlong`` says for bulk entries.
+
+Every answer carries the worker's model identity (``Stamp``: name and fingerprint). An
+entry that asks for another model (its ``model`` field: during a rollout two models serve
+one lane) is answered ``MISMATCH`` at once, unencoded, and acked: the gateway sends it
+again for a worker of its model, and never returns another model's vector.
 """
 
 from __future__ import annotations
@@ -36,7 +41,17 @@ from embedq.core.backoff import Retrier
 from embedq.core.errors import InfrastructureError, QueueFull
 from embedq.model.encoder import Encoder
 from embedq.queue.entries import Entry, load_script
-from embedq.queue.online_wire import expired, index_of, pack_failure, pack_reply, reply_key
+from embedq.queue.online_wire import (
+    Stamp,
+    expired,
+    index_of,
+    pack_failure,
+    pack_mismatch,
+    pack_reply,
+    reply_key,
+    worker_member,
+    workers_key,
+)
 from embedq.queue.stream import Claimed, Stream
 from embedq.worker.batcher import Batcher
 from embedq.worker.heartbeat import InFlight
@@ -147,8 +162,10 @@ class OnlineLane:
         reply_ttl_ms: int,
         read_count: int,
         stop: threading.Event,
+        stamp: Stamp,
     ) -> None:
         self.stream = stream
+        self.stamp = stamp
         self.in_flight = in_flight
         self.retrying = retrying
         self.reply_ttl_ms = reply_ttl_ms
@@ -157,13 +174,40 @@ class OnlineLane:
         self.batcher: Batcher | None = None  # set by LaneBatcher (the two refer to each other)
         self._reply = stream.client.register_script(load_script("lane_reply.lua"))
 
+    def publish(self, ttl_s: float) -> None:
+        """Say (for ``ttl_s``) that this worker serves the lane with its model: the
+        gateway's ``/readyz`` and ``/v1/models`` count these records."""
+        key = workers_key(self.stream.keys.stream)
+        now = int(time.time() * 1000)
+        pipe = self.stream.client.pipeline(transaction=False)
+        pipe.zadd(key, {worker_member(self.stamp, self.stream.consumer): now + int(ttl_s * 1000)})
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.pexpire(key, int(ttl_s * 1000))
+        pipe.execute()
+
     def live(self, entries: Sequence[Entry]) -> list[Entry]:
         """The entries someone still waits for; the expired ones are acked unencoded."""
         late = [e for e in entries if expired(e.fields)]
         if late:
             self._send([], [], [e.entry_id for e in late])
             log.info("online_expired", count=len(late), why="the request's deadline passed")
-        return [e for e in entries if not expired(e.fields)]
+        live = [e for e in entries if not expired(e.fields)]
+        others = [e for e in live if not self.stamp.serves(e.fields)]
+        if others:
+            self._send(
+                [reply_key(e.fields) for e in others],
+                [pack_mismatch(self.stamp, index_of(e.fields)) for e in others],
+                [e.entry_id for e in others],
+            )
+            log.info(
+                "online_other_model",
+                count=len(others),
+                model=self.stamp.name,
+                fingerprint=self.stamp.fingerprint,
+                why="the request asks for another model; its gateway sends it again",
+            )
+            live = [e for e in live if self.stamp.serves(e.fields)]
+        return live
 
     def answer(self, batch: Batch) -> None:
         """Send ``batch``'s vectors to their requests and ack its entries; the batch is left
@@ -171,7 +215,7 @@ class OnlineLane:
         if batch.vectors is None:
             return
         answers = [
-            pack_reply(index_of(i.entry.fields), len(i.ids), v)
+            pack_reply(self.stamp, index_of(i.entry.fields), len(i.ids), v)
             for i, v in zip(batch.items, batch.vectors, strict=True)
         ]
         self._send(
@@ -186,7 +230,7 @@ class OnlineLane:
         message = f"{reason}: {error}"
         self._send(
             [reply_key(item.entry.fields)],
-            [pack_failure(index_of(item.entry.fields), message)],
+            [pack_failure(self.stamp, index_of(item.entry.fields), message)],
             [e.entry_id for e in item.entries],
         )
 

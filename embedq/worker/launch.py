@@ -27,8 +27,10 @@ from embedq.core.keys import lane_stream
 from embedq.core.records import Limits
 from embedq.model import tokenizing
 from embedq.model.encoder import Encoder, resolve_device
+from embedq.model.identity import identity_of
 from embedq.model.vector_cache import Vector, VectorCache
 from embedq.queue.jobs import JobLedger
+from embedq.queue.online_wire import Stamp
 from embedq.queue.stream import Stream, open_partitions, open_stream
 from embedq.queue.versions import Versions
 from embedq.sink.milvus import Sink, open_sink
@@ -101,6 +103,9 @@ def encoder_for(settings: Settings) -> Encoder:
         settings.dtype,
         dimensions=settings.dimensions,
         force_dimensions=settings.force_dimensions,
+        backend=settings.backend,
+        quantize=settings.quantize,
+        model_cache=settings.model_cache,
     )
 
 
@@ -180,10 +185,14 @@ def assemble(
         fault_point=fault_injector(settings.fault_point),
     )
     stop_requested = threading.Event()
-    lane = online_lane(partitions, settings, in_flight, retrying, stop_requested)
+    lane = online_lane(
+        partitions, settings, in_flight, retrying, stop_requested, encoder=encoders[0]
+    )
     batcher, encoding = reader_and_model(
         settings, encoders[0], lane, settler, metrics=metrics, stats=stats
     )
+    heartbeat = Heartbeat(partitions, in_flight, Timing(settings.min_idle_s).heartbeat_s, watchdog)
+    publish_on(heartbeat, lane)
     return Worker(
         Parts(
             settings=settings,
@@ -192,9 +201,7 @@ def assemble(
             sink=sink,
             metrics=metrics,
             in_flight=in_flight,
-            heartbeat=Heartbeat(
-                partitions, in_flight, Timing(settings.min_idle_s).heartbeat_s, watchdog
-            ),
+            heartbeat=heartbeat,
             watchdog=watchdog,
             reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
             batcher=batcher,
@@ -248,6 +255,8 @@ def online_lane(
     in_flight: InFlight,
     retrying: Retrier,
     stop: threading.Event,
+    *,
+    encoder: Encoder,
 ) -> OnlineLane | None:
     """The worker's side of the interactive lane, the one of ``streams`` whose keys are
     online (None with ``--no-online``: none is)."""
@@ -261,7 +270,21 @@ def online_lane(
         reply_ttl_ms=int(settings.api_timeout_s * 1000) + 5000,
         read_count=settings.read_count,
         stop=stop,
+        stamp=stamp_of(encoder),
     )
+
+
+def publish_on(heartbeat: Heartbeat, lane: OnlineLane | None) -> None:
+    """The lane's record of who serves it (``OnlineLane.publish``), renewed at every beat
+    and lasting three."""
+    if lane is not None:
+        heartbeat.also.append(partial(lane.publish, 3 * heartbeat.interval_s))
+
+
+def stamp_of(encoder: Encoder) -> Stamp:
+    """The model identity the worker stamps on its online answers."""
+    identity = identity_of(encoder)
+    return Stamp(identity.name, identity.fingerprint)
 
 
 def count_failures(metrics: WorkerMetrics) -> Callable[[str, InfrastructureError], None]:
@@ -327,11 +350,18 @@ def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Wo
     return assemble(settings, open_stream(settings), encoders, open_sink(settings), metrics)
 
 
-def run_worker(settings: Settings) -> Stats:
+def run_worker(
+    settings: Settings,
+    on_release: Callable[[Stats], None] | None = None,
+    *,
+    on_loaded: Callable[[], None] | None = None,
+) -> Stats:
     """``embedq worker``: the metrics server first (probes answer while the model loads),
     then the worker, until it stops. Ready means "can make progress now": model loaded and
     stages running, Redis and Milvus answering (checked in the background), and no call
-    backing off; a dependency that answers again cuts the backoff short."""
+    backing off; a dependency that answers again cuts the backoff short. ``on_release``
+    gets the summary when the grace period ends before the batches in hand
+    (embedq.worker.shutdown); ``on_loaded`` is called once the model is in memory."""
     from embedq.worker.health import not_backing_off, serve_worker_metrics
 
     metrics = WorkerMetrics(stream=settings.stream, group=settings.group)
@@ -351,6 +381,8 @@ def run_worker(settings: Settings) -> Stats:
             wake=wake,
         )
     work = build_worker(settings, metrics)
+    if on_loaded is not None:
+        on_loaded()
     settle_heap()
     booted.append(work)
     metrics.watch_retries(work.retrying.waiting)
@@ -358,7 +390,7 @@ def run_worker(settings: Settings) -> Stats:
         server.watch("milvus", work.sink.ping, every_s=5.0, on_recovered=work.retrying.wake)
         server.require("progress", not_backing_off(work.retrying.waiting))
         server.require_alive("stages", lambda: not work.parts.watchdog.stuck())
-    work.install_signal_handlers()
+    work.install_signal_handlers(on_release)
     return work.run()
 
 

@@ -109,7 +109,8 @@ class Worker:
         self._last_reclaim = 0.0
         self._last_trim = time.monotonic()
         self._fault_point = parts.fault_point
-        self.window = ReadWindow(self.settings.read_count)  # count, bounded by bytes
+        # Entries a read takes: bounded by bytes, and by seconds of work (embedq.worker.reader)
+        self.window = ReadWindow(self.settings.read_count, hold_s=self.settings.read_hold_s)
 
     @property
     def stats(self) -> Stats:
@@ -121,9 +122,21 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT finish the batches in hand; a second one exits at once."""
-        GracefulShutdown(self.stop_requested, self.settings.grace_s).install()
+    def install_signal_handlers(self, on_release: Callable[[Stats], None] | None = None) -> None:
+        """SIGTERM/SIGINT finish the batches in hand; past ``--grace`` the worker lets them
+        go (pending for the reclaimer) with its summary, exit 0; a second, separate signal
+        exits at once (embedq.worker.shutdown)."""
+
+        def release() -> None:
+            log.info(
+                "worker_stopped",
+                released="grace over: entries in hand left pending",
+                **self.stats.as_dict(),
+            )
+            if on_release is not None:
+                on_release(self.stats)
+
+        GracefulShutdown(self.stop_requested, self.settings.grace_s, on_release=release).install()
 
     def prepare(self) -> None:
         """Join the group and make sure the collection exists (idempotent).
@@ -145,6 +158,8 @@ class Worker:
             if first("create group", stream.ensure_group):
                 log.info("group_created", stream=stream.keys.stream, group=stream.group)
         created = first("prepare collection", lambda: self.sink.ensure_for(self.encoder))
+        # The index of the collection writes go to, not of the alias --collection may be.
+        self.settler.ordering.retarget(self.sink.index_name)
         if created:
             # A new collection holds nothing, whatever an index from an earlier (dropped)
             # one says: dedup and stale checks must not skip what it lacks.
@@ -305,7 +320,8 @@ class Worker:
             found = self._reclaimed()
             if found:
                 return found
-        windows = read_new_many(self.partitions, self.window.count(), self.settings.block_ms)
+        count = self.window.count(held=len(self.in_flight))
+        windows = read_new_many(self.partitions, count, self.settings.block_ms)
         for _stream, entries in windows:
             self.window.saw(entries)
         return windows
@@ -361,6 +377,7 @@ class Worker:
             with self.parts.watchdog.working():
                 self.encode(batch, encoder)
             batch.encode_s = time.perf_counter() - started
+            self.window.measured(rows, batch.encode_s, len(self.encoders))
             self.metrics.forward_done(batch.encode_s, rows, batch.padded_tokens)
             self._fault_point("after_inference")
             release_free_heap()  # only if RSS grew: long texts grow the heap within a window

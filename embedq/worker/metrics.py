@@ -46,7 +46,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometh
 
 STAGES = ("tokenize", "inference", "write", "ack")
 ERROR_KINDS = ("redis", "milvus", "other", "encode", "sink_rejected")
-# Every reason a worker dead-letters with (README, "Stream contract"); others still count.
+# Every reason a worker dead-letters with (docs/concepts.md, "Stream contract"); others still count.
 DEAD_LETTER_REASONS = (
     "missing_id",
     "missing_text",
@@ -222,8 +222,9 @@ class WorkerMetrics:
             "Calls backing off until this dependency answers again",
             "dependency",
         )
-        self.model = Info("embedq_model", "The model this worker runs", list(self.on),
-                          registry=self.registry)  # fmt: skip
+        self.model = Info(
+            "embedq_model", "The model this worker runs", list(self.on), registry=self.registry
+        )
 
     def _initialise(self) -> None:
         """Every known label value at 0, so the first event shows in increase()."""

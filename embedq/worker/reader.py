@@ -5,6 +5,12 @@ XREADGROUP takes a count, not a size: 512 entries of 1 MB texts would be half a 
 in one read, held whole while its oversized entries wait to be dead-lettered. The window
 keeps a running estimate of the entry size and reads fewer entries when ``count`` of them
 would exceed ``max_bytes``; at least one entry is always read.
+
+Nor is a count a share: a CPU worker that reads 512 long texts holds 25-40 s of work that a
+worker joining a moment later cannot have (two workers on a 500-entry backlog: one took
+all 500, issue 28). So the window also holds at most ``hold_s`` seconds of work at the
+worker's measured rate (texts per second through the model, all replicas), less what the
+worker already holds; until a rate is measured, it reads ``FIRST_COUNT`` entries.
 """
 
 from __future__ import annotations
@@ -17,19 +23,40 @@ from embedq.queue.entries import Entry
 from embedq.queue.stream import Stream
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+FIRST_COUNT = 32  # entries read before the worker has measured its rate
+MIN_COUNT = 8  # a window below this batches too little to be worth a read
 
 
 class ReadWindow:
-    def __init__(self, count: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, count: int, max_bytes: int = DEFAULT_MAX_BYTES, *, hold_s: float = 0.0
+    ) -> None:
         self.max_count = count
         self.max_bytes = max_bytes
+        self.hold_s = hold_s  # 0: no time bound, ``count`` entries a read
         self._mean_bytes = 0.0  # an exponential moving average of entry sizes
+        self._rate = 0.0  # texts/s through the model, an exponential moving average
 
-    def count(self) -> int:
-        """Entries the next read may take."""
-        if self._mean_bytes <= 0:
-            return self.max_count
-        return max(1, min(self.max_count, int(self.max_bytes // self._mean_bytes)))
+    def count(self, held: int = 0) -> int:
+        """Entries the next read may take, while the worker holds ``held`` unsettled."""
+        count = self.max_count
+        if self._mean_bytes > 0:
+            count = min(count, int(self.max_bytes // self._mean_bytes))
+        if self.hold_s > 0:
+            if self._rate <= 0:
+                budget = FIRST_COUNT
+            else:
+                budget = max(MIN_COUNT, int(self._rate * self.hold_s) - held)
+            count = min(count, budget)
+        return max(1, count)
+
+    def measured(self, texts: int, seconds: float, replicas: int = 1) -> None:
+        """One forward pass took ``seconds`` for ``texts``; ``replicas`` run side by side."""
+        if texts <= 0 or seconds <= 0:
+            return
+        rate = texts / seconds * replicas
+        weight = 1.0 if self._rate <= 0 else 0.3
+        self._rate += weight * (rate - self._rate)
 
     def saw(self, entries: Sequence[Entry]) -> None:
         """Learn from a read: its entries' mean size moves the estimate (fast upwards, so

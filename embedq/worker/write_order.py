@@ -36,6 +36,11 @@ class Ordering:
         self.lease_ms = lease_ms
         self.retrying = retrying
 
+    def retarget(self, collection: str) -> None:
+        """Use ``collection``'s index on every partition (``Versions.retarget``)."""
+        for versions in (self.versions or {}).values():
+            versions.retarget(collection)
+
     def clear(self) -> None:
         """Empty the index and leases of every partition (a collection created anew)."""
         for versions in (self.versions or {}).values():

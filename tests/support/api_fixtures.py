@@ -11,8 +11,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from embedq.api.app import create_app
+from embedq.api.serve import server_config
 from embedq.core.config import Settings
 from embedq.sink.milvus import Sink
 from embedq.worker.loop import Worker
@@ -27,22 +29,24 @@ def free_port() -> int:
 @contextmanager
 def gateway(settings: Settings, sink: Sink | None = None) -> Iterator[str]:
     """``embedq serve``'s app for ``settings`` on a free port; yields its base URL."""
+    with gateway_app(settings, sink) as (url, _app):
+        yield url
+
+
+@contextmanager
+def gateway_app(settings: Settings, sink: Sink | None = None) -> Iterator[tuple[str, FastAPI]]:
+    """``gateway``, yielding the app too (its ``state.gateway`` holds the fleet client)."""
     port = free_port()
     settings = settings.replace(api_host="127.0.0.1", api_port=port)
-    config = uvicorn.Config(
-        create_app(settings, sink=sink),
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-    )
+    app = create_app(settings, sink=sink)
+    config = server_config(settings, app)  # embedq serve's own uvicorn settings
+    config.lifespan = "on"
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-gateway", daemon=True)
     thread.start()
     wait_for(lambda: server.started, 20, "the gateway to start")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", app
     finally:
         server.should_exit = True
         thread.join(20)

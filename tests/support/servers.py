@@ -79,11 +79,20 @@ class RedisServer(bench.RedisServer):
     def _listen(self) -> list[str]:
         if self.tls_dir is None:
             return super()._listen()
-        return ["--port", "0", "--tls-port", str(self.port),  # TLS only: the plain port is off
-                "--tls-cert-file", str(self.tls_dir / "server.crt"),
-                "--tls-key-file", str(self.tls_dir / "server.key"),
-                "--tls-ca-cert-file", str(self.tls_dir / "ca.crt"),
-                "--tls-auth-clients", "no"]  # fmt: skip
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),  # TLS only: the plain port is off
+            "--tls-cert-file",
+            str(self.tls_dir / "server.crt"),
+            "--tls-key-file",
+            str(self.tls_dir / "server.key"),
+            "--tls-ca-cert-file",
+            str(self.tls_dir / "ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ]
 
     def _options(self) -> list[str]:
         args = ["--appendonly", "yes" if self.appendonly else "no"]
@@ -92,8 +101,14 @@ class RedisServer(bench.RedisServer):
         if self.maxmemory is not None:
             args += ["--maxmemory", self.maxmemory]
         if self.cluster_port is not None:
-            args += ["--cluster-enabled", "yes", "--cluster-port", str(self.cluster_port),
-                     "--cluster-config-file", str(self.dir / "nodes.conf")]  # fmt: skip
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                str(self.cluster_port),
+                "--cluster-config-file",
+                str(self.dir / "nodes.conf"),
+            ]
         return args
 
     def kill(self) -> None:
@@ -125,8 +140,18 @@ class MilvusLiteServer(bench.Server):
 
     def start(self) -> Self:
         binary = bench.find_binary("milvus-lite", "pip install milvus-lite")
-        self._launch([binary, "server", "--data-dir", str(self.dir),
-                      "--host", "127.0.0.1", "--port", str(self.port)])  # fmt: skip
+        self._launch(
+            [
+                binary,
+                "server",
+                "--data-dir",
+                str(self.dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ]
+        )
         self._wait_ready(lambda: milvus_answers(self.uri), 60, 0.2)
         return self
 

@@ -119,11 +119,17 @@ class StubSink:
     def upsert_columns(self, columns: Columns) -> int:
         return self.upsert(
             [
-                Row(r["id"], np.asarray(r["vector"], dtype=np.float32), r["text"], r["meta"],
-                    r["content_hash"], r["version"])
+                Row(
+                    r["id"],
+                    np.asarray(r["vector"], dtype=np.float32),
+                    r["text"],
+                    r["meta"],
+                    r["content_hash"],
+                    r["version"],
+                )
                 for r in columns.rows(FIELDS)
             ]
-        )  # fmt: skip
+        )
 
     def delete(self, ids: Sequence[str]) -> None:
         self.calls += 1

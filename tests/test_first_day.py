@@ -220,7 +220,7 @@ def test_an_empty_source_starts_no_job_and_a_job_shows_dates(stream_name: str) -
     sent = embedq("enqueue", "--job", "first-day", env=env, stdin='{"id": "1", "text": "t"}\n')
     assert sent.returncode == 0, sent.stderr
     shown = embedq("job", "first-day", env=env).stdout
-    assert "started_ms       20" in shown and " UTC" in shown
+    assert "started          20" in shown and " UTC" in shown
     assert format_time_ms(0) == "1970-01-01 00:00:00 UTC"
 
 

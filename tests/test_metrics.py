@@ -261,7 +261,7 @@ def test_everything_a_process_writes_to_stderr_is_one_json_object_per_line() -> 
     same renderer; gRPC's C core, which writes to the file descriptor itself, is silenced."""
     script = (
         "import logging, os, threading, warnings\n"
-        "from embedq import logs\n"
+        "from embedq.core import logs\n"
         "logs.configure('info', json=True, secrets=['s3cret'])\n"
         "logging.getLogger('pymilvus').warning('retrying with token s3cret')\n"
         "warnings.warn('a library deprecates something')\n"

@@ -340,6 +340,7 @@ def check_the_alerts(p: Prometheus) -> None:
         "EmbedqRedisUnreadable",
         "EmbedqExporterMissing",
         "EmbedqDeadLettered",
+        "EmbedqRedisDataLost",
     }
     assert all(r["health"] == "ok" for g in rules for r in g["rules"]), rules
     # A healthy fleet that drained and dead-lettered one bad entry: only that shows.

@@ -225,7 +225,7 @@ def test_bge_m3_rows_and_search_in_every_mode(
         "--json",
         *where,
     )
-    assert json.loads(weighted.stdout)[0]["id"] == "doc-2"
+    assert json.loads(weighted.stdout.splitlines()[0])["id"] == "doc-2"  # JSON Lines
 
 
 def test_search_mode_the_collection_cannot_serve_is_refused(

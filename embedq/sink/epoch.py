@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from embedq.core.errors import ConfigError, EmbedqError, SinkRejected
+from embedq.core.errors import ConfigError, EmbedqError, QueueFull, SinkRejected
 from embedq.core.progress import format_time_ms
 from embedq.queue.connection import translated
 from embedq.queue.entries import text
@@ -180,7 +180,13 @@ def establish(
     and, when the two sides disagree, warn once and set ``embedq_redis_data_lost`` (see the
     module doc)."""
     recorded = in_collection(sink)
-    ours = claim_in_redis(streams[0], sink.collection)
+    try:
+        ours = claim_in_redis(streams[0], sink.collection)
+    except QueueFull as exc:
+        # A full Redis refuses the epoch's first write; the worker must still start and
+        # drain it (acks free memory). The epoch is made by a later start or `verify`.
+        log.warning("epoch_unchecked", collection=sink.target, error=str(exc))
+        return Standing(None, None)
     standing = Standing(ours, recorded or ours)
     if recorded is None:
         try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,16 +35,18 @@ import pytest
 import redis
 
 from embedq.core.config import Settings
-from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.model.encoder import Encoder
 from embedq.queue.connection import connect
 from embedq.queue.stream import Stream
 from embedq.sink.milvus import Sink, open_sink
 from embedq.worker.launch import assemble
 from embedq.worker.loop import Worker
 
+from .support import xdist_groups
 from .support.fault_fixtures import WorkerProcess
 from .support.layers import is_slow
 from .support.servers import MilvusLiteServer, MilvusStandalone, RedisServer
+from .support.tiny_models import tiny_bert
 
 REDIS_URL = os.environ.get("EMBEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
@@ -53,8 +54,9 @@ SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.jsonl"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``slow`` every test that starts servers or processes (see the docstring)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts servers or processes (see the docstring), and
+    tell the xdist controller which tests share a session server."""
     for item in items:
         if not isinstance(item, pytest.Function):
             continue
@@ -62,6 +64,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = [d.func for defs in info.name2fixturedefs.values() for d in defs]
         if is_slow(item.function, item.fixturenames, fixtures):
             item.add_marker(pytest.mark.slow)
+    xdist_groups.record(config, items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Controller: hand each xdist worker the file it writes the server groups to."""
+    node.workerinput[xdist_groups.INPUT_KEY] = str(_groups_path(node.config))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Controller: tests sharing a Milvus server go to one worker (tests/support/xdist_groups.py);
+    an explicit ``--dist`` other than ``load`` keeps xdist's own scheduler."""
+    if config.getoption("dist") != "load":
+        return None
+    return xdist_groups.make_scheduler(config, log, _groups_path(config))
+
+
+def _groups_path(config: pytest.Config) -> Path:
+    base: Path = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    return base / "xdist-server-groups.json"
 
 
 def corpus_rows(name: str, n: int) -> list[dict[str, Any]]:
@@ -238,35 +261,11 @@ def milvus_server_factory(
         server.stop()
 
 
-# A tiny real BERT (random weights, one layer, 64 positions) whose embedding table has 30000
-# rows while its tokenizer, the packaged all-MiniLM-L6-v2 one, knows 30522 tokens: torch
-# raises in the forward pass of any batch holding a token id of 30000 or more (see
-# tests/test_dead_letters.py), so a model failure on one text is real, not faked.
-EMBEDDING_ROWS = 30000
-MAX_POSITIONS = 64
-
-
+# The suite's tiny real BERT (tests/support/tiny_models.py): its embedding table has fewer
+# rows than its tokenizer knows tokens, so a model failure on one text is real, not faked.
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel
-
-    source = packaged_model_dir()
-    assert source is not None, "the packaged model provides the tokenizer files"
-    target = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=EMBEDDING_ROWS,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_POSITIONS,
-    )
-    BertModel(config).save_pretrained(target)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(source / name, target / name)
-    return target
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

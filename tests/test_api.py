@@ -70,7 +70,7 @@ def test_openai_client_gets_the_workers_vectors(
     assert [d.index for d in got.data] == [0, 1, 2]
     assert got.model == encoder.name
     vectors = np.asarray([d.embedding for d in got.data], dtype=np.float32)
-    assert vectors.shape == (3, encoder.dimension)
+    assert vectors.shape == (3, encoder.width)
     assert _cosines(vectors, reference(TEXTS)).min() >= 0.9999
     as_floats = np.asarray([d.embedding for d in floats.data], dtype=np.float32)
     assert np.array_equal(as_floats, vectors)  # float JSON and base64 carry the same float32
@@ -95,7 +95,7 @@ def test_raw_http_base64_and_float_agree(fleet: tuple[str, Worker], encoder: Enc
         assert f["object"] == b["object"] == "embedding"
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         assert np.array_equal(np.asarray(f["embedding"], dtype=np.float32), decoded)
-        assert decoded.shape == (encoder.dimension,)
+        assert decoded.shape == (encoder.width,)
     assert as_float["usage"] == as_b64["usage"]
 
 

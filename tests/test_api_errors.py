@@ -83,7 +83,7 @@ def test_every_error_is_openai_shaped_and_blames_the_right_party(
             assert "vectors" not in error["message"]  # the collection's name either
 
         # dimensions: the native size is accepted (OpenAI's clients send it).
-        native = tiny_encoder.dimension
+        native = tiny_encoder.width
         plain = http.post("/v1/embeddings", json={"input": ["a b c"]}).json()
         sized = http.post("/v1/embeddings", json={"input": ["a b c"], "dimensions": native})
         assert sized.status_code == 200, sized.text

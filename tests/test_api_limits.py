@@ -3,7 +3,6 @@ processes share, no worker at all, a worker SIGKILLed holding a request."""
 
 from __future__ import annotations
 
-import queue
 import signal
 import threading
 import time
@@ -276,30 +275,3 @@ def test_worker_killed_mid_request_is_redone_by_another(
         assert response.status_code == 200, response.text
         assert [d["index"] for d in response.json()["data"]] == [0, 1]
         assert result["took"] < 60
-
-
-def test_lanes_queue_puts_online_batches_first_and_never_blocks_them(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
-    from embedq.core.records import Record
-    from embedq.queue.entries import Entry
-    from embedq.worker.lane import Lanes
-    from embedq.worker.pipeline import Batch, Item
-
-    bulk_stream = Stream(redis_client, settings.stream, "g", "c")
-    lane_stream_ = Stream(redis_client, _lane(settings), "g", "c", online=True)
-
-    def batch(stream: Stream, seq: int) -> Batch:
-        item = Item(stream, Entry(f"{seq}-0"), Record(id=str(seq), text="t"))
-        return Batch(seq=seq, items=[item])
-
-    polled: list[int] = []
-    inbox = Lanes(2, while_full=lambda q: polled.append(q.qsize()))
-    inbox.put(batch(bulk_stream, 0))
-    inbox.put(batch(bulk_stream, 1))
-    inbox.put(batch(lane_stream_, 2))  # full of bulk, and still in at once
-    with pytest.raises(queue.Full):
-        inbox.put(batch(bulk_stream, 3), timeout=0.05)
-    assert polled, "a bulk put waiting for room lets the lane be read meanwhile"
-    got = [inbox.get_nowait() for _ in range(3)]
-    assert [b.seq for b in got if isinstance(b, Batch)] == [2, 0, 1]

@@ -5,7 +5,6 @@ for a collection of another model."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import redis
 
 from embedq.core.config import Settings
 from embedq.core.keys import Keys, lane_stream
-from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.model.encoder import Encoder
 from embedq.model.identity import configured_identity, identity_of
 from embedq.queue.online_wire import (
     Stamp,
@@ -33,6 +32,7 @@ from embedq.sink.milvus import Sink
 from embedq.worker.launch import assemble
 
 from .support.api_fixtures import gateway_app, running
+from .support.tiny_models import tiny_bert
 
 TEXTS = [f"rollout text number {i}: the same words for both models" for i in range(8)]
 
@@ -41,21 +41,7 @@ TEXTS = [f"rollout text number {i}: the same words for both models" for i in ran
 def twin_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The adversary's case: the tiny model's architecture, dimensions and folder name,
     other weights (a fine-tuned twin), so neither the name nor the size tells them apart."""
-    import torch
-    from transformers import BertModel
-
-    target = tmp_path_factory.mktemp("twin") / tiny_model.name
-    model = BertModel.from_pretrained(str(tiny_model))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(target)
-    source = packaged_model_dir()
-    assert source is not None
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(source / name, target / name)
-    return target
+    return tiny_bert(tmp_path_factory.mktemp("twin") / tiny_model.name, seed=1)
 
 
 def _unit(v: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -91,7 +77,7 @@ def test_an_answer_names_its_model_and_a_worker_refuses_another_models_entry() -
 def test_the_gateways_identity_is_the_workers(tiny_model: Path, tiny_encoder: Encoder) -> None:
     assert configured_identity(str(tiny_model)) == identity_of(tiny_encoder)
     # --dimensions at the native size truncates nothing: the same fingerprint.
-    assert configured_identity(str(tiny_model), tiny_encoder.dimension) == identity_of(tiny_encoder)
+    assert configured_identity(str(tiny_model), tiny_encoder.width) == identity_of(tiny_encoder)
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""``--backend onnx`` / ``--quantize int8`` (issue 29): the forward pass on ONNX Runtime,
-checked against fp32 torch by the accuracy gate at load."""
+"""``--backend onnx|openvino`` / ``--quantize int8`` (issue 29): the forward pass on ONNX
+Runtime or OpenVINO, checked against fp32 torch by the accuracy gate at load."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +17,17 @@ from onnx import numpy_helper
 
 from embedq.core.config import Settings, SettingsError
 from embedq.core.errors import ConfigError
-from embedq.model import onnx_backend
+from embedq.model import onnx_backend, openvino_backend
 from embedq.model.accuracy_gate import THRESHOLDS, AccuracyGateFailed, cosines
-from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.model.encoder import Encoder
 from embedq.model.fingerprint import fingerprint
 from embedq.producer.client import Producer
 from embedq.queue.stream import Stream
 from embedq.sink.milvus import open_sink
 from embedq.sink.schema import model_fingerprint
 from embedq.worker.launch import assemble
+
+from .support.tiny_models import FULL_VOCAB, tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,13 +66,33 @@ def onnx_encoders(encoder: Encoder, model_cache: Path) -> dict[str, Encoder]:
     }
 
 
+@pytest.fixture(scope="module")
+def openvino_encoders(encoder: Encoder, model_cache: Path) -> dict[str, Encoder]:
+    """The packaged model on OpenVINO fp32 and int8 (read from the ONNX export, through the
+    gate)."""
+    return {
+        q: Encoder(device="cpu", backend="openvino", quantize=q, model_cache=str(model_cache))
+        for q in ("none", "int8")
+    }
+
+
+@pytest.fixture(params=["onnx", "openvino"])
+def exported_encoders(
+    request: pytest.FixtureRequest, onnx_encoders: dict[str, Encoder], model_cache: Path
+) -> dict[str, Encoder]:
+    if request.param == "onnx":
+        return onnx_encoders
+    found: dict[str, Encoder] = request.getfixturevalue("openvino_encoders")
+    return found
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_onnx_vectors_match_fp32_torch_on_real_and_hostile_text(
-    encoder: Encoder, onnx_encoders: dict[str, Encoder], quantize: str
+def test_exported_vectors_match_fp32_torch_on_real_and_hostile_text(
+    encoder: Encoder, exported_encoders: dict[str, Encoder], quantize: str
 ) -> None:
     texts = real_texts() + HOSTILE
     reference = encoder.encode(texts)
-    candidate = onnx_encoders[quantize]
+    candidate = exported_encoders[quantize]
     # The same token-budget path as the worker: tokenize once, forward per batch.
     tokens = [t.ids for t in candidate.tokenize(texts)]
     got = np.concatenate(
@@ -82,10 +104,13 @@ def test_onnx_vectors_match_fp32_torch_on_real_and_hostile_text(
     assert candidate.gate_cosine is not None and candidate.gate_cosine >= THRESHOLDS[quantize]
 
 
-def test_onnx_keeps_matryoshka_truncation(encoder: Encoder, model_cache: Path) -> None:
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_exported_backends_keep_matryoshka_truncation(
+    encoder: Encoder, model_cache: Path, backend: str
+) -> None:
     cut = Encoder(
         device="cpu",
-        backend="onnx",
+        backend=backend,
         model_cache=str(model_cache),
         dimensions=128,
         force_dimensions=True,
@@ -99,14 +124,16 @@ def test_onnx_keeps_matryoshka_truncation(encoder: Encoder, model_cache: Path) -
 
 
 def test_fingerprints_differ_across_backends(
-    encoder: Encoder, onnx_encoders: dict[str, Encoder]
+    encoder: Encoder, onnx_encoders: dict[str, Encoder], openvino_encoders: dict[str, Encoder]
 ) -> None:
     prints = {
         model_fingerprint(encoder),
         model_fingerprint(onnx_encoders["none"]),
         model_fingerprint(onnx_encoders["int8"]),
+        model_fingerprint(openvino_encoders["none"]),
+        model_fingerprint(openvino_encoders["int8"]),
     }
-    assert len(prints) == 3
+    assert len(prints) == 5
     # fp32 torch keeps the fingerprint collections recorded before backends existed.
     assert model_fingerprint(encoder) == fingerprint(encoder.model_dir, encoder.spec, 0)
 
@@ -116,10 +143,10 @@ def test_a_worker_on_each_backend_drains_into_milvus_lite(
     settings: Settings,
     redis_client: redis.Redis,
     encoder: Encoder,
-    onnx_encoders: dict[str, Encoder],
+    exported_encoders: dict[str, Encoder],
     quantize: str,
 ) -> None:
-    candidate = onnx_encoders[quantize]
+    candidate = exported_encoders[quantize]
     texts = real_texts(24)
     Producer(redis_client, settings.stream, group="g").enqueue(
         [{"id": f"t{i}", "text": t} for i, t in enumerate(texts)]
@@ -148,25 +175,8 @@ def test_a_worker_on_each_backend_drains_into_milvus_lite(
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The suite's tiny BERT, but with an embedding row for every token of the tokenizer:
     the gate's probes (emoji, CJK, Arabic) reach ids past the shared tiny model's rows."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    source = packaged_model_dir()
-    assert source is not None
     target = tmp_path_factory.mktemp("tiny-bert-full-vocab")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    BertModel(config).save_pretrained(target)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(source / name, target / name)
-    return target
+    return tiny_bert(target, vocab_size=FULL_VOCAB, max_positions=512)
 
 
 @pytest.fixture
@@ -246,14 +256,52 @@ def test_a_model_that_cannot_be_exported_is_one_clear_line(
 
 
 def test_unsupported_combinations_are_refused() -> None:
-    with pytest.raises(SettingsError, match="quantize int8 needs backend onnx"):
+    with pytest.raises(SettingsError, match="quantize int8 needs backend onnx or openvino"):
         Settings(quantize="int8")
-    with pytest.raises(SettingsError, match="backend must be torch or onnx"):
+    with pytest.raises(SettingsError, match="backend must be torch, onnx or openvino"):
         Settings(backend="tensorrt")
-    with pytest.raises(ConfigError, match="runs on the CPU"):
-        onnx_backend.check_choice("onnx", "none", "cuda:0", splade=False)
-    with pytest.raises(ConfigError, match="SPLADE"):
-        onnx_backend.check_choice("onnx", "none", "cpu", splade=True)
+    for backend in ("onnx", "openvino"):
+        with pytest.raises(ConfigError, match=f"--backend {backend} runs on the CPU"):
+            onnx_backend.check_choice(backend, "none", "cuda:0", splade=False)
+        with pytest.raises(ConfigError, match=f"--backend {backend} does not serve SPLADE"):
+            onnx_backend.check_choice(backend, "none", "cpu", splade=True)
+
+
+def test_openvino_int8_without_nncf_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a)
+    )
+    openvino_backend.check_available("none")  # fp32 needs only OpenVINO
+    with pytest.raises(ConfigError, match=r"needs NNCF .* pip install 'embedq\[openvino\]'") as err:
+        openvino_backend.check_available("int8")
+    assert "\n" not in str(err.value)
+
+
+def test_the_gate_refuses_a_perturbed_openvino_model(tiny_model: Path, tmp_path: Path) -> None:
+    """The gate judges what OpenVINO serves: a converted model whose weights were scrambled
+    after conversion is refused, with the figures."""
+    import openvino
+
+    cache = tmp_path / "cache"
+    Encoder(str(tiny_model), device="cpu", backend="openvino", model_cache=str(cache))
+    (xml,) = cache.glob("*openvino*/model.xml")
+    model = openvino.Core().read_model(str(xml))
+    biggest = max(
+        (op for op in model.get_ops() if op.get_type_name() == "Constant"),
+        key=lambda op: int(np.prod(op.get_output_shape(0))),
+    )
+    weights = biggest.get_data()
+    scrambled = np.random.default_rng(0).permutation(weights.reshape(-1)).reshape(weights.shape)
+    biggest.output(0).replace(openvino.op.Constant(scrambled.astype(weights.dtype)).output(0))
+    # Saved beside and renamed over: OpenVINO maps model.bin, and writing into the mapped
+    # file in place would pull it from under the reader (SIGBUS).
+    scratch = tmp_path / "scrambled"
+    openvino.save_model(model, str(scratch / "model.xml"), compress_to_fp16=False)
+    for name in ("model.xml", "model.bin"):
+        (scratch / name).replace(xml.parent / name)
+    with pytest.raises(AccuracyGateFailed, match=r"--backend openvino .* below cosine 0\.9999"):
+        Encoder(str(tiny_model), device="cpu", backend="openvino", model_cache=str(cache))
 
 
 def test_backend_settings_come_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,3 +315,31 @@ def test_backend_settings_come_from_flags_and_env(monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 2, result.output
     assert "needs backend onnx" in result.output
     assert "Traceback" not in result.output
+
+
+# -- embedq bench's CPU-backend variants ----------------------------------------------------
+
+
+def test_bench_reports_each_backend_against_both_sentence_transformers_baselines() -> None:
+    from embedq.bench.report import ratios
+    from embedq.bench.variants import RunResult
+
+    speeds = {"st": 10.0, "st-onnx-int8": 20.0, "onnx-int8": 30.0, "embedq": 15.0}
+    results = [
+        RunResult(variant, 100, 1000, 100 / (rate * run), 0.0, run=run)
+        for run in (1, 2, 3)
+        for variant, rate in speeds.items()
+    ]
+    found = ratios(results)
+    assert found["onnx-int8/b"] == pytest.approx(3.0)
+    assert found["onnx-int8/st-onnx-int8"] == pytest.approx(1.5)
+    assert found["d/b"] == pytest.approx(1.5)
+    assert "openvino/b" not in found  # not run, not reported
+
+
+def test_the_sentence_transformers_onnx_variant_needs_its_interpreter() -> None:
+    from embedq.bench.variants import BenchRun, run_st_onnx
+
+    with pytest.raises(ConfigError, match="st-onnx-int8 needs --st-python") as err:
+        run_st_onnx(BenchRun("st-onnx-int8", [{"id": "1", "text": "x"}], Settings(), 1))
+    assert "\n" not in str(err.value)

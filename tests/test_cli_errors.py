@@ -9,6 +9,7 @@ subprocess, to prove the exit status and stderr of a real process."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -28,9 +29,11 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
+from embedq.api.serve import check_exposure
 from embedq.cli import main
 from embedq.core import logs
-from embedq.core.errors import ExitCode
+from embedq.core.config import Settings
+from embedq.core.errors import ConfigError, ExitCode
 
 from .conftest import REDIS_URL, SAMPLE
 
@@ -386,6 +389,48 @@ def test_search_on_a_milvus_server_that_is_not_there_names_it() -> None:
         says=(f"milvus at 127.0.0.1:{port}, set by EMBEDQ_MILVUS_URI",),
     )
     check(embedq(("search", "x", "--milvus-timeout", "2"), mistake.env), mistake)
+
+
+def test_a_worker_with_milvus_down_warns_once_then_fails_in_one_line(
+    tiny_model: Path, stream_name: str
+) -> None:
+    """Issue 28: a worker waiting for Milvus printed a warning per retry before its final
+    line. Now: one warning, the retries at debug, then the one line."""
+    port = _free_port()
+    env = {
+        "EMBEDQ_REDIS_URL": REDIS_URL,
+        "EMBEDQ_STREAM": stream_name,
+        "EMBEDQ_MODEL": str(tiny_model),
+        "EMBEDQ_MILVUS_URI": f"http://127.0.0.1:{port}",
+        "EMBEDQ_LOG_LEVEL": "debug",  # the retries are there, one level down
+    }
+    ran = embedq(("worker", "--drain", "--milvus-timeout", "0.5", "--connect-timeout", "3"), env)
+    check(ran, Mistake(code=ExitCode.CONNECT, says=(f"milvus at 127.0.0.1:{port}",)))
+    events = [json.loads(line) for line in ran.stderr.splitlines() if line.startswith("{")]
+    retries = [e for e in events if e["event"] == "infrastructure_error"]
+    # (How many attempts fit in 3 s depends on the machine: tests/test_metrics.py counts.)
+    assert [e["event"] for e in events if e["level"] == "warning"] == ["infrastructure_error"]
+    assert {e["level"] for e in retries[1:]} <= {"debug"}
+    assert events[-1]["level"] == "error"  # the final line, as an event too
+
+
+def test_serve_refuses_another_address_than_loopback_without_keys_in_one_line() -> None:
+    """Issue 28: `serve` bound 0.0.0.0 and, without keys, only warned. Now it binds
+    127.0.0.1 by default and refuses any other address unless keys or --allow-anonymous."""
+    assert Settings().api_host == "127.0.0.1"
+    mistake = Mistake(says=("--host 0.0.0.0 serves other machines", "--allow-anonymous"))
+    check(embedq(("serve", "--host", "0.0.0.0"), {"EMBEDQ_REDIS_URL": REDIS_URL}), mistake)
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_exposure(Settings(api_host=host))
+    for exposed in (
+        Settings(api_host="0.0.0.0", api_keys="sk-1"),
+        Settings(api_host="10.1.2.3", api_allow_anonymous=True),
+        Settings.from_options(api_host="::", api_allow_anonymous=True),
+    ):
+        check_exposure(exposed)
+    for host in ("::", "10.1.2.3", "gateway.internal", ""):
+        with pytest.raises(ConfigError, match="no API key is set"):
+            check_exposure(Settings(api_host=host))
 
 
 # -- dead-letter ids ------------------------------------------------------------------------

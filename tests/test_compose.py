@@ -20,7 +20,9 @@ import jsonschema
 import pytest
 import yaml
 
+from embedq.api.serve import check_exposure
 from embedq.core.config import Settings
+from embedq.core.errors import ConfigError
 
 from .support.prometheus import RULES, binary
 
@@ -174,6 +176,11 @@ def test_the_gateway_serves_through_the_workers_with_keys_from_env(
     assert f":{port}/readyz" in " ".join(gateway["healthcheck"]["test"])
     assert gateway["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert Settings(api_port=int(port), api_keys="k1, k2").api_key_list == ("k1", "k2")
+    # Every address of the container, which the gateway binds only with keys (issue 28).
+    host = env["EMBEDQ_API_HOST"]
+    check_exposure(Settings(api_host=host, api_keys="k1"))
+    with pytest.raises(ConfigError, match="--allow-anonymous"):
+        check_exposure(Settings(api_host=host))
 
 
 def test_the_cpu_profile_builds_no_cuda_image(compose: dict[str, Any]) -> None:

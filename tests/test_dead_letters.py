@@ -27,7 +27,8 @@ import redis
 from embedq.model.encoder import Encoder
 from embedq.sink.milvus import Sink
 
-from .conftest import EMBEDDING_ROWS, REDIS_URL, corpus_rows
+from .conftest import REDIS_URL, corpus_rows
+from .support.tiny_models import EMBEDDING_ROWS
 
 RAISES = "the velocity xⁿ grows"  # "##ⁿ" is token 30080: past the embedding table
 

@@ -18,25 +18,11 @@ from embedq.model.encoder import Encoder, packaged_model_dir
 from embedq.model.model_spec import ModelSpec
 
 from .conftest import corpus_rows
+from .support.tiny_models import FULL_VOCAB, tiny_bert
 
 TEXTS = [r["text"] for r in corpus_rows("long.jsonl", 24)] + ["short", "Ünïcödé tëxt 🙂"]
-
-
-def tiny_bert(path: Path) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(packaged_model_dir())).save_pretrained(path)
-    return path
+# Every token id of the texts has a row, and long texts fit (truncated at 128).
+BERT: dict[str, int] = {"vocab_size": FULL_VOCAB, "layers": 2, "heads": 4, "max_positions": 128}
 
 
 def st_model(
@@ -44,7 +30,7 @@ def st_model(
 ) -> Path:
     from sentence_transformers import SentenceTransformer, models
 
-    base = tiny_bert(tmp_path / "hf")
+    base = tiny_bert(tmp_path / "hf", **BERT)
     transformer = models.Transformer(str(base), max_seq_length=max_seq_length)
     modes = pooling.split("+")
     pool = models.Pooling(32, pooling_mode=modes[0] if len(modes) == 1 else modes)
@@ -84,7 +70,7 @@ def test_sentence_transformers_configs_are_followed(
     model_dir = st_model(tmp_path, pooling, dense, normalize)
     ours = Encoder(str(model_dir), device="cpu")
     reference = SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS)
-    assert ours.dimension == reference.shape[1] == (16 if dense else 32 * len(pooling.split("+")))
+    assert ours.width == reference.shape[1] == (16 if dense else 32 * len(pooling.split("+")))
     assert ours.max_seq_length == 64
     vectors = ours.encode(TEXTS)
     assert np.allclose(vectors, reference, atol=1e-4), np.abs(vectors - reference).max()
@@ -114,7 +100,7 @@ def test_plain_transformers_directory_is_mean_pooled_like_sentence_transformers(
 ) -> None:
     from sentence_transformers import SentenceTransformer
 
-    model_dir = tiny_bert(tmp_path / "hf")
+    model_dir = tiny_bert(tmp_path / "hf", **BERT)
     assert ModelSpec.load(model_dir) == ModelSpec(pooling=("mean",), normalize=False)
     reference = SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS)
     assert (
@@ -131,7 +117,7 @@ def test_overlong_texts_are_truncated_and_flagged(encoder: Encoder) -> None:
 
 
 def test_unsupported_module_and_missing_directory_are_config_errors(tmp_path: Path) -> None:
-    model_dir = tiny_bert(tmp_path / "m")
+    model_dir = tiny_bert(tmp_path / "m", **BERT)
     (model_dir / "modules.json").write_text(
         '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.CNN"}]'
     )

@@ -144,6 +144,8 @@ def test_other_redis_replies_are_not_hidden() -> None:
         (MilvusException(message="[upsert] Retry timeout: 10s"), SinkUnavailable),
         (ParamError(message="data type mismatch"), SinkRejected),
         (MilvusException(message="the token is invalid"), ConfigError),
+        # Milvus Lite: a write that raced `migrate --adopt`'s rename is sent again (issue 26).
+        (MilvusException(1, "WAL already closed"), SinkUnavailable),
         # The server's own word, where pymilvus passes it on.
         (MilvusException(1, "service not ready", retriable=True), SinkUnavailable),
     ],

@@ -334,7 +334,7 @@ def test_the_zero_layer_copy_keeps_tokenizer_pooling_and_width(tmp_path: Path) -
     texts = ["a sentence about sheep", "another"]
     assert [t.ids for t in bare.tokenize(texts)] == [t.ids for t in full.tokenize(texts)]
     vectors = bare.encode(texts)
-    assert vectors.shape == (2, full.dimension)
+    assert vectors.shape == (2, full.width)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert run_tokenizer([{"id": "1", "text": t} for t in texts], model=zero, run=1).texts == 2
 

@@ -849,6 +849,7 @@ def test_the_gateway_serves_through_the_chart(rendered: tuple[str, list[dict[str
     stream, keys come from the Secret, its probes are routes `embedq serve` answers, and no
     worker selector counts its pods."""
     from embedq.api.app import create_app
+    from embedq.api.serve import check_exposure
 
     name, docs = rendered
     values = helm.Chart.load(CHART).merge_values(VALUE_SETS[name])
@@ -883,6 +884,10 @@ def test_the_gateway_serves_through_the_chart(rendered: tuple[str, list[dict[str
         assert env["EMBEDQ_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "api-keys"
     else:
         assert "EMBEDQ_API_KEYS" not in env
+        assert settings.api_allow_anonymous  # said out loud (issue 28)
+    # The pod's address, not loopback: it starts (keys, or anonymous said out loud).
+    assert settings.api_host == "0.0.0.0"
+    check_exposure(settings)
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
     assert settings.api_port == port
     routes = {getattr(r, "path", "") for r in create_app(settings).routes}

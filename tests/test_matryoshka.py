@@ -12,13 +12,13 @@ import redis
 
 from embedq.core.config import Settings, SettingsError
 from embedq.core.errors import ConfigError, ModelMismatch
-from embedq.model.encoder import Encoder, packaged_model_dir
+from embedq.model.encoder import Encoder, encoder_for, packaged_model_dir
 from embedq.model.matryoshka import declared
 from embedq.producer.client import Producer
 from embedq.queue.stream import Stream
 from embedq.sink.milvus import open_sink
 from embedq.sink.schema import model_fingerprint
-from embedq.worker.launch import assemble, encoder_for
+from embedq.worker.launch import assemble
 
 from .test_cli import embedq
 
@@ -36,7 +36,7 @@ def test_truncated_vectors_equal_sentence_transformers_truncate_dim() -> None:
     model = packaged_model_dir()
     assert model is not None
     encoder = Encoder(str(model), device="cpu", dimensions=128, force_dimensions=True)
-    assert encoder.dimension == 128
+    assert encoder.width == 128
     got = encoder.encode(TEXTS)
     want = SentenceTransformer(str(model), device="cpu", truncate_dim=128).encode(
         TEXTS, normalize_embeddings=True
@@ -79,10 +79,10 @@ def test_rows_are_written_with_n_dimensions(
         # differs, and so does its dimension.
         with pytest.raises(ModelMismatch, match="fingerprint"):
             sink.ensure_collection(
-                encoder.dimension, encoder.name, fingerprint=model_fingerprint(encoder)
+                encoder.width, encoder.name, fingerprint=model_fingerprint(encoder)
             )
         with pytest.raises(ConfigError, match="128-dimensional"):
-            sink.ensure_collection(encoder.dimension, encoder.name)
+            sink.ensure_collection(encoder.width, encoder.name)
     finally:
         sink.close()
 
@@ -91,7 +91,7 @@ def test_a_model_without_matryoshka_training_is_refused_unless_forced(tiny_model
     with pytest.raises(ConfigError, match=r"does not declare Matryoshka training.*--force"):
         Encoder(str(tiny_model), device="cpu", dimensions=16)
     forced = Encoder(str(tiny_model), device="cpu", dimensions=16, force_dimensions=True)
-    assert forced.dimension == 16
+    assert forced.width == 16
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_a_model_card_that_declares_matryoshka_is_accepted(
 ) -> None:
     model = _card(Path(shutil.copytree(tiny_model, tmp_path / "m")), front_matter)
     assert declared(model)
-    assert Encoder(str(model), device="cpu", dimensions=16).dimension == 16
+    assert Encoder(str(model), device="cpu", dimensions=16).width == 16
 
 
 def test_matryoshka_only_in_the_text_is_not_a_declaration(tiny_model: Path, tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_bad_dimensions(tiny_model: Path, tmp_path: Path) -> None:
         Settings(dimensions=-1)
     # The full width is no truncation at all: the same vectors, the same fingerprint.
     same = Encoder(str(tiny_model), device="cpu", dimensions=32)
-    assert same.dimension == 32 and same.truncate_dim == 0
+    assert same.width == 32 and same.truncate_dim == 0
     assert model_fingerprint(same) == model_fingerprint(Encoder(str(tiny_model), device="cpu"))
 
 

@@ -19,11 +19,13 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from embedq.core import backoff
 from embedq.core.backoff import Retrier
 from embedq.core.errors import QueueUnavailable, SinkUnavailable
 from embedq.model.encoder import model_name
+from embedq.model.identity import ModelIdentity
 from embedq.worker.health import HealthServer, NotReady, Watched, not_backing_off
 from embedq.worker.metrics import DEAD_LETTER_REASONS, ERROR_KINDS, WorkerMetrics
 
@@ -75,6 +77,22 @@ def test_a_failed_call_is_one_failure_event_however_many_retries() -> None:
     metrics = WorkerMetrics(stream="s", group="g")
     metrics.watch_retries(retrying.waiting)
     assert get(metrics, "embedq_retry_waiting", dependency="milvus") == 0
+
+
+def test_a_failed_call_warns_once_and_says_when_it_recovered() -> None:
+    """Issue 28: a warning per retry; now one, the retries at debug, one line at the end."""
+    retrying = Retrier(sleep=lambda _s: None)
+    with capture_logs() as logs:
+        assert retrying("upsert", flaky(5, SinkUnavailable("milvus down"))) == "done"
+    # Debug lines reach capture_logs only when no earlier test configured logging at info
+    # (the filtering logger drops them before any processor): count what an operator sees.
+    said = [(e["event"], e["log_level"]) for e in logs if e["log_level"] != "debug"]
+    assert said == [("infrastructure_error", "warning"), ("infrastructure_recovered", "info")]
+    assert all(e["event"] == "infrastructure_error" for e in logs if e["log_level"] == "debug")
+    assert logs[-1]["failed_attempts"] == 5 and logs[-1]["dependency"] == "milvus"
+    with capture_logs() as logs, pytest.raises(SinkUnavailable):
+        Retrier(give_up=lambda: True)("upsert", flaky(1, SinkUnavailable("milvus down")))
+    assert [e["log_level"] for e in logs] == ["warning"]  # the caller says the final line
 
 
 def test_wake_ends_a_backoff_when_the_dependency_answers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +213,9 @@ def test_forward_passes_feed_batch_shapes_and_model_busy_time() -> None:
     assert get(metrics, "embedq_stage_duration_seconds_count", stage="inference") == 2
     assert get(metrics, "embedq_read_duration_seconds_count") == 1
     assert get(metrics, "embedq_stage_duration_seconds_count", stage="read") is None
-    metrics.describe_model("m", "cpu", "float32", 384, replicas=2, model_dir="/opt/x/model")
+    metrics.describe_model(
+        ModelIdentity("m", "", width=384), "cpu", "float32", replicas=2, model_dir="/opt/x/model"
+    )
     assert get(metrics, "embedq_model_replicas") == 2
 
 
@@ -243,7 +263,7 @@ def test_the_metrics_server_takes_a_bind_address_and_backlog_and_hides_broken_pi
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_workers_export_gpu_memory_and_ooms(tmp_path: Path) -> None:
     metrics = WorkerMetrics(stream="s", group="g")
-    metrics.describe_model("m", "cuda", "float16", 384)
+    metrics.describe_model(ModelIdentity("m", "", width=384), "cuda", "float16")
     held = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
     allocated = get(metrics, "embedq_gpu_memory_allocated_bytes", device="cuda")
     assert allocated is not None and allocated >= held.numel()

@@ -1,13 +1,11 @@
-"""Model migration behind an alias: backfill while writes arrive, promote, rollback, drop the
-old collection; workers refuse a collection fingerprinted for another model."""
+"""Model migration behind an alias (issue 26): each model's collection is fed by its own
+consumer group from the migration's start, the backfill copies what came before under the
+new collection's version fence, and either collection is complete after a drain, so the
+alias can move forth and back without losing a write."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +14,33 @@ import pytest
 import redis
 
 from embedq.core.config import Settings
-from embedq.core.errors import ConfigError, ExitCode, ModelMismatch
+from embedq.core.errors import ConfigError, ExitCode
+from embedq.core.keys import collection_group
 from embedq.model.encoder import Encoder
-from embedq.ops.migrate import Migration, catch_up, shadow_name, source_sink
+from embedq.ops.migrate import Migration, backfill, begin, shadow_name, source_sink
+from embedq.ops.rollout import Rollout
 from embedq.producer.client import Producer
 from embedq.queue.stream import Stream
-from embedq.sink.milvus import Sink, open_sink
+from embedq.queue.versions import Versions
+from embedq.sink.milvus import open_sink
 from embedq.sink.schema import model_fingerprint
 from embedq.worker.launch import assemble
 
 from .support.servers import MilvusLiteServer
+from .support.tiny_models import tiny_bert
 from .test_cli import embedq
 from .test_dead_letters import RAISES
+
+
+@pytest.fixture(scope="session")
+def new_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT's shape with other weights: the model migrated to."""
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert-new"), seed=1)
+
+
+@pytest.fixture
+def served(settings: Settings, milvus_lite_server: MilvusLiteServer) -> Settings:
+    return settings.replace(milvus_uri=milvus_lite_server.uri, milvus_timeout_s=20)
 
 
 def _rows(prefix: str, n: int, version: str = "") -> list[dict[str, Any]]:
@@ -37,17 +50,19 @@ def _rows(prefix: str, n: int, version: str = "") -> list[dict[str, Any]]:
     ]
 
 
-def _drain(settings: Settings, client: redis.Redis, encoder: Encoder) -> None:
+def _drain(settings: Settings, client: redis.Redis, encoder: Encoder, consumer: str = "c1") -> None:
+    """A worker of ``encoder``'s model, drained: it writes that model's collection, from
+    the group that collection names."""
     sink = open_sink(settings)
     try:
-        assemble(settings, Stream(client, settings.stream, "g", "c1"), encoder, sink).run()
+        stream = Stream(client, settings.stream, settings.group, consumer)
+        assemble(settings, stream, encoder, sink).run()
     finally:
         sink.close()
 
 
-def _stored(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Every row readers see through the alias: id -> text and vector."""
-    sink = open_sink(settings, create=False)
+def _held(settings: Settings, collection: str) -> dict[str, dict[str, Any]]:
+    sink = open_sink(settings.replace(collection=collection), create=False)
     try:
         sink.ensure_collection(None, "", create=False)
         ids = [str(r["id"]) for r in sink.rows()]
@@ -56,182 +71,129 @@ def _stored(settings: Settings) -> dict[str, dict[str, Any]]:
         sink.close()
 
 
-def _same_model(rows: dict[str, dict[str, Any]], encoder: Encoder) -> None:
+def _of_model(rows: dict[str, dict[str, Any]], encoder: Encoder) -> None:
     ids = sorted(rows)
     want = encoder.encode([rows[i]["text"] for i in ids])
     got = np.array([rows[i]["vector"] for i in ids], dtype=np.float32)
-    assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture
-def served(settings: Settings, milvus_lite_server: MilvusLiteServer) -> Settings:
-    return settings.replace(milvus_uri=milvus_lite_server.uri, milvus_timeout_s=20)
-
-
-def _migrate(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    where = ("--milvus-uri", settings.milvus_uri, "--collection", settings.collection)
-    return embedq("migrate", *args, *where)
-
-
-def test_migration_while_writes_arrive_then_promote_rollback_and_drop(
-    served: Settings, redis_client: redis.Redis, encoder: Encoder, tiny_model: Path
+def test_both_collections_receive_every_write_from_the_start_whichever_workers_run(
+    served: Settings, redis_client: redis.Redis, tiny_encoder: Encoder, new_model: Path
 ) -> None:
     settings = served
-    producer = Producer(redis_client, settings.stream, group="g")
-    producer.enqueue(_rows("old", 120))
-    _drain(settings, redis_client, encoder)  # model A: the packaged MiniLM, 384-d
+    producer = Producer(redis_client, settings.stream)
+    producer.enqueue(_rows("a", 40))
+    _drain(settings, redis_client, tiny_encoder)
+    new_encoder = Encoder(str(new_model), device="cpu")
+    streams = [Stream(redis_client, settings.stream, "g", "migrate")]
+    migration = Migration(open_sink(settings, create=False))
+    source, shadow, rollout, record = begin(migration, streams, new_encoder, group="g", adopt=True)
+    target = shadow_name(settings.collection, model_fingerprint(new_encoder))
+    assert (record.source_group, record.group) == ("g", collection_group("g", target))
+    assert shadow.collection == target and shadow.group == record.group
 
-    # Model B backfills in another process and keeps following the live collection...
-    where = ("--milvus-uri", settings.milvus_uri, "--collection", settings.collection)
-    follow = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "embedq.cli",
-            "migrate",
-            "--model",
-            str(tiny_model),
-            "--follow",
-            "--adopt",
-            "--interval",
-            "0.2",
-            *where,
-        ],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stderr=subprocess.PIPE,
-        text=True,
+    # Writes after the start: updates, deletes, new ids. The new model's workers take them
+    # first (their group starts at the start position), the old model's later.
+    producer.enqueue(_rows("a", 10, version="v2"))
+    producer.delete([f"a{i}" for i in range(30, 35)])
+    producer.enqueue(_rows("b", 8))
+    _drain(settings, redis_client, new_encoder, consumer="new")
+    assert rollout.behind("g", record.starts) == 0  # the old group had read up to the start
+    assert len(_held(settings, target)) == 18  # only what its group delivered, so far
+
+    lease_ms = 30_000
+    result = backfill(source, shadow, new_encoder, streams, lease_ms=lease_ms)
+    # a0..a9 (written at v2) and a30..a34 (deleted) by the new group: the older copies
+    # from the old collection, which has not caught up yet, are stale and not written.
+    assert (result.total, result.copied, result.stale, result.missing) == (40, 25, 15, 0)
+    _drain(settings, redis_client, tiny_encoder)  # the old model's workers catch up
+
+    old, new = _held(settings, record.source), _held(settings, target)
+    assert sorted(old) == sorted(new) and len(new) == 43
+    assert all(old[i]["text"] == new[i]["text"] for i in new)
+    assert "v2" in new["a3"]["text"] and "a31" not in new
+    _of_model(new, new_encoder)
+    _of_model(old, tiny_encoder)
+    keys = streams[0].keys
+    assert Versions(redis_client, keys, target).held(["a31"])[0].deleted  # type: ignore[union-attr]
+    migration.sink.close()
+
+
+def test_the_backfill_waits_for_the_old_group_and_a_newer_stream_write_wins(
+    served: Settings, redis_client: redis.Redis, tiny_encoder: Encoder, new_model: Path
+) -> None:
+    """Entries from before the start that the old group has not finished hold the backfill
+    back (it would copy a row they are about to change); once they are written, the copy
+    of a row the new group wrote newer is stale."""
+    settings = served
+    producer = Producer(redis_client, settings.stream)
+    producer.enqueue(_rows("d", 20))
+    _drain(settings, redis_client, tiny_encoder)
+    producer.enqueue(_rows("d", 5, version="v2"))  # before the start, not yet written
+    new_encoder = Encoder(str(new_model), device="cpu")
+    streams = [Stream(redis_client, settings.stream, "g", "migrate")]
+    migration = Migration(open_sink(settings, create=False))
+    source, shadow, rollout, record = begin(migration, streams, new_encoder, group="g", adopt=True)
+    assert rollout.behind("g", record.starts) == 5
+    with pytest.raises(ConfigError, match="5 entries from before the migration's start"):
+        rollout.wait_drained("g", record.starts, wait_s=0.0, said=lambda _: None)
+    _drain(settings, redis_client, tiny_encoder)
+    rollout.wait_drained("g", record.starts, wait_s=5.0, said=lambda _: None)
+
+    producer.enqueue(_rows("d", 2, version="v3"))  # after the start: the new group's
+    _drain(settings, redis_client, new_encoder, consumer="new")
+    result = backfill(source, shadow, new_encoder, streams, lease_ms=30_000)
+    assert (result.copied, result.stale) == (18, 2)
+    new = _held(settings, shadow.collection)
+    assert len(new) == 20 and "v3" in new["d1"]["text"] and "v2" in new["d4"]["text"]
+    _of_model(new, new_encoder)
+    migration.sink.close()
+
+
+def test_a_text_the_new_model_fails_on_is_reported_not_copied(
+    served: Settings, redis_client: redis.Redis, encoder: Encoder, tiny_encoder: Encoder
+) -> None:
+    settings = served
+    Producer(redis_client, settings.stream).enqueue(
+        [*_rows("p", 6), {"id": "poison", "text": RAISES}]
     )
-    try:
-        assert follow.stderr is not None
-        for line in follow.stderr:  # the collection is behind the alias once pass 1 is done
-            if "pass 1:" in line:
-                assert "120 rows in the live collection, 120 embedded" in line
-                break
-        # ...while model A's workers keep writing: new ids, new versions, deletes.
-        producer.enqueue(_rows("new", 40))
-        producer.enqueue(_rows("old", 10, version="v2"))
-        producer.delete([f"old{i}" for i in range(110, 120)])
-        _drain(settings, redis_client, encoder)
-        time.sleep(2.0)  # a few follow passes
-    finally:
-        follow.send_signal(signal.SIGINT)
-        follow.wait(timeout=60)
-    assert follow.returncode == 0
-
-    live = _stored(settings)
-    assert len(live) == 150 and "old115" not in live and "v2" in live["old3"]["text"]
-    _same_model(live, encoder)  # still model A for every reader
-
-    # A worker with model B is refused A's collection (exit 2, ModelMismatch).
-    refused = embedq(
-        "worker",
-        "--model",
-        str(tiny_model),
-        "--drain",
-        "--stream",
-        settings.stream,
-        "--group",
-        "g",
-        "--milvus-uri",
-        settings.milvus_uri,
-        "--collection",
-        settings.collection,
+    _drain(settings, redis_client, encoder)
+    streams = [Stream(redis_client, settings.stream, "g", "migrate")]
+    migration = Migration(open_sink(settings, create=False))
+    source, shadow, _rollout, _record = begin(
+        migration, streams, tiny_encoder, group="g", adopt=True
     )
-    assert refused.returncode == ExitCode.USAGE
-    assert "fingerprint" in refused.stderr and "embedq migrate" in refused.stderr
-
-    promoted = _migrate(settings, "--promote", "--model", str(tiny_model))
-    assert promoted.returncode == 0, promoted.stderr
-    after = _stored(settings)
-    assert sorted(after) == sorted(live)  # every id, old and new writes, no deleted one
-    assert all(after[i]["text"] == live[i]["text"] for i in live)
-    _same_model(after, Encoder(str(tiny_model), device="cpu"))  # B's vectors, 32-d
-
-    # Now model A is the one refused, by the alias's new collection.
-    sink = open_sink(settings, create=False)
-    try:
-        with pytest.raises(ModelMismatch, match="fingerprint"):
-            sink.ensure_collection(384, encoder.name, fingerprint=model_fingerprint(encoder))
-    finally:
-        sink.close()
-
-    back = _migrate(settings, "--rollback")
-    assert back.returncode == 0, back.stderr
-    _same_model(_stored(settings), encoder)  # A's vectors again, for every id
-    nothing = _migrate(settings, "--drop-old")  # A replaced nothing: nothing to drop
-    assert (
-        nothing.returncode == ExitCode.USAGE and "nothing to roll back to or drop" in nothing.stderr
-    )
-
-    again = _migrate(settings, "--promote", "--model", str(tiny_model))
-    assert again.returncode == 0, again.stderr
-    dropped = _migrate(settings, "--drop-old")
-    assert dropped.returncode == 0, dropped.stderr
-    _same_model(_stored(settings), Encoder(str(tiny_model), device="cpu"))
-    sink = open_sink(settings, create=False)
-    try:
-        names = sink.client.list_collections()
-        assert names == [
-            shadow_name(settings.collection, model_fingerprint(Encoder(str(tiny_model))))
-        ]
-    finally:
-        sink.close()
+    result = backfill(source, shadow, tiny_encoder, streams, lease_ms=30_000)
+    assert result.copied == 6 and result.failed == ["poison"]
+    migration.sink.close()
 
 
-def test_catch_up_follows_updates_and_deletes(
+def test_a_shadow_without_a_recorded_migration_is_refused(
     settings: Settings, redis_client: redis.Redis, encoder: Encoder, tiny_encoder: Encoder
 ) -> None:
-    """In one process (a Milvus Lite file): passes converge on the live collection; a text
-    the new model fails on is reported, not copied, and does not keep passes going."""
-    producer = Producer(redis_client, settings.stream, group="g")
-    producer.enqueue([*_rows("d", 30), {"id": "poison", "text": RAISES}])
+    """A collection of the new model that no recorded migration made (an older embedq, a
+    Redis that lost its data) may hold rows its group never fenced: refused, not reused."""
+    Producer(redis_client, settings.stream).enqueue(_rows("s", 3))
     _drain(settings, redis_client, encoder)
     sink = open_sink(settings, create=False)
     try:
         migration = Migration(sink)
         live = migration.adopt()
-        assert migration.target() == live != settings.collection
-        source = source_sink(migration, live)
-        shadow = migration.shadow(source, tiny_encoder)
-        first = catch_up(source, shadow, tiny_encoder)
-        assert (first.total, first.copied, first.deleted) == (31, 30, 0)
-        assert first.failed == ["poison"]  # the tiny model's table ends before its token
-        second = catch_up(source, shadow, tiny_encoder)
-        assert second.idle and second.failed == ["poison"]  # nothing else to do
-        source.upsert([_moved(source, "d1", "1900000000000-0")])
-        source.delete(["d2"])
-        shadow.delete(["d3"])  # a row the shadow lost is copied again
-        again = catch_up(source, shadow, tiny_encoder)
-        assert (again.copied, again.deleted) == (2, 1)
-        got = {r["id"]: r for r in shadow.get(["d1", "d2", "d3"])}
-        assert set(got) == {"d1", "d3"} and got["d1"]["version"] == "1900000000000-0"
-        # After the switch, an older version in the live collection never overwrites a newer one.
-        source.upsert([_moved(source, "d1", "1800000000000-0")])
-        assert catch_up(source, shadow, tiny_encoder, newer_only=True).copied == 0
+        migration.shadow(source_sink(migration, live), tiny_encoder)  # made outside begin
+        streams = [Stream(redis_client, settings.stream, "g", "migrate")]
+        with pytest.raises(ConfigError, match="no migration toward it is recorded"):
+            begin(migration, streams, tiny_encoder, group="g", adopt=False)
+        assert Rollout(streams, "x").load() is None
     finally:
         sink.close()
-
-
-def _moved(source: Sink, doc: str, version: str) -> Any:
-    from embedq.sink.milvus import Row
-
-    row = source.get([doc])[0]
-    return Row(
-        id=doc,
-        vector=np.array(row["vector"], dtype=np.float32),
-        text=row["text"] + " changed",
-        meta={},
-        content_hash="x",
-        version=version,
-    )
 
 
 def test_a_collection_without_text_cannot_be_backfilled(
     settings: Settings, redis_client: redis.Redis, encoder: Encoder
 ) -> None:
     settings = settings.replace(store_text=False)
-    Producer(redis_client, settings.stream, group="g").enqueue(_rows("t", 3))
+    Producer(redis_client, settings.stream).enqueue(_rows("t", 3))
     _drain(settings, redis_client, encoder)
     sink = open_sink(settings, create=False)
     try:
@@ -243,7 +205,25 @@ def test_a_collection_without_text_cannot_be_backfilled(
 
 
 def test_migrate_flags(settings: Settings) -> None:
-    both = _migrate(settings, "--promote", "--rollback")
+    where = ("--milvus-uri", settings.milvus_uri, "--collection", settings.collection)
+    both = embedq("migrate", "--promote", "--rollback", *where)
     assert both.returncode == ExitCode.USAGE and "give one of" in both.stderr
-    twice = _migrate(settings, "--follow", "--backfill")
+    twice = embedq("migrate", "--status", "--backfill", *where)
     assert twice.returncode == ExitCode.USAGE and "give one of" in twice.stderr
+
+
+def test_lag_shows_every_group_of_the_stream(stream_name: str, redis_client: redis.Redis) -> None:
+    """During a migration each physical collection has its own group: ``embedq lag`` shows
+    the backlog of each, not only ``--group``'s."""
+    Producer(redis_client, stream_name).enqueue(_rows("l", 5))
+    redis_client.xgroup_create(stream_name, "g", id="0")
+    redis_client.xgroup_create(stream_name, collection_group("g", "docs__x"), id="$")
+    shown = embedq(
+        "lag", "--stream", stream_name, "--group", "g", "--milvus-uri", "/nonexistent/x.db"
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines() if line}
+    assert rows["g"][:2] == ["5", "0"] and rows["g:docs__x"][:2] == ["0", "0"]
+    as_json = embedq("lag", "--json", "--stream", stream_name, "--group", "g")
+    groups = {g["group"]: g["lag"] for g in json.loads(as_json.stdout)["groups"]}
+    assert groups == {"g": 5, "g:docs__x": 0}

@@ -4,7 +4,6 @@ vectors into a collection of another model when the alias moves under it."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from embedq.core.config import Settings
 from embedq.core.errors import ExitCode, StageCrashed
 from embedq.model.encoder import Encoder
 from embedq.ops import migrate as migrate_ops
-from embedq.ops.migrate import Migration, catch_up, shadow_name, source_sink
+from embedq.ops.migrate import Migration, backfill, begin, shadow_name
 from embedq.producer.client import Producer
 from embedq.queue.stream import Stream
 from embedq.queue.versions import Versions
@@ -30,21 +29,13 @@ from embedq.worker.launch import assemble
 from embedq.worker.loop import Worker
 
 from .support.servers import MilvusLiteServer
+from .support.tiny_models import tiny_bert
 
 
 @pytest.fixture(scope="session")
-def other_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT's architecture with other random weights: a second model ("new")."""
-    import torch
-    from transformers import BertModel
-
-    target = tmp_path_factory.mktemp("tiny-bert-other")
-    torch.manual_seed(1)
-    config = BertModel.from_pretrained(tiny_model).config
-    BertModel(config).save_pretrained(target)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_model / name, target / name)
-    return target
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert-other"), seed=1)
 
 
 def _rows(prefix: str, n: int, version: str = "") -> list[dict[str, Any]]:
@@ -78,7 +69,16 @@ def _collections(settings: Settings) -> tuple[list[str], list[str]]:
 
 def _cli(settings: Settings, *args: str) -> Any:
     where = ("--milvus-uri", settings.milvus_uri, "--collection", settings.collection)
-    return CliRunner().invoke(main, ["migrate", *args, *where])
+    queue = ("--stream", settings.stream, "--group", settings.group)
+    return CliRunner().invoke(main, ["migrate", *args, *where, *queue])
+
+
+def _migrated(migration: Migration, client: redis.Redis, settings: Settings, new: Encoder) -> Any:
+    """The new model's collection, started (its group) and backfilled; the alias not moved."""
+    streams = [Stream(client, settings.stream, "g", "migrate")]
+    source, shadow, _rollout, _record = begin(migration, streams, new, group="g", adopt=True)
+    backfill(source, shadow, new, streams, lease_ms=30_000)
+    return shadow
 
 
 def test_migrate_without_an_action_prints_the_plan_and_changes_nothing(
@@ -134,9 +134,7 @@ def test_each_physical_collection_keeps_its_own_index(
     sink = open_sink(settings, create=False)
     try:
         migration = Migration(sink)
-        live = migration.adopt()
-        shadow = migration.shadow(source_sink(migration, live), new_encoder)
-        catch_up(source_sink(migration, live), shadow, new_encoder)
+        shadow = _migrated(migration, redis_client, settings, new_encoder)
         migration.move_alias(shadow.collection)
     finally:
         sink.close()
@@ -179,10 +177,9 @@ class _Running:
         """Until every entry of the stream was delivered to the group and acked, or the
         worker stopped."""
         while self.thread.is_alive():
-            group = next(
-                g for g in client.xinfo_groups(self.stream.keys.stream) if g["name"] == b"g"
-            )
-            if group["lag"] == 0 and group["pending"] == 0:
+            groups = client.xinfo_groups(self.stream.keys.stream)
+            group = next((g for g in groups if g["name"] == b"g"), None)  # None: not joined yet
+            if group is not None and group["lag"] == 0 and group["pending"] == 0:
                 return
             self.thread.join(0.05)
 
@@ -233,9 +230,7 @@ def test_a_running_worker_follows_the_adoption_and_never_writes_into_the_new_col
             old = migration.adopt()
             producer.enqueue(_rows("b", 20))  # between adoption and promote
             running.settled(redis_client)
-            source = source_sink(migration, old)
-            shadow = migration.shadow(source, new_encoder)
-            catch_up(source, shadow, new_encoder)
+            shadow = _migrated(migration, redis_client, settings, new_encoder)
             migration.move_alias(shadow.collection)
         finally:
             sink.close()
@@ -276,9 +271,7 @@ def test_a_worker_whose_name_now_reaches_another_models_collection_stops_and_lea
         try:
             migration = Migration(sink)
             old = migration.adopt()
-            source = source_sink(migration, old)
-            shadow = migration.shadow(source, new_encoder)
-            catch_up(source, shadow, new_encoder)
+            shadow = _migrated(migration, redis_client, settings, new_encoder)
             migration.move_alias(shadow.collection)
         finally:
             sink.close()
@@ -292,8 +285,15 @@ def test_a_worker_whose_name_now_reaches_another_models_collection_stops_and_lea
     assert not _vectors(settings, shadow.collection, [f"z{i}" for i in range(10)])
     pending = redis_client.xpending(settings.stream, "g")
     assert pending["pending"] == 10  # left for a worker of the right model
-    # A new-model worker restarted in its place re-reads them and writes them with its model.
-    _drain(settings, redis_client, new_encoder, consumer="old")
+    # The new collection's own group delivers them to the new model's workers...
+    _drain(settings, redis_client, new_encoder, consumer="new")
     in_new = _vectors(settings, shadow.collection, [f"{p}{i}" for p in "az" for i in range(10)])
     assert len(in_new) == 20
     _model_of(in_new, new_encoder)
+    # ...and the old model's worker, restarted, writes its pending ones into its own
+    # collection (found by its fingerprint behind the alias), which stays complete.
+    _drain(settings, redis_client, tiny_encoder, consumer="old")
+    assert redis_client.xpending(settings.stream, "g")["pending"] == 0
+    in_old = _vectors(settings, old, [f"{p}{i}" for p in "az" for i in range(10)])
+    assert len(in_old) == 20
+    _model_of(in_old, tiny_encoder)

@@ -178,7 +178,7 @@ def test_four_partitions_drain_with_two_workers(
         for name, enc in (("w1", encoder), ("w2", second_encoder))
     ]
     # Open the shared Lite client before the threads do (it is created on first use).
-    sink.ensure_collection(encoder.dimension, encoder.name)
+    sink.ensure_collection(encoder.width, encoder.name)
     failures: list[BaseException] = []
 
     def run(worker: Worker) -> None:

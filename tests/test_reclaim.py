@@ -15,7 +15,7 @@ from embedq.queue.entries import Entry
 from embedq.queue.stream import Stream
 from embedq.sink.milvus import Sink
 from embedq.worker.loop import Worker
-from embedq.worker.reclaimer import Reclaimer, run_reclaim
+from embedq.worker.reclaimer import ConsumerTidy, Reclaimer, run_reclaim
 
 from .conftest import corpus_rows
 
@@ -169,6 +169,36 @@ def test_idle_consumers_are_removed_only_when_nothing_is_pending(
     removed = [e for e in logs if e["event"] == "consumers_removed"]
     assert removed[0]["names"] == ["finished"]
     assert holder.delivery_counts([ids[0]]) == {ids[0]: 1}  # its entry is still claimable
+
+
+def test_a_dead_workers_name_goes_from_every_stream_it_read_in_one_line(
+    redis_client: redis.Redis, stream_name: str
+) -> None:
+    """Issue 28: a worker joins the group of its partition and of the online lane; tidied
+    stream by stream, its removal was logged twice and counted as two consumers."""
+    names = [stream_name, f"{stream_name}:{{online}}"]
+    for name in names:
+        add(redis_client, name, 1)
+        gone = stream_for(redis_client, name, "gone")
+        gone.ack([e.entry_id for e in gone.read_new(1, 0)])
+    time.sleep(0.3)
+    survivor = [stream_for(redis_client, name, "survivor") for name in names]
+    tidy = ConsumerTidy(survivor, idle_delete_s=0.2)
+    reclaimers = [
+        Reclaimer(s, min_idle_s=60, max_deliveries=5, count=100, dead_letter=print, tidy=tidy)
+        for s in survivor
+    ]
+
+    with capture_logs() as logs:
+        for each in reclaimers:
+            each.step()
+
+    removed = [e for e in logs if e["event"] == "consumers_removed"]
+    assert len(removed) == 1, removed
+    assert removed[0]["names"] == ["gone"] and removed[0]["streams"] == sorted(names)
+    assert sum(r.consumers_removed_total for r in reclaimers) == 1
+    for name in names:
+        assert redis_client.xinfo_consumers(name, "g") == []
 
 
 def test_a_consumer_holding_entries_is_never_removed(

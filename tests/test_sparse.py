@@ -77,7 +77,7 @@ def test_splade_equals_sparse_encoder(tmp_path: Path, strategy: str) -> None:
 
     model_dir = build_splade(tmp_path / "m", seed=3, strategy=strategy)
     encoder = Encoder(str(model_dir), device="cpu")
-    assert encoder.dimension == 0 and encoder.head is not None and encoder.head.kind == "splade"
+    assert encoder.width == 0 and encoder.head is not None and encoder.head.kind == "splade"
     # One padded batch of texts of very different lengths: padding must not leak in.
     got = encoder.forward([t.ids for t in encoder.tokenize(TEXTS)]).sparse
     want = SparseEncoder(str(model_dir), device="cpu").encode(TEXTS).to_dense().numpy()
@@ -92,7 +92,7 @@ def test_bge_m3_equals_flag_embedding_from_one_forward_pass(
     bge_m3: Encoder, bge_m3_dir: Path
 ) -> None:
     assert ModelSpec.load(bge_m3_dir).bge_m3
-    assert bge_m3.dimension == 32 and bge_m3.head is not None and bge_m3.head.kind == "bge-m3"
+    assert bge_m3.width == 32 and bge_m3.head is not None and bge_m3.head.kind == "bge-m3"
     calls = _counted_forward(bge_m3)
     batch = bge_m3.forward([t.ids for t in bge_m3.tokenize(TEXTS)])
     assert len(calls) == 1  # one pass gave both outputs for the whole batch
@@ -254,9 +254,9 @@ def test_a_sparse_model_is_refused_a_dense_collection(
     sink = _drain(settings, redis_client, encoder, rows)
     try:
         with pytest.raises(ConfigError, match="has no sparse field"):
-            sink.ensure_collection(splade.dimension, splade.name, sparse=True)
+            sink.ensure_collection(splade.width, splade.name, sparse=True)
         with pytest.raises(ConfigError, match="sparse vectors only"):
-            sink.ensure_collection(splade.dimension, splade.name)
+            sink.ensure_collection(splade.width, splade.name)
         with pytest.raises(ConfigError, match="has no sparse field"):
             sink.ensure_collection(
                 384, "bge-m3", sparse=True, fingerprint=model_fingerprint(encoder)

@@ -7,6 +7,7 @@ requests in hand finish (at most ``--request-timeout``), then exits 0.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import structlog
@@ -47,9 +48,34 @@ def server_config(settings: Settings, app: Any) -> Any:
     )
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuse (``ConfigError``, one line) to serve an address other machines reach without
+    API keys, unless ``--allow-anonymous``: the gateway spends the fleet's GPUs and reads the
+    collection for whoever calls it (issue 28: it bound 0.0.0.0 and only warned)."""
+    keyed = bool(settings.api_key_list or settings.api_keys_file)
+    if keyed or settings.api_allow_anonymous or is_loopback(settings.api_host):
+        return
+    raise ConfigError(
+        f"--host {settings.api_host} serves other machines, and no API key is set: set "
+        "EMBEDQ_API_KEYS (or --api-keys-file), or pass --allow-anonymous "
+        "(EMBEDQ_API_ALLOW_ANONYMOUS=true) to serve anyone who reaches the port"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[] ")).is_loopback
+    except ValueError:
+        return False  # "", a name, "0.0.0.0"'s spellings: other machines may reach it
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    check_exposure(settings)
     server = uvicorn.Server(server_config(settings, create_app(settings)))
     server.run()
     if not server.started:

@@ -63,6 +63,7 @@ class FeedResult:
     cpu_us_per_text: dict[str, float] = field(default_factory=dict)
     process_cpu_us_per_text: float = 0.0  # every thread of every worker, start-up left out
     rss_mb: dict[str, float] = field(default_factory=dict)  # summed RSS at 25/50/90 % acked
+    window_s: tuple[float, float] = (0.0, 0.0)  # perf_counter at 10 % and 90 % acked
 
 
 def zero_layer_copy(model_dir: Path, into: Path) -> Path:
@@ -92,8 +93,10 @@ def acked(redis_url: str, stream: str, group: str) -> int:
         client.close()
 
 
-def rate_between(samples: list[tuple[float, int]], total: int) -> float:
-    """texts/s between 10 % and 90 % acknowledged (times interpolated between samples)."""
+def ack_window(samples: list[tuple[float, int]], total: int) -> tuple[float, float]:
+    """When 10 % and 90 % of ``total`` were acknowledged (``perf_counter`` times,
+    interpolated between samples): the span a rate is read over, and the span the GPU
+    run kit reads the device's utilisation over."""
 
     def when(level: float) -> float:
         target = level * total
@@ -102,7 +105,13 @@ def rate_between(samples: list[tuple[float, int]], total: int) -> float:
                 return t1 if a1 == a0 else t0 + (t1 - t0) * (target - a0) / (a1 - a0)
         return samples[-1][0]
 
-    span = when(0.9) - when(0.1)
+    return when(0.1), when(0.9)
+
+
+def rate_between(samples: list[tuple[float, int]], total: int) -> float:
+    """texts/s between 10 % and 90 % acknowledged (times interpolated between samples)."""
+    start, end = ack_window(samples, total)
+    span = end - start
     return 0.8 * total / span if span > 0 else 0.0
 
 
@@ -149,6 +158,7 @@ def run_feed(
             raise RuntimeError(f"a feed worker exited {w.returncode}: {log[-800:]!r}")
     result = _summary([_stopped(log) for log in logs], f"feed×{procs}", run)
     result.texts_per_s = rate_between(samples, len(rows))
+    result.window_s = ack_window(samples, len(rows))
     result.rss_mb = _rss_at(samples, rss, len(rows))
     return result
 

@@ -3,8 +3,9 @@ interleaved run by run, on one private Redis and one Milvus 2.3.5 server; the re
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -113,18 +114,19 @@ def run_feed_bench(
     procs: list[int],
     command: str = "",
     progress: Callable[[str], None] = lambda _line: None,
+    servers: tuple[str, str] | None = None,
 ) -> FeedReport:
-    """Every variant ``runs`` times, interleaved, on one private Redis and Milvus server."""
+    """Every variant ``runs`` times, interleaved, on one private Redis and Milvus server,
+    or on ``servers`` (a Redis URL and a Milvus URI someone else runs: the GPU run kit's)."""
     rows = load_sample(corpus, n)
     before, started_at = loadavg(), datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     results: list[FeedResult] = []
     with (
         tempfile.TemporaryDirectory(prefix="embedq-feed-") as tmp,
-        RedisServer(Path(tmp) / "redis") as redis_server,
-        MilvusStandalone(Path(tmp) / "milvus") as milvus,
+        _servers(Path(tmp), servers) as (redis_url, milvus_uri, quiesce),
     ):
         zero = zero_layer_copy(model_dir, Path(tmp) / "zero-layer-model")
-        dimension = Encoder(str(zero), "cpu").dimension
+        dimension = Encoder(str(zero), "cpu").width
         for run in range(1, runs + 1):
             steps = _steps(
                 rows,
@@ -132,18 +134,18 @@ def run_feed_bench(
                 procs=procs,
                 zero=zero,
                 dimension=dimension,
-                redis_url=redis_server.url,
-                milvus_uri=milvus.uri,
+                redis_url=redis_url,
+                milvus_uri=milvus_uri,
             )
             for label, step in steps:
                 # Every variant starts on an idle server: the previous variant's segments
                 # are sealed and indexed in the background for many seconds after its last
                 # write, and that work would land on whichever variant runs next.
-                if milvus.quiesce(timeout_s=QUIESCE_S) >= QUIESCE_S:
+                if quiesce() >= QUIESCE_S:
                     progress(f"Milvus still busy after {QUIESCE_S:.0f} s: {label} shares it")
                 result = step()
                 results.append(result)
-                _drop_all(milvus.uri)
+                _drop_all(milvus_uri)
                 progress(f"run {run}/{runs} {label:<13} {result.texts_per_s:9.0f} texts/s")
     return FeedReport(
         corpus.name,
@@ -157,6 +159,20 @@ def run_feed_bench(
         started_at,
         results,
     )
+
+
+@contextlib.contextmanager
+def _servers(
+    tmp: Path, given: tuple[str, str] | None
+) -> Iterator[tuple[str, str, Callable[[], float]]]:
+    """(Redis URL, Milvus URI, wait for an idle Milvus): the ``given`` servers as they are
+    (no idle wait: only a 2.3.5 standalone's CPU can be read), else a private redis-server
+    and Milvus 2.3.5 standalone, stopped afterwards."""
+    if given is not None:
+        yield given[0], given[1], lambda: 0.0
+        return
+    with RedisServer(tmp / "redis") as redis_server, MilvusStandalone(tmp / "milvus") as milvus:
+        yield redis_server.url, milvus.uri, partial(milvus.quiesce, timeout_s=QUIESCE_S)
 
 
 STAGES = (

@@ -4,20 +4,31 @@ generator on loopback, for
 
 * ``gateway``: ``embedq serve`` in front of one ``embedq worker`` (idle fleet);
 * ``gateway+backlog``: the same while the worker drains a bulk backlog of long texts;
+* ``gateway+slow``: the idle gateway while ``--slow-clients`` connections (200) stay open
+  trickling bytes, half of them a request head and half a body, one byte a second each
+  (slowloris and slow POST), opened at once before the timed requests start;
 * ``in-process``: the same model served directly by a FastAPI app (no queue, no Redis, one
   forward pass per request under a lock), as a service that loads the model a second time
   would; measured idle and beside the draining worker (it shares the machine).
 
-Every process is real (a private redis-server, subprocesses for worker, gateway and
+The variants of each phase interleave within every repetition (in-process, gateway,
+gateway+slow; then gateway+backlog, in-process+backlog), so a neighbour's load hits them
+alike. Every process is real (a private redis-server, subprocesses for worker, gateway and
 baseline), the load generator is this process (asyncio + httpx).
 
     python -m embedq.bench.online --runs 3 --requests 60 --backlog-requests 20
+
+``--drain-check`` measures something else: the bulk drain's throughput with the lane idle,
+``embedq worker --drain`` over the same backlog with the interactive lane (its own model
+thread, idle; on a CPU the checkpoints its seat replica passes) and with ``--no-online``,
+interleaved ``--runs`` times.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -27,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,18 +187,82 @@ async def load(
 
 
 def measure(
-    variant: str, url: str, texts: list[str], levels: list[int], requests: int
+    variant: str, url: str, texts: list[str], levels: list[int], requests: int, *, slow: int = 0
+) -> list[Level]:
+    """Each level's requests, with ``slow`` slow connections held open meanwhile."""
+    return asyncio.run(_measure(variant, url, texts, levels, requests, slow=slow))
+
+
+async def _measure(
+    variant: str, url: str, texts: list[str], levels: list[int], requests: int, *, slow: int
 ) -> list[Level]:
     found = []
-    for concurrency in levels:
-        wall, latencies = asyncio.run(load(url, texts, concurrency, requests))
-        found.append(Level(variant, concurrency, requests, wall, latencies))
-        print(
-            f"{variant:>18} c={concurrency:<3} {found[-1].rps:7.1f} req/s  p50 "
-            f"{found[-1].pct(50) * 1000:7.1f} ms  p95 {found[-1].pct(95) * 1000:7.1f} ms",
-            file=sys.stderr,
-        )
+    async with slow_clients(url, slow) as held:
+        for concurrency in levels:
+            wall, latencies = await load(url, texts, concurrency, requests)
+            found.append(Level(variant, concurrency, requests, wall, latencies))
+            print(
+                f"{variant:>18} c={concurrency:<3} {found[-1].rps:7.1f} req/s  p50 "
+                f"{found[-1].pct(50) * 1000:7.1f} ms  p95 {found[-1].pct(95) * 1000:7.1f} ms",
+                file=sys.stderr,
+            )
+    if slow:
+        print(f"{variant:>18} slow connections at the end: {held}", file=sys.stderr)
+        SLOW_STATES.append(held)
     return found
+
+
+SLOW_STATES: list[dict[str, int]] = []  # per gateway+slow measurement: open/answered/closed
+SLOW_HEAD = b"POST /v1/embeddings HTTP/1.1\r\nHost: gateway\r\nX-Slow: "
+SLOW_BODY = (
+    b"POST /v1/embeddings HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100000\r\n\r\n"
+)
+
+
+@contextlib.asynccontextmanager
+async def slow_clients(url: str, count: int) -> AsyncIterator[dict[str, int]]:
+    """``count`` connections opened at once, half sending a request head and half a body
+    one byte a second, until the block ends; then how many were still open, answered (the
+    gateway wrote a response: a 408, a 503) or closed by the gateway."""
+    states = {"open": 0, "answered": 0, "closed": 0}
+    if not count:
+        yield states
+        return
+    host, port = url.removeprefix("http://").split(":")
+    streams = await asyncio.gather(
+        *(asyncio.open_connection(host, int(port)) for _ in range(count))
+    )
+    stop = asyncio.Event()
+
+    async def trickle(i: int, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(SLOW_BODY if i % 2 else SLOW_HEAD)
+            while not stop.is_set():
+                writer.write(b" " if i % 2 else b"a")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    tasks = [asyncio.create_task(trickle(i, w)) for i, (_r, w) in enumerate(streams)]
+    try:
+        yield states
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for reader, writer in streams:
+            states[await _state(reader)] += 1
+            writer.close()
+
+
+async def _state(reader: asyncio.StreamReader) -> str:
+    try:
+        data = await asyncio.wait_for(reader.read(1024), 0.05)
+    except TimeoutError:
+        return "open"
+    except ConnectionError:
+        return "closed"
+    return "answered" if data else "closed"
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -237,6 +312,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for _ in range(args.runs):
                 results += measure("in-process", baseline, texts, levels, args.requests)
                 results += measure("gateway", gateway, texts, levels, args.requests)
+                if args.slow_clients:
+                    results += measure(
+                        "gateway+slow",
+                        gateway,
+                        texts,
+                        levels,
+                        args.requests,
+                        slow=args.slow_clients,
+                    )
             enqueue_backlog(redis.url, stream, args.backlog)
             time.sleep(5)  # the worker is into the backlog
             metrics = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -258,7 +342,42 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "runs": args.runs,
         "forward_pass_s_under_backlog": statistics.median(batch_s),
         "write_s_under_backlog": statistics.median(write_s),
+        "slow_connections_at_end": SLOW_STATES,
         "results": summarise(results),
+    }
+
+
+def drain_check(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Bulk texts/s of ``embedq worker --drain`` over ``--drain-texts`` long texts, with the
+    interactive lane idle and with ``--no-online``, interleaved ``--runs`` times (each run
+    a fresh stream and Milvus Lite file; the worker's own texts/s, model load excluded)."""
+    redis = RedisServer(tmp / "redis").start()
+    rates: dict[str, list[float]] = {"lane idle": [], "no lane": []}
+    try:
+        for run in range(args.runs):
+            for variant, flags in (("lane idle", ["--online"]), ("no lane", ["--no-online"])):
+                stream = f"bench:drain:{run}:{flags[0]}"
+                enqueue_backlog(redis.url, stream, args.drain_texts)
+                command = ["-m", "embedq.cli", "worker", "--redis-url", redis.url]
+                command += ["--stream", stream, "--milvus-uri", str(tmp / f"{run}{flags[0]}.db")]
+                command += ["--device", "cpu", "--drain", *flags]
+                done = subprocess.run(
+                    [sys.executable, *command], capture_output=True, text=True, check=True
+                )
+                line = next(x for x in done.stdout.splitlines() if x.startswith("embedded "))
+                rates[variant].append(float(line.split("working, ", 1)[1].split(" ", 1)[0]))
+                print(f"drain {variant:>9}: {line}", file=sys.stderr)
+    finally:
+        redis.stop()
+    lane, alone = (statistics.median(rates[v]) for v in ("lane idle", "no lane"))
+    return {
+        "machine": machine_facts(),
+        "loadavg_end": loadavg(),
+        "texts": args.drain_texts,
+        "texts_per_s": rates,
+        "median_lane_idle": lane,
+        "median_no_lane": alone,
+        "ratio": lane / alone,
     }
 
 
@@ -302,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog-requests", type=int, default=20, help="per level, backlog")
     parser.add_argument("--backlog", type=int, default=6000, help="long texts enqueued")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--slow-clients", type=int, default=200, help="gateway+slow's; 0: off")
+    parser.add_argument("--drain-check", action="store_true", help="bulk drain, lane idle")
+    parser.add_argument("--drain-texts", type=int, default=1500, help="long texts per drain")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--serve-baseline", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -313,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     with tempfile.TemporaryDirectory(prefix="embedq-bench-online-") as tmp:
+        if args.drain_check:
+            print(json.dumps(drain_check(args, Path(tmp)), indent=2))
+            return 0
         report = run(args, Path(tmp))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -19,6 +19,11 @@ LABELS = {
     "classic": "(c) classic per-message worker",
     "embedq": "(d) embedq end to end",
     "unordered": "(u) embedq, ordered per-id writes off",
+    "onnx": "(d) embedq end to end, --backend onnx",
+    "onnx-int8": "(d) embedq end to end, --backend onnx --quantize int8",
+    "openvino": "(d) embedq end to end, --backend openvino",
+    "openvino-int8": "(d) embedq end to end, --backend openvino --quantize int8",
+    "st-onnx-int8": '(b) sentence-transformers backend="onnx" int8 encode',
 }
 SECTION = "## Worker throughput (CPU)"
 
@@ -75,10 +80,18 @@ def summarize(results: Sequence[RunResult]) -> VariantSummary:
 
 # d/u below 1 is what ordered per-id writes cost (u: the same worker with them off).
 _RATIO_NAMES = {"raw": "d/a", "st": "d/b", "classic": "d/c", "unordered": "d/u"}
+# (d) on the CPU backends of issue 29, against sentence-transformers' fp32 torch encode (b)
+# and its own int8 ONNX encode: e.g. ``onnx-int8/b`` and ``onnx-int8/st-onnx-int8``.
+_BACKENDS = ("onnx", "onnx-int8", "openvino", "openvino-int8")
+_BASELINES = {"st": "b", "st-onnx-int8": "st-onnx-int8"}
+_PAIRS = [("embedq", other, label) for other, label in _RATIO_NAMES.items()] + [
+    (ours, other, f"{ours}/{short}") for ours in _BACKENDS for other, short in _BASELINES.items()
+]
 
 
 def run_ratios(results: Sequence[RunResult]) -> dict[str, list[float]]:
-    """embedq's texts/s over each other variant's (d/a, d/b, d/c), run by run.
+    """embedq's texts/s over each other variant's (d/a, d/b, d/c), and each CPU backend's
+    over sentence-transformers' (``onnx-int8/b``, ``onnx-int8/st-onnx-int8``), run by run.
 
     Within one run the variants follow each other within minutes, so a ratio taken inside a
     run compares them under nearly the same load; the median of those is what we report.
@@ -89,12 +102,9 @@ def run_ratios(results: Sequence[RunResult]) -> dict[str, list[float]]:
     found: dict[str, list[float]] = {}
     for run in sorted(by_run):
         speeds = by_run[run]
-        ours = speeds.get("embedq")
-        if ours is None:
-            continue
-        for name, label in _RATIO_NAMES.items():
-            if speeds.get(name):
-                found.setdefault(label, []).append(ours / speeds[name])
+        for ours, other, label in _PAIRS:
+            if speeds.get(ours) and speeds.get(other):
+                found.setdefault(label, []).append(speeds[ours] / speeds[other])
     return found
 
 
@@ -184,6 +194,7 @@ def markdown(report: BenchReport) -> str:
             f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with "
             f"{m['torch_threads']} threads, Python {m['python']}"
             + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+            + (f"; int8 instruction set {m['cpu_int8_isa']}" if m.get("cpu_int8_isa") else "")
             + ".",
             f"- Load average (1/5/15 min) before {_load(report.loadavg_before)}, after "
             f"{_load(report.loadavg_after)}: the machine is shared, so absolute numbers move; "
@@ -199,9 +210,23 @@ def markdown(report: BenchReport) -> str:
             f"{report.enqueue_texts_per_s:,.0f} texts/s (not counted). Its batch latency is "
             "the worker's `batch_done` timing (encode + write + ack).",
             "- Peak RSS is each variant's own child process (ru_maxrss).",
+            *_st_onnx_note(report),
             "",
         ]
     )
+
+
+def _st_onnx_note(report: BenchReport) -> list[str]:
+    """What sentence-transformers' int8 ONNX model loaded, and how far it is from fp32."""
+    found = [r.extra for r in report.results if r.variant == "st-onnx-int8" and r.extra]
+    checked = [e for e in found if "lowest_cosine_vs_fp32" in e]
+    if not checked:
+        return []
+    return [
+        f"- sentence-transformers' int8 model ({checked[0].get('file')}): lowest cosine to "
+        f"fp32 torch {checked[0]['lowest_cosine_vs_fp32']:.4f} on the first texts (embedq's "
+        "int8 gate asks for 0.99 on every probe)."
+    ]
 
 
 def _load(values: Sequence[float]) -> str:

@@ -6,7 +6,9 @@ fresh child process (``spawn``) so its peak RSS is its own, and the runs interle
 
 (a) ``raw``, the model ceiling; (b) ``st``, sentence-transformers ``encode``; (c)
 ``classic``, a per-message worker; (d) ``embedq`` end to end (``embedq.bench.variants``
-says what each does). This module runs them and gathers a ``BenchReport``
+says what each does), and on request the CPU backends of issue 29 (``onnx-int8`` and the
+like: (d) on another forward pass; ``st-onnx-int8``: sentence-transformers' own int8 ONNX
+``encode``). This module runs them and gathers a ``BenchReport``
 (``embedq.bench.report`` takes medians and ratios and writes it out).
 
 Redis is a private ``redis-server`` on a free port started for the bench
@@ -28,7 +30,13 @@ from typing import Any
 
 from embedq.bench.report import BenchReport, median, summarize
 from embedq.bench.servers import RedisServer
-from embedq.bench.variants import VARIANTS, BenchRun, RunResult, run_in_child
+from embedq.bench.variants import (
+    BACKEND_VARIANTS,
+    VARIANTS,
+    BenchRun,
+    RunResult,
+    run_in_child,
+)
 from embedq.core.config import Settings
 from embedq.core.errors import ConfigError
 
@@ -48,8 +56,12 @@ def cpu_model() -> str:
 def machine_facts() -> dict[str, Any]:
     import torch
 
+    from embedq.model.onnx_backend import cpu_isa
+
     return {
         "cpu": cpu_model(),
+        # The widest int8 instruction set the quantized backends' kernels can use here.
+        "cpu_int8_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -103,13 +115,10 @@ def run_bench(
     variants: Sequence[str] = VARIANTS,
     command: str = "",
     progress: Callable[[str], None] = lambda _line: None,
+    st_python: str = "",
 ) -> BenchReport:
     """Every variant ``runs`` times, interleaved, against one private Redis."""
-    if "st" in variants and importlib.util.find_spec("sentence_transformers") is None:
-        raise ConfigError(
-            "variant st needs sentence-transformers: pip install 'embedq[bench]', or leave it "
-            "out with --variants raw,classic,embedq"
-        )
+    _check_variants(variants, st_python)
     settings = resolve_settings(settings)
     rows = load_sample(corpus, n)
     classic_rows = rows[: min(n_classic, len(rows))]
@@ -126,9 +135,9 @@ def run_bench(
             for variant in variants:
                 sample = classic_rows if variant == "classic" else rows
                 run_settings = _settings_for(settings, variant, run, redis_server.url, tmp)
-                if variant in ("classic", "embedq", "unordered"):
+                if variant in ("classic", "embedq", "unordered", *BACKEND_VARIANTS):
                     enqueue_rates.append(_enqueue(sample, run_settings))
-                result = run_in_child(BenchRun(variant, sample, run_settings, run))
+                result = run_in_child(BenchRun(variant, sample, run_settings, run, st_python))
                 result.run = run
                 _check_complete(result, len(sample))
                 results.append(result)
@@ -153,6 +162,20 @@ def run_bench(
         summaries={v: summarize([r for r in results if r.variant == v]) for v in variants},
         results=results,
     )
+
+
+def _check_variants(variants: Sequence[str], st_python: str) -> None:
+    """One line, before anything starts, for a variant this machine cannot run."""
+    if "st" in variants and importlib.util.find_spec("sentence_transformers") is None:
+        raise ConfigError(
+            "variant st needs sentence-transformers: pip install 'embedq[bench]', or leave it "
+            "out with --variants raw,classic,embedq"
+        )
+    if "st-onnx-int8" in variants and not st_python:
+        raise ConfigError(
+            "variant st-onnx-int8 needs --st-python: a Python with sentence-transformers and "
+            "optimum[onnxruntime] (docs/benchmarks.md#cpu-backends-issue-29)"
+        )
 
 
 def resolve_settings(settings: Settings) -> Settings:
@@ -199,6 +222,7 @@ def _reported_settings(settings: Settings) -> dict[str, Any]:
         "max_batch_tokens": settings.max_batch_tokens,
         "max_batch_rows": settings.max_batch_rows,
         "block_ms": settings.block_ms,
+        "model_cache": settings.model_cache,
     }
 
 

@@ -1,4 +1,4 @@
-"""The four ``embedq bench`` variants, each run in a fresh child process;
+"""The ``embedq bench`` variants, each run in a fresh child process;
 ``embedq.bench.run`` runs them side by side.
 
 - ``raw``: the ceiling. embedq's ``Encoder`` with the worker's token-budget batching over
@@ -9,6 +9,10 @@
 - ``embedq``: the real worker (``build_worker(...).run()`` in drain mode) from a stream
   enqueued beforehand into a fresh Milvus Lite file; timed from ``worker_started`` (model
   loaded) to drained, acks included.
+
+On request (issue 29): ``onnx``, ``onnx-int8``, ``openvino``, ``openvino-int8`` (``embedq``
+on another backend) and ``st-onnx-int8`` (sentence-transformers' ``backend="onnx"`` int8
+``encode``, under another interpreter).
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from embedq.core.config import Settings
+from embedq.core.errors import ConfigError
 
 ST_BATCH_SIZE = 32  # SentenceTransformer.encode's default
 
@@ -64,6 +71,7 @@ class BenchRun:
     rows: list[dict[str, str]]
     settings: Settings
     run: int
+    st_python: str = ""  # the interpreter of variant st-onnx-int8
 
 
 def _peak_rss_mb() -> float:
@@ -133,7 +141,7 @@ def run_classic(bench_run: BenchRun) -> RunResult:
     stream = open_stream(s)
     stream.ensure_group()
     sink = open_sink(s)
-    sink.ensure_collection(encoder.dimension, encoder.name)
+    sink.ensure_collection(encoder.width, encoder.name)
     started = time.perf_counter()
     done = tokens = 0
     batch_ms: list[float] = []
@@ -167,6 +175,74 @@ def run_classic(bench_run: BenchRun) -> RunResult:
         started - loaded,
         {"rows_in_milvus": stored},
     )
+
+
+# Variants that run the real worker (as ``embedq``) on another forward pass (issue 29).
+BACKEND_VARIANTS = {
+    "onnx": ("onnx", "none"),
+    "onnx-int8": ("onnx", "int8"),
+    "openvino": ("openvino", "none"),
+    "openvino-int8": ("openvino", "int8"),
+}
+
+
+def run_backend(bench_run: BenchRun) -> RunResult:
+    """(d) on another backend: the same worker, drained, with ``--backend`` and
+    ``--quantize`` from the variant's name. The export, the conversion and the accuracy gate
+    happen at load, before ``worker_started``, so they are not timed."""
+    backend, quantize = BACKEND_VARIANTS[bench_run.variant]
+    settings = bench_run.settings.replace(backend=backend, quantize=quantize)
+    return replace(run_embedq(replace(bench_run, settings=settings)), variant=bench_run.variant)
+
+
+def run_st_onnx(bench_run: BenchRun) -> RunResult:
+    """(b-onnx-int8) sentence-transformers' ``backend="onnx"`` int8 ``encode``, in the
+    interpreter ``--st-python`` names (``embedq.bench.st_onnx`` says why and how)."""
+    from embedq.bench import st_onnx
+    from embedq.model.encoder import resolve_model_dir
+    from embedq.model.onnx_backend import cpu_isa
+
+    if not bench_run.st_python:
+        raise ConfigError(
+            "variant st-onnx-int8 needs --st-python: a Python with sentence-transformers and "
+            "optimum[onnxruntime] (see docs/benchmarks.md#cpu-backends-issue-29)"
+        )
+    texts = [r["text"] for r in bench_run.rows]
+    request = {
+        "model_dir": str(resolve_model_dir(bench_run.settings.model)[0]),
+        "texts": texts,
+        "work_dir": str(Path(bench_run.settings.milvus_uri).parent),
+        "quantization": ST_QUANTIZATION.get(cpu_isa(), "avx2"),
+        "check_texts": texts[:ST_CHECK_TEXTS] if bench_run.run == 1 else [],
+    }
+    done = subprocess.run(
+        [bench_run.st_python, st_onnx.__file__],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        raise ConfigError(f"variant st-onnx-int8 failed under {bench_run.st_python}: {last}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    extra = {k: found[k] for k in ("file", "lowest_cosine_vs_fp32") if k in found}
+    return RunResult(
+        "st-onnx-int8",
+        found["texts"],
+        found["tokens"],
+        found["elapsed_s"],
+        found["peak_rss_mb"],
+        [],
+        found["setup_s"],
+        extra,
+    )
+
+
+# sentence-transformers' quantization configs by the instruction set embedq.model.onnx_backend
+# finds (``export_dynamic_quantized_onnx_model``'s names).
+ST_QUANTIZATION = {"AVX-512 VNNI": "avx512_vnni", "AVX-512": "avx512", "AVX2": "avx2"}
+ST_CHECK_TEXTS = 64  # texts on which st-onnx-int8's vectors are compared with fp32 torch
 
 
 def run_unordered(bench_run: BenchRun) -> RunResult:
@@ -231,9 +307,12 @@ _RUNNERS: dict[str, Callable[[BenchRun], RunResult]] = {
     "classic": run_classic,
     "embedq": run_embedq,
     "unordered": run_unordered,
+    "st-onnx-int8": run_st_onnx,
+    **dict.fromkeys(BACKEND_VARIANTS, run_backend),
 }
 VARIANTS = ("raw", "st", "classic", "embedq")  # the default, in the order they run each run
-EXTRA_VARIANTS = ("unordered",)  # on request (--variants)
+# On request (--variants): what ordered writes cost, and the CPU backends (issue 29).
+EXTRA_VARIANTS = ("unordered", *BACKEND_VARIANTS, "st-onnx-int8")
 
 
 def _child(bench_run: BenchRun) -> RunResult:

@@ -42,7 +42,15 @@ from embedq.cli.options import LOG_LEVEL, build_settings, model, run_guarded, se
     default=",".join(("raw", "st", "classic", "embedq")),
     show_default=True,
     help="Which of raw, st, classic, embedq to run; also unordered (embedq with ordered "
-    "per-id writes off: what the index guarantee costs).",
+    "per-id writes off: what the index guarantee costs), embedq on a CPU backend (onnx, "
+    "onnx-int8, openvino, openvino-int8) and st-onnx-int8 (sentence-transformers' int8 ONNX "
+    "encode, needs --st-python).",
+)
+@click.option(
+    "--st-python",
+    default="",
+    help="A Python with sentence-transformers and optimum[onnxruntime], for variant "
+    "st-onnx-int8 (optimum cannot live beside transformers 5).",
 )
 @click.option(
     "--output",
@@ -105,6 +113,7 @@ def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: A
     n_classic: int = options.pop("n_classic")
     runs: int = options.pop("runs")
     as_json: bool = options.pop("as_json")
+    st_python: str = options.pop("st_python")
     settings = build_settings(options)
 
     def body() -> int:
@@ -117,6 +126,7 @@ def bench(corpus: Path, n: int, variants: str, output: Path | None, **options: A
             variants=chosen,
             command="embedq " + " ".join(sys.argv[1:]),
             progress=lambda line: click.echo(line, err=True),
+            st_python=st_python,
         )
         if output is not None:
             update_markdown(output, report)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from embedq.cli.options import LOG_LEVEL, build_settings, milvus, model, run_guarded
+from embedq.cli.options import F, build_settings, common, milvus, model, run_guarded
 from embedq.core.errors import ConfigError, ExitCode
 
 if TYPE_CHECKING:
+    from embedq.core.config import Settings
     from embedq.model.encoder import Encoder
-    from embedq.ops.migrate import Migration, PassReport
+    from embedq.ops.migrate import BackfillReport, Migration
+    from embedq.ops.quality_gate import Gate
+    from embedq.ops.rollout import Record, Rollout
+    from embedq.queue.stream import Stream
     from embedq.sink.milvus import Sink
-
-MAX_PASSES = 20  # catch-up passes before giving up on writes that arrive faster than it copies
 
 
 class Reporter:
@@ -38,116 +42,363 @@ class Reporter:
         click.echo(f"migrate: {done:,}/{todo:,} rows embedded, {shown}, ETA {eta}", err=True)
 
 
-def _passes(
-    source: Sink, shadow: Sink, encoder: Encoder, *, newer_only: bool = False
-) -> PassReport:
-    """Catch up until a pass finds nothing to do; the last pass's report."""
-    from embedq.ops.migrate import catch_up
-
-    for number in range(1, MAX_PASSES + 1):
-        result = catch_up(source, shadow, encoder, newer_only=newer_only, report=Reporter())
-        _said(number, result)
-        if result.idle or newer_only:
-            return result
-    raise ConfigError(
-        f"the shadow collection did not catch up in {MAX_PASSES} passes: writes arrive "
-        "faster than it copies them; run `embedq migrate --follow` and promote later"
-    )
-
-
-def _said(number: int, result: PassReport) -> None:
+def _said(result: BackfillReport) -> None:
     click.echo(
-        f"migrate: pass {number}: {result.total:,} rows in the live collection, "
-        f"{result.copied:,} embedded, {result.deleted:,} deleted, {len(result.failed):,} failed "
-        f"({result.elapsed_s:.1f}s)",
+        f"migrate: backfill: {result.total:,} ids in the live collection, {result.copied:,} "
+        f"copied, {result.stale:,} already newer there, {result.missing:,} deleted since, "
+        f"{len(result.failed):,} failed ({result.elapsed_s:.1f}s)",
         err=True,
     )
 
 
-def _follow(source: Sink, shadow: Sink, encoder: Encoder, interval_s: float) -> None:
+def _backfilled(
+    migration: Migration,
+    streams: list[Stream],
+    encoder: Encoder,
+    settings: Settings,
+    *,
+    adopt: bool,
+    wait_s: float,
+) -> tuple[Rollout, Record, Sink]:
+    """The migration toward ``encoder``'s model started (its group, its collection) and its
+    backfill done: now, or by an earlier run."""
+    from embedq.ops.migrate import backfill, begin
+    from embedq.ops.rollout import BACKFILLED, BACKFILLING
+    from embedq.worker.launch import Timing
+
+    source, shadow, rollout, record = begin(
+        migration, streams, encoder, group=settings.group, adopt=adopt
+    )
+    first = min(record.starts.values()) if record.starts else "?"
+    click.echo(
+        f"migrate: {record.target} is fed by group {record.group} from {first} on "
+        f"({len(record.starts)} stream(s))",
+        err=True,
+    )
+    if record.phase != BACKFILLING:
+        return rollout, record, shadow
+
+    def waiting(left: int) -> None:
+        click.echo(
+            f"migrate: waiting for group {record.source_group} to write {left:,} entries from "
+            f"before the start into {record.source}",
+            err=True,
+        )
+
+    rollout.wait_drained(record.source_group, record.starts, wait_s=wait_s, said=waiting)
+    lease_ms = Timing(settings.min_idle_s).lease_ms
+    result = backfill(source, shadow, encoder, streams, lease_ms=lease_ms, report=Reporter())
+    _said(result)
+    record = rollout.save(record, phase=BACKFILLED, copied=result.copied, failed=len(result.failed))
+    if result.failed:
+        click.echo(
+            f"migrate: the new model fails on the text of {len(result.failed)} row(s) "
+            f"({', '.join(result.failed[:5])}{', …' if len(result.failed) > 5 else ''}): "
+            "they are not in the new collection (the log has each error)",
+            err=True,
+        )
+    return rollout, record, shadow
+
+
+def _promote(migration: Migration, rollout: Rollout, record: Record, max_backlog: int) -> None:
+    """Move the alias to the new collection once its workers run and its group is caught
+    up: readers then see a collection as current as the one they leave."""
+    from embedq.ops.rollout import ACTIVE_S, PROMOTED, active_consumers, backlog_of
+
+    info = rollout.lag(record.group)
+    if not active_consumers(info, ACTIVE_S):
+        raise ConfigError(
+            f"no worker of the new model reads group {record.group}: start workers with this "
+            f"--model (they write {record.target}), then promote; the alias was not moved"
+        )
+    backlog = backlog_of(info)
+    if backlog > max_backlog:
+        raise ConfigError(
+            f"group {record.group} has {backlog:,} entries to write into {record.target} "
+            f"(more than --max-backlog {max_backlog:,}): promote once its workers caught up"
+        )
+    live = migration.live()
+    migration.move_alias(record.target)
+    rollout.save(record, phase=PROMOTED)
+    click.echo(
+        f"migrate: {migration.name} now points at {record.target} (was {live}); group "
+        f"{record.group} had {backlog:,} entries to write"
+    )
+    click.echo(
+        f"migrate: next: replace the old-model workers (group {record.source_group} keeps "
+        f"{record.source} complete for --rollback), then --drop-old"
+    )
+
+
+def _follow(rollout: Rollout, record: Record, interval_s: float) -> None:
+    """The groups' lag every ``interval_s`` until SIGINT/SIGTERM: the new model's workers
+    keep its collection current; this shows that they do."""
     import signal
     import threading
 
-    from embedq.ops.migrate import catch_up
+    from embedq.ops.rollout import group_line
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    number = 0
     while not stop.is_set():
-        number += 1
-        result = catch_up(source, shadow, encoder, report=Reporter())
-        if not result.idle:
-            _said(number, result)
+        click.echo("migrate: " + group_line("new", rollout.lag(record.group)), err=True)
+        click.echo("migrate: " + group_line("live", rollout.lag(record.source_group)), err=True)
         stop.wait(interval_s)
 
 
-def _undo(migration: Migration, *, rollback: bool) -> int:
+def _undo(migration: Migration, streams: list[Stream], *, rollback: bool) -> int:
+    from embedq.ops.rollout import ROLLED_BACK, Rollout, backlog_of, group_line
+
     current, before = migration.previous()
+    rollout = Rollout(streams, current)
+    record = rollout.load()
     if rollback:
         migration.move_alias(before)
         click.echo(f"migrate: {migration.name} now points at {before} again (was {current})")
-    else:
-        migration.drop(before)
-        click.echo(f"migrate: dropped {before}; {migration.name} points at {current}")
+        if record is not None:
+            rollout.save(record, phase=ROLLED_BACK)
+            old = rollout.lag(record.source_group)
+            click.echo("migrate: " + group_line("live", old))
+            if backlog_of(old):
+                click.echo(
+                    f"migrate: {before} has {backlog_of(old):,} entries to catch up: run "
+                    "workers with its model until that is 0"
+                )
+        return ExitCode.OK
+    return _drop_old(migration, rollout, record, current, before)
+
+
+def _drop_old(
+    migration: Migration, rollout: Rollout, record: Record | None, current: str, before: str
+) -> int:
+    from embedq.ops.rollout import ACTIVE_S, OLD_DROPPED, active_consumers
+
+    old = migration.open(before)
+    old.ensure_collection(None, "", create=False)
+    group = record.source_group if record is not None else ""
+    if group:
+        running = active_consumers(rollout.lag(group), ACTIVE_S)
+        if running:
+            raise ConfigError(
+                f"workers still read group {group} for {before} ({', '.join(running[:5])}): "
+                "stop the old-model workers first; nothing was dropped"
+            )
+    migration.drop(before)
+    done = [f"dropped {before}"]
+    if group:
+        rollout.destroy_group(group)
+        done.append(f"destroyed group {group}")
+    rollout.forget_index(old.index_name)
+    type(rollout)(rollout.streams, before).forget()  # its own migration's record, if any
+    if record is not None:
+        rollout.save(record, phase=OLD_DROPPED)
+    click.echo(
+        f"migrate: {', '.join(done)}, forgot its index; {migration.name} points at {current}"
+    )
     return ExitCode.OK
+
+
+def _status(migration: Migration, streams: list[Stream]) -> int:
+    import json
+
+    from embedq.ops.evaluate import recorded_evaluation
+    from embedq.ops.rollout import group_line, next_step, records
+
+    live = migration.live()
+    click.echo(f"migrate: {migration.name} points at {live}")
+    found = records(streams, migration.name)
+    if not found:
+        click.echo("migrate: no migration recorded; next: --model NEW --backfill")
+        return ExitCode.OK
+    for record in found:
+        rollout_ = _rollout(streams, record.target)
+        new = rollout_.lag(record.group)
+        old = rollout_.lag(record.source_group) if record.phase != "old dropped" else None
+        click.echo(
+            f"migrate: {record.source} -> {record.target}: {record.phase}, {record.copied:,} "
+            f"rows copied, {record.failed:,} failed"
+        )
+        click.echo("migrate:   " + group_line("new", new))
+        if old is not None:
+            click.echo("migrate:   " + group_line("live", old))
+        evaluation = None
+        if migration.exists(record.target):
+            evaluation = recorded_evaluation(migration.open(record.target))
+        shown = json.dumps(evaluation, sort_keys=True) if evaluation else "none recorded"
+        click.echo(f"migrate:   evaluation {shown}")
+        click.echo(f"migrate:   next: {next_step(record, live, new, old)}")
+    return ExitCode.OK
+
+
+def _rollout(streams: list[Stream], target: str) -> Rollout:
+    from embedq.ops.rollout import Rollout
+
+    return Rollout(streams, target)
+
+
+def _evaluation(func: F) -> F:
+    """--evaluate and the promote's quality gate (embedq.ops.quality_gate)."""
+    existing = click.Path(exists=True, dir_okay=False, path_type=Path)
+    for decorate in reversed(
+        [
+            click.option(
+                "--evaluate",
+                "queries",
+                type=existing,
+                help="A query set (JSONL, or text: a query a line): top-k overlap, recall@k "
+                "and nDCG@10 of the live and --model's collections, recorded on the new one; "
+                "alone, or after --backfill / before --promote.",
+            ),
+            click.option("--qrels", type=existing, help="TREC qrels for --evaluate's queries."),
+            click.option(
+                "--k", "top_k", default=10, show_default=True, type=click.IntRange(1, 1000)
+            ),
+            click.option(
+                "--min-overlap",
+                type=click.FloatRange(0, 1),
+                help="--promote refuses (exit 4) below this overlap@k of the two models.",
+            ),
+            click.option(
+                "--min-recall",
+                type=click.FloatRange(0, 1),
+                help="--promote refuses (exit 4) below this recall@k of the new model.",
+            ),
+            click.option(
+                "--old-model",
+                default="",
+                help="The live collection's model for --evaluate (default: the packaged one).",
+            ),
+            click.option("--json", "as_json", is_flag=True, help="--evaluate: JSON Lines."),
+        ]
+    ):
+        func = decorate(func)
+    return func
+
+
+def _with_gate(options: dict[str, Any]) -> tuple[Settings, Gate]:
+    """The settings, and the quality gate the evaluation options describe."""
+    from embedq.ops.evaluate import json_lines, table_lines
+    from embedq.ops.quality_gate import Bar, Gate, old_encoder
+
+    bar = Bar(options.pop("min_overlap"), options.pop("min_recall"))
+    queries, qrels, as_json = options.pop("queries"), options.pop("qrels"), options.pop("as_json")
+    k, old_model = options.pop("top_k"), options.pop("old_model")
+    settings = build_settings(options)
+    gate = Gate(
+        bar,
+        queries,
+        qrels,
+        k,
+        old_encoder(settings, old_model),
+        show=lambda e: click.echo("\n".join(json_lines(e) if as_json else table_lines(e))),
+        say=lambda line: click.echo(f"migrate: {line}", err=True),
+    )
+    return settings, gate
+
+
+def _plan(migration: Migration, encoder: Encoder, gate: Gate) -> int:
+    """No action flag: evaluate (--evaluate), or print the plan; nothing else changes."""
+    from embedq.ops.migrate import plan
+    from embedq.sink.schema import model_fingerprint
+
+    if gate.queries is not None:
+        gate.evaluate_now(migration, encoder)
+        return ExitCode.OK
+    for line in plan(migration, model_fingerprint(encoder)):
+        click.echo(f"migrate: {line}")
+    return ExitCode.OK
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """What --backfill, --follow or --promote asked for."""
+
+    promote: bool
+    follow: bool
+    adopt: bool
+    interval_s: float
 
 
 def _toward(
     migration: Migration,
+    streams: list[Stream],
     encoder: Encoder,
     *,
-    promote: bool,
-    follow: bool,
-    adopt: bool,
-    interval_s: float,
+    settings: Settings,
+    gate: Gate,
+    steps: _Steps,
+    max_backlog: int,
+    wait_s: float,
 ) -> int:
     """--backfill, --follow or --promote toward ``encoder``'s collection."""
-    from embedq.ops.migrate import shadow_name, source_sink
+    from embedq.ops.migrate import shadow_name
     from embedq.sink.schema import model_fingerprint
 
-    live = migration.adopt(allowed=adopt)
     target = shadow_name(migration.name, model_fingerprint(encoder))
-    if live == target:
-        click.echo(f"migrate: {migration.name} already serves this model ({live})")
+    if migration.target() == target:
+        click.echo(f"migrate: {migration.name} already serves this model ({target})")
         return ExitCode.OK
-    source = source_sink(migration, live)
-    shadow = migration.shadow(source, encoder)
-    failed = _passes(source, shadow, encoder).failed
-    if failed and promote:
-        raise ConfigError(
-            f"the new model fails on the text of {len(failed)} row(s) ({', '.join(failed[:5])}"
-            f"{', …' if len(failed) > 5 else ''}): promoting would lose them from search; "
-            "fix or delete those rows, then promote (the log has each error)"
-        )
-    if follow:
-        _follow(source, shadow, encoder, interval_s)
-    elif promote:
-        migration.move_alias(target)
-        _passes(source, shadow, encoder, newer_only=True)  # what landed while it moved
-        click.echo(f"migrate: {migration.name} now points at {target} (was {live})")
+    rollout, record, shadow = _backfilled(
+        migration, streams, encoder, settings, adopt=steps.adopt, wait_s=wait_s
+    )
+    gate.check(migration.open(record.source), shadow, encoder, promoting=steps.promote)
+    if steps.promote:
+        _promote(migration, rollout, record, max_backlog)
+    elif steps.follow:
+        _follow(rollout, record, steps.interval_s)
     else:
-        click.echo(f"migrate: {target} is caught up; promote with --promote")
+        click.echo(
+            f"migrate: next: start workers with this --model (group {record.group}, "
+            f"collection {record.target}), then --promote"
+        )
     return ExitCode.OK
 
 
 @click.command()
 @click.option(
-    "--promote", is_flag=True, help="Catch up, then move the alias to --model's collection."
+    "--promote", is_flag=True, help="Move the alias to --model's collection once it is caught up."
 )
 @click.option("--rollback", is_flag=True, help="Move the alias back to the collection it replaced.")
-@click.option("--drop-old", is_flag=True, help="Drop the collection the live one replaced.")
-@click.option("--follow", is_flag=True, help="Keep catching up every --interval s until stopped.")
-@click.option("--backfill", is_flag=True, help="Create --model's collection and catch up once.")
+@click.option(
+    "--drop-old",
+    is_flag=True,
+    help="Drop the collection the live one replaced, its consumer group and its index.",
+)
+@click.option(
+    "--follow", is_flag=True, help="--backfill, then show both groups' lag every --interval s."
+)
+@click.option(
+    "--backfill",
+    is_flag=True,
+    help="Create --model's collection and consumer group, and copy the live collection.",
+)
+@click.option("--status", is_flag=True, help="Phase, rows copied, each group's lag, next step.")
 @click.option(
     "--adopt",
     is_flag=True,
     help="Allow renaming --collection (not yet an alias) and creating the alias on it.",
 )
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option(
+    "--max-backlog",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="--promote waits for the new collection's group to have at most this many entries left.",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds the backfill waits for the live collection's group to reach the start.",
+)
+@_evaluation
+@common
 @milvus
 @model
-@LOG_LEVEL
 def migrate(
     *,
     promote: bool,
@@ -155,43 +406,55 @@ def migrate(
     drop_old: bool,
     follow: bool,
     backfill: bool,
+    status: bool,
     adopt: bool,
     interval: float,
+    max_backlog: int,
+    wait_s: float,
     **options: Any,
 ) -> None:
     """Move the collection (an alias for readers) to another model without a pause in search.
 
     With --model NEW and no action flag: print the plan, change nothing. --backfill creates
-    NEW's shadow collection and backfills it from the stored text (--follow: and keeps
-    catching up with the writes that arrive, until stopped). Then --promote --model NEW moves
-    the alias atomically; --rollback moves it back; --drop-old drops the replaced
-    collection. A collection not yet behind an alias is adopted only with --adopt.
+    NEW's collection and its own consumer group (every write from now on reaches it) and
+    copies the live collection, re-embedded; then start workers with --model NEW. --promote
+    --model NEW moves the alias once they caught up; --rollback moves it back (the old
+    collection kept receiving every write); --drop-old drops the replaced collection and
+    its group. --status shows where it stands. A collection not yet behind an alias is
+    adopted only with --adopt.
     """
-    from embedq.model.encoder import resolve_model_dir
-    from embedq.ops.migrate import Migration, plan
+    from embedq.model.encoder import encoder_for, resolve_model_dir
+    from embedq.ops.migrate import Migration
+    from embedq.queue.stream import open_streams
     from embedq.sink.milvus import open_sink
-    from embedq.sink.schema import model_fingerprint
-    from embedq.worker.launch import encoder_for
 
-    if promote + rollback + drop_old + follow + backfill > 1:
+    if promote + rollback + drop_old + follow + backfill + status > 1:
         raise click.UsageError(
-            "give one of --promote, --rollback, --drop-old, --follow, --backfill"
+            "give one of --promote, --rollback, --drop-old, --follow, --backfill, --status"
         )
-    settings = build_settings(options)
+    settings, gate = _with_gate(options)
 
     def body() -> int:
-        sink = open_sink(settings, create=False)
-        migration = Migration(sink)
+        migration = Migration(open_sink(settings, create=False))
+        streams = open_streams(settings.replace(block_ms=0))
         if rollback or drop_old:
-            return _undo(migration, rollback=rollback)
+            return _undo(migration, streams, rollback=rollback)
+        if status:
+            return _status(migration, streams)
         resolve_model_dir(settings.model)
         encoder = encoder_for(settings)
         if not (promote or follow or backfill):
-            for line in plan(migration, model_fingerprint(encoder)):
-                click.echo(f"migrate: {line}")
-            return ExitCode.OK
+            return _plan(migration, encoder, gate)
+        steps = _Steps(promote=promote, follow=follow, adopt=adopt, interval_s=interval)
         return _toward(
-            migration, encoder, promote=promote, follow=follow, adopt=adopt, interval_s=interval
+            migration,
+            streams,
+            encoder,
+            settings=settings,
+            gate=gate,
+            steps=steps,
+            max_backlog=max_backlog,
+            wait_s=wait_s,
         )
 
     run_guarded(body)

@@ -24,8 +24,11 @@ from embedq.cli.options import (
 from embedq.core.errors import ConfigError, ExitCode
 
 if TYPE_CHECKING:
+    from embedq.core.config import Settings
     from embedq.queue.lag import LagInfo
     from embedq.queue.stream import Stream
+    from embedq.sink.milvus import Hit
+    from embedq.sink.retrieval import Fusion, Mode
 
 
 def _partition_hint(streams: Sequence[Stream], parts: Sequence[LagInfo]) -> list[str]:
@@ -39,6 +42,21 @@ def _partition_hint(streams: Sequence[Stream], parts: Sequence[LagInfo]) -> list
     return [partitions_hint(parts[0].stream, found)] if found else []
 
 
+def _groups(streams: Sequence[Stream], base: str, mine: LagInfo) -> list[LagInfo]:
+    """Every consumer group's backlog on the streams, ``--group``'s first (a migration adds
+    the new collection's group: embedq.ops.rollout)."""
+    from embedq.queue.lag import group_names, merge_partitions
+    from embedq.queue.stream import Stream
+
+    names = group_names(streams[0].client, [s.keys.stream for s in streams])
+    found = [mine]
+    for name in names:
+        if name != mine.group:
+            parts = [Stream(s.client, s.keys.stream, name, s.consumer).lag() for s in streams]
+            found.append(merge_partitions(base, name, parts))
+    return found
+
+
 @click.command()
 @common
 @milvus_reading
@@ -50,6 +68,7 @@ def lag(as_json: bool, **options: Any) -> None:
     from embedq.queue.lag import (
         consumer_table,
         describe,
+        group_table,
         lag_json,
         loss_fields,
         loss_lines,
@@ -68,13 +87,16 @@ def lag(as_json: bool, **options: Any) -> None:
         standing = check_if_reachable(settings, streams)
         if as_json:
             found = lag_json(settings.stream, settings.group, parts) | loss_fields(standing)
+            info = merge_partitions(settings.stream, settings.group, parts)
+            found["groups"] = [g.as_dict() for g in _groups(streams, settings.stream, info)]
             click.echo(json.dumps(found, sort_keys=True))
             for line in hint:
                 click.echo("embedq: " + " ".join(line.split()[1:]), err=True)
             return ExitCode.OK
         info = merge_partitions(settings.stream, settings.group, parts)
         lines = loss_lines(standing) + describe(info) + hint
-        for line in lines + partition_table(parts) + consumer_table(info):
+        groups = _groups(streams, settings.stream, info)
+        for line in lines + partition_table(parts) + group_table(groups) + consumer_table(info):
             click.echo(line)
         return ExitCode.OK
 
@@ -107,38 +129,69 @@ def lag(as_json: bool, **options: Any) -> None:
 )
 @milvus_reading
 @model
+@setting(
+    "gateway_url",
+    "--gateway",
+    show_default=False,
+    help="A running gateway's URL (embedq serve): it embeds and searches, no model loads here.",
+)
+@setting("gateway_key", show_default=False, help="The API key to send to --gateway.")
 @LOG_LEVEL
 def search(query: str, top_k: int, as_json: bool, **options: Any) -> None:
     """Embed QUERY with the worker's model and print the nearest stored entries (dense,
-    sparse or hybrid, by what the collection holds: --mode)."""
-    from embedq.model.encoder import resolve_model_dir
-    from embedq.sink import retrieval
-    from embedq.sink.milvus import open_sink
-    from embedq.worker.launch import encoder_for
-
+    sparse or hybrid, by what the collection holds: --mode). With --gateway, a running
+    gateway embeds and searches (dense), and no model loads here."""
     mode = options.pop("mode")
     fusion = _fusion(options.pop("ranker"), options.pop("weights"))
     settings = build_settings(options)
+    if settings.gateway_url and mode not in ("auto", "dense"):
+        raise click.UsageError(
+            f"--mode {mode}: a gateway searches dense vectors only; leave out --gateway "
+            "(EMBEDQ_GATEWAY_URL) to search sparse or hybrid here"
+        )
 
     def body() -> int:
-        resolve_model_dir(settings.model)  # the cheap checks first, then the model loads
-        sink = open_sink(settings, create=False)
-        sink.ping()
-        encoder = encoder_for(settings)
-        sink.ensure_for(encoder, create=False)
-        hits = retrieval.search(sink, encoder, query, top_k, mode=mode, fusion=fusion)
-        if as_json:
-            for hit in hits:  # JSON Lines, as every list --json prints
-                click.echo(json.dumps(dataclasses.asdict(hit), ensure_ascii=False))
-            return ExitCode.OK
-        for hit in hits:
-            shown = hit.text if hit.text else json.dumps(hit.meta, ensure_ascii=False)
-            click.echo(f"{hit.score:.4f}  {hit.id}  {shown[:120]}")
-        if not hits:
-            click.echo("no results (is the collection empty?)")
+        if settings.gateway_url:
+            from embedq.api import client
+
+            timeout_s = settings.api_timeout_s + 5  # the gateway's own deadline, then ours
+            hits = client.search(
+                settings.gateway_url, settings.gateway_key, query, top_k, timeout_s=timeout_s
+            )
+        else:
+            hits = _search_here(settings, query, top_k, mode, fusion)
+        _print_hits(hits, as_json)
         return ExitCode.OK
 
     run_guarded(body)
+
+
+def _search_here(settings: Settings, query: str, k: int, mode: Mode, fusion: Fusion) -> list[Hit]:
+    """Load the model in this process and search the collection (the slow path: the
+    model's load, measured in docs/operations.md)."""
+    # Not through embedq.worker: a search needs no Redis client nor worker machinery.
+    from embedq.model.encoder import encoder_for, resolve_model_dir
+    from embedq.sink import retrieval
+    from embedq.sink.milvus import open_sink
+
+    resolve_model_dir(settings.model)  # the cheap checks first, then the model loads
+    sink = open_sink(settings, create=False)
+    sink.ping()
+    encoder = encoder_for(settings)
+    sink.ensure_for(encoder, create=False)
+    return retrieval.search(sink, encoder, query, k, mode=mode, fusion=fusion)
+
+
+def _print_hits(hits: Sequence[Hit], as_json: bool) -> None:
+    if as_json:
+        for hit in hits:  # JSON Lines, as every list --json prints
+            click.echo(json.dumps(dataclasses.asdict(hit), ensure_ascii=False))
+        return
+    for hit in hits:
+        shown = hit.text if hit.text else json.dumps(hit.meta, ensure_ascii=False)
+        click.echo(f"{hit.score:.4f}  {hit.id}  {shown[:120]}")
+    if not hits:
+        click.echo("no results (is the collection empty?)")
 
 
 def _fusion(ranker: str, weights: str) -> Any:

@@ -132,14 +132,14 @@ def model(func: F) -> F:
             ),
             setting(
                 "backend",
-                type=click.Choice(["torch", "onnx"]),
-                help="Forward pass: torch, or ONNX Runtime on the CPU (exported once, checked "
-                "against fp32 torch at load; docs/backends.md).",
+                type=click.Choice(["torch", "onnx", "openvino"]),
+                help="Forward pass: torch, or ONNX Runtime or OpenVINO on the CPU (exported "
+                "once, checked against fp32 torch at load; docs/backends.md).",
             ),
             setting(
                 "quantize",
                 type=click.Choice(["none", "int8"]),
-                help="int8: dynamic int8 quantization (needs --backend onnx).",
+                help="int8: int8 weights (needs --backend onnx or openvino).",
             ),
             setting(
                 "model_cache",

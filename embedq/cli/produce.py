@@ -62,11 +62,13 @@ def _print_jobs(views: list[Any]) -> None:
     from embedq.core.progress import format_duration
 
     # Each column as wide as its widest cell (a state such as "interrupted" included).
-    header = ("job", "state", "enqueued", "embedded", "dead", "eta", "source")
+    header = ("job", "state", "enqueued", "embedded", "dead", "tokens", "eta", "source")
     rows = [
-        (v.job, v.state, str(v.enqueued), str(v.embedded), str(v.dead_lettered), eta, v.source)
+        (
+            *(v.job, v.state, str(v.enqueued), str(v.embedded), str(v.dead_lettered)),
+            *(str(v.tokens), format_duration(v.eta_s), v.source),
+        )
         for v in views
-        for eta in [format_duration(v.eta_s)]
     ]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
     for row in (header, *rows):
@@ -95,7 +97,8 @@ def _print_jobs(views: list[Any]) -> None:
     help="With --prune: only jobs that ended at least this many seconds ago.",
 )
 def jobs(as_json: bool, prune: bool, older_than: float, **options: Any) -> None:
-    """List enqueue jobs: state, enqueued, embedded and dead-lettered counts, ETA."""
+    """List enqueue jobs: state, enqueued, embedded and dead-lettered counts, the tokens
+    embedded, ETA."""
     from embedq.queue.jobs import list_jobs, open_ledger
 
     settings = build_settings(options)

@@ -13,7 +13,19 @@ from embedq.cli.options import build_settings, common, milvus_reading, run_guard
 @common
 @milvus_reading
 @setting("model", help="The workers' model directory (names the model in answers).")
-@setting("api_host", "--host", help="Address the gateway binds.")
+@setting(
+    "api_host",
+    "--host",
+    help="Address the gateway binds; another than loopback (0.0.0.0 in a container) needs API "
+    "keys or --allow-anonymous.",
+)
+@setting(
+    "api_allow_anonymous",
+    "--allow-anonymous",
+    is_flag=True,
+    show_default=False,
+    help="Serve a non-loopback --host without API keys: anyone who reaches the port may call it.",
+)
 @setting("api_port", "--port", help="Port the gateway listens on.")
 @setting(
     "api_keys",

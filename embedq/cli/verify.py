@@ -160,10 +160,9 @@ def _print_vectors(report: dict[str, Any]) -> None:
 
 def _sample(drift: Drift, index: Index, sink: Sink, settings: Settings, n: int) -> None:
     """``--sample``: the model loads (and must be the collection's, as for ``search``)."""
-    from embedq.model.encoder import resolve_model_dir
+    from embedq.model.encoder import encoder_for, resolve_model_dir
     from embedq.ops import verify as check
     from embedq.ops.sampling import sample
-    from embedq.worker.launch import encoder_for
 
     resolve_model_dir(settings.model)  # the cheap check first, then the model loads
     encoder = encoder_for(settings)

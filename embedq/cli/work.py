@@ -51,15 +51,15 @@ def init(with_collection: bool, **options: Any) -> None:
                 + ("created at 0" if created else "already there")
             )
         if with_collection:
+            from embedq.model.encoder import encoder_for
             from embedq.sink.milvus import open_sink
-            from embedq.worker.launch import encoder_for
 
             encoder = encoder_for(settings)
             made = open_sink(settings).ensure_for(encoder)
             click.echo(
                 f"collection {settings.collection}: "
                 + ("created" if made else "already there")
-                + f" ({encoder.dimension} dimensions, {encoder.name})"
+                + f" ({encoder.width} dimensions, {encoder.name})"
             )
         return 0
 
@@ -128,13 +128,7 @@ def worker(**options: Any) -> None:
 
     def body() -> int:
         def echo_summary(stats: Any, released: bool = False) -> None:
-            summary = stats.as_dict()
-            click.echo(
-                f"embedded {summary['texts']} texts in {summary['elapsed_s']} s "
-                f"({summary['working_s']} s working, {summary['texts_per_s']} texts/s), "
-                f"{summary['dead_lettered']} dead-lettered"
-                + ("; the batches in hand past --grace stay pending" if released else "")
-            )
+            click.echo(summary_line(stats.as_dict(), released=released))
 
         stats = None
         # A first line at once (before torch is imported), then one every 10 s until the
@@ -151,6 +145,17 @@ def worker(**options: Any) -> None:
         return 0
 
     run_guarded(body)
+
+
+def summary_line(summary: dict[str, Any], *, released: bool = False) -> str:
+    """A worker's exit line (``Stats.as_dict``): what it embedded, deleted and
+    dead-lettered; ``released``: it let the batches in hand go when --grace ran out."""
+    return (
+        f"embedded {summary['texts']} texts in {summary['elapsed_s']} s "
+        f"({summary['working_s']} s working, {summary['texts_per_s']} texts/s), "
+        f"{summary['deleted']} deleted, {summary['dead_lettered']} dead-lettered"
+        + ("; the batches in hand past --grace stay pending" if released else "")
+    )
 
 
 @click.command()

@@ -53,7 +53,8 @@ class Retrier:
     crashed stops retrying and lets the error through.
 
     ``on_failure`` hears of each failure event once: a call that failed, however many
-    attempts it then took (issue 17: one outage counted 17 "errors", one per attempt).
+    attempts it then took (issue 17: one outage counted 17 "errors", one per attempt); the
+    log too: one warning, the retries at debug, ``infrastructure_recovered`` when it answers.
     ``waiting()`` lists the calls backing off right now, so readiness can say "cannot make
     progress"; ``wake()`` cuts every wait short once a dependency answers again, so a worker
     does not sit out a 30 s backoff after Redis or Milvus came back.
@@ -88,35 +89,59 @@ class Retrier:
         try:
             while True:
                 try:
-                    return call()
+                    result = call()
                 except InfrastructureError as exc:
                     wakes = self._wakes  # a wake from now on, even before the wait, ends it
                     attempt += 1
-                    if self.on_attempt is not None:
-                        self.on_attempt()
-                    delay = compute_backoff(attempt)
-                    if attempt == 1:
-                        with self._lock:
-                            self._waiting[key] = Waiting(action, dependency(exc), time.monotonic())
-                        if self.on_failure is not None:
-                            self.on_failure(action, exc)
-                    log.warning(
-                        "infrastructure_error",
-                        action=action,
-                        dependency=dependency(exc),
-                        error=str(exc)[:300],
-                        attempt=attempt,
-                        retry_in_s=round(delay, 2),
-                    )
+                    delay = self._failed(action, exc, attempt, key)
                     if on_error is not None:
                         on_error(f"{action}: {exc}")
                     if self.give_up() or (give_up_on and isinstance(exc, give_up_on)):
                         raise
                     self._pause(delay, wakes)
+                    continue
+                if attempt:
+                    self._recovered(action, key, attempt)
+                return result
         finally:
             if attempt:
                 with self._lock:
                     self._waiting.pop(key, None)
+
+    def _failed(self, action: str, exc: InfrastructureError, attempt: int, key: int) -> float:
+        """Count and say an attempt's failure; the seconds to wait before the next one."""
+        if self.on_attempt is not None:
+            self.on_attempt()
+        delay = compute_backoff(attempt)
+        if attempt == 1:
+            with self._lock:
+                self._waiting[key] = Waiting(action, dependency(exc), time.monotonic())
+            if self.on_failure is not None:
+                self.on_failure(action, exc)
+        # One warning per failure, not per attempt (issue 28: a worker with Milvus down
+        # printed one per retry before its final line); later attempts are debug, and the
+        # call's end says how it went (``infrastructure_recovered``, or the caller's error).
+        (log.warning if attempt == 1 else log.debug)(
+            "infrastructure_error",
+            action=action,
+            dependency=dependency(exc),
+            error=str(exc)[:300],
+            attempt=attempt,
+            retry_in_s=round(delay, 2),
+            why="retrying with backoff until it answers",
+        )
+        return delay
+
+    def _recovered(self, action: str, key: int, failures: int) -> None:
+        with self._lock:
+            since = self._waiting.get(key)
+        log.info(
+            "infrastructure_recovered",
+            action=action,
+            dependency=since.dependency if since else "other",
+            failed_attempts=failures,
+            down_s=round(time.monotonic() - since.since_s, 2) if since else None,
+        )
 
     def waiting(self) -> list[Waiting]:
         """The calls backing off now, oldest first."""

@@ -69,10 +69,11 @@ class Settings:
     model: str = ""  # a local directory; empty means the packaged all-MiniLM-L6-v2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
-    # The forward pass: torch, or ONNX Runtime on the CPU (embedq.model.onnx_backend), fp32
-    # or dynamically quantized int8; an accuracy gate checks it against fp32 torch at load.
-    backend: str = "torch"  # torch | onnx
-    quantize: str = "none"  # none | int8 (needs backend onnx)
+    # The forward pass: torch, or ONNX Runtime / OpenVINO on the CPU
+    # (embedq.model.onnx_backend, openvino_backend), fp32 or int8; an accuracy gate checks
+    # it against fp32 torch at load.
+    backend: str = "torch"  # torch | onnx | openvino
+    quantize: str = "none"  # none | int8 (needs backend onnx or openvino)
     model_cache: str = ""  # where exported models are kept; "": ~/.cache/embedq
     dimensions: int = 0  # Matryoshka: keep the first N dimensions, renormalised; 0 keeps all
     force_dimensions: bool = False  # truncate a model that does not declare Matryoshka training
@@ -136,7 +137,11 @@ class Settings:
     # Online requests (embedq serve, embedq.api): workers read the interactive lane before
     # the bulk stream; off leaves online requests to other workers.
     online: bool = True
-    api_host: str = "0.0.0.0"  # noqa: S104 -- a gateway serves other machines
+    # The gateway's address: this machine only, by default. Another address (0.0.0.0 in a
+    # container) needs API keys, or api_allow_anonymous said out loud (issue 28: it bound
+    # every interface and, without keys, only warned).
+    api_host: str = "127.0.0.1"
+    api_allow_anonymous: bool = False
     api_port: int = 8000
     api_keys: str = field(default="", repr=False)  # comma-separated; empty: no auth
     # A JSON list of {key, name, rate_limit, rate_burst, filter} (a Secret): named, scoped keys
@@ -154,6 +159,10 @@ class Settings:
     # The names the gateway answers as (comma-separated; the first labels answers and
     # /v1/models; vLLM's --served-model-name); empty: the model's own name.
     api_served_model_name: str = ""
+    # `embedq search` asks this running gateway (POST /v1/search) instead of loading the
+    # model itself, with this API key; empty: search locally.
+    gateway_url: str = ""
+    gateway_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url, cluster=self.redis_cluster)
@@ -223,15 +232,18 @@ class Settings:
             raise InvalidSetting(
                 f"dtype must be auto, fp32, fp16 or bf16, got {self.dtype!r}", "dtype"
             )
-        if self.backend not in ("torch", "onnx"):
-            raise InvalidSetting(f"backend must be torch or onnx, got {self.backend!r}", "backend")
+        if self.backend not in ("torch", "onnx", "openvino"):
+            raise InvalidSetting(
+                f"backend must be torch, onnx or openvino, got {self.backend!r}", "backend"
+            )
         if self.quantize not in ("none", "int8"):
             raise InvalidSetting(
                 f"quantize must be none or int8, got {self.quantize!r}", "quantize"
             )
-        if self.quantize != "none" and self.backend != "onnx":
+        if self.quantize != "none" and self.backend == "torch":
             raise InvalidSetting(
-                f"quantize {self.quantize} needs backend onnx (got {self.backend})", "quantize"
+                f"quantize {self.quantize} needs backend onnx or openvino (got {self.backend})",
+                "quantize",
             )
         if self.fault_point not in FAULT_POINTS:
             raise SettingsError(f"unknown fault_point {self.fault_point!r}")
@@ -284,6 +296,7 @@ class Settings:
             found.append(self.milvus_token.split(":", 1)[1])
         found += dsn_secrets(self.dsn)
         found += self.api_key_list
+        found.append(self.gateway_key)
         return tuple(s for s in found if s)
 
     @property

@@ -29,7 +29,8 @@ class ExitCode(IntEnum):
     NOT_FOUND = 1  # `job ID`, `dlq show`, `dlq retry IDS`: what was asked for is not there
     USAGE = 2  # bad flags or settings, or something else the operator must fix (ConfigError)
     CONNECT = 3  # Redis or Milvus cannot be reached (at start: the worker retries once running)
-    REFUSED = 4  # a bulk delete (repair, sync cleanup) was refused as unproven: nothing deleted
+    REFUSED = 4  # a bulk delete (repair, sync cleanup) was refused as unproven: nothing deleted;
+    # or `migrate --promote` below its --min-overlap / --min-recall bar: the alias not moved
     NOTHING_SENT = 5  # `enqueue` sent nothing and rejected something (a typo in a field?)
     INTERRUPTED = 130  # `enqueue` stopped by Ctrl-C (128 + SIGINT, the shell's convention)
 
@@ -72,6 +73,11 @@ class SinkUnavailable(InfrastructureError):
     for now."""
 
 
+class GatewayUnavailable(InfrastructureError):
+    """A gateway (``embedq serve``) a client command was pointed at does not answer, or
+    answers 5xx (``embedq search --gateway``)."""
+
+
 class PoisonInput(EmbedqError):
     """One entry can never be processed; it goes to the dead-letter stream with a reason."""
 
@@ -112,6 +118,12 @@ class DeletesRefused(EmbedqError):
     index, more than ``--max-delete`` allows); nothing was deleted, the message says why."""
 
 
+class PromoteRefused(EmbedqError):
+    """``migrate --promote`` would switch readers to a model whose evaluation is below the
+    bar given (``--min-overlap``, ``--min-recall``) or not recorded; the alias was not
+    moved, the message gives the figures."""
+
+
 class StageCrashed(EmbedqError):
     """A worker pipeline thread died on an unexpected error; the worker stops
     (``ExitCode.CRASHED``)."""
@@ -121,7 +133,7 @@ def exit_code_for(exc: EmbedqError) -> ExitCode:
     """The exit status of a command that stopped on ``exc``."""
     if isinstance(exc, ConfigError):
         return ExitCode.USAGE
-    if isinstance(exc, DeletesRefused):
+    if isinstance(exc, (DeletesRefused, PromoteRefused)):
         return ExitCode.REFUSED
     if isinstance(exc, InfrastructureError):
         return ExitCode.CONNECT

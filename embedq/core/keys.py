@@ -12,6 +12,10 @@ Key schema, for a base stream named ``S`` (default ``embedq:tasks``) and a job `
 ``S:errors``          hash: entry id -> the last error a worker hit while holding that
                       entry; read when it is dead-lettered for ``max_deliveries``,
                       deleted when it is acked or dead-lettered
+``S:migration:C``     hash: the migration toward collection ``C`` (``embedq migrate``,
+                      ``embedq.ops.rollout``): alias, source collection and its group,
+                      ``C``'s group, phase, rows copied, and where ``C``'s group started on
+                      each (partition) stream (``start:<stream>``)
 ``S:epoch``           hash: collection ``C`` -> "<token> <created ms>", the deployment's
                       identity; ``C`` records the same token in its properties
                       (``embedq.sink.epoch``): a collection whose epoch Redis lacks outlived
@@ -47,7 +51,10 @@ its reply keys share its cluster slot):
 
 With one partition ``P`` is ``S`` itself; on a cluster, give ``S`` a hash tag
 (``embedq:{t}:tasks``) so that ``S:dlq`` and ``S:sent:J`` share its slot. The consumer
-group (default ``embedq``) lives on every partition stream.
+group (default ``embedq``, ``G``) lives on every partition stream. A migration's new
+collection ``C`` is fed by a group of its own on the same streams, ``G:C``
+(``collection_group``), created at the migration's start and destroyed with the collection
+it feeds, so each physical collection receives every write whichever model's workers run.
 """
 
 from __future__ import annotations
@@ -106,6 +113,10 @@ class Keys:
         """Document -> ids, for ``enqueue --cleanup`` (embedq.producer.sync)."""
         return f"{self.base}:docs:{collection}"
 
+    def migration(self, collection: str) -> str:
+        """The record of the migration toward ``collection`` (``embedq.ops.migrate``)."""
+        return f"{self.base}:migration:{collection}"
+
     def index(self, collection: str) -> str:
         """What ``collection`` holds for each id of this (partition) stream, by version."""
         return f"{self.stream}:index:{collection}"
@@ -119,6 +130,12 @@ class Keys:
 
     def rate_limit(self, key_digest: str) -> str:
         return f"{self.base}:ratelimit:{key_digest}"
+
+
+def collection_group(group: str, collection: str) -> str:
+    """The consumer group that feeds physical collection ``collection`` (a migration's new
+    model's collection), beside the deployment's group ``group``."""
+    return f"{group}:{collection}"
 
 
 def lane_stream(base: str) -> str:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +27,12 @@ from embedq.core.errors import (
     EncodeFailed,
     ModelOutOfMemory,
 )
-from embedq.model import accuracy_gate, matryoshka, onnx_backend, tokenizing
+from embedq.model import accuracy_gate, matryoshka, onnx_backend, openvino_backend, tokenizing
 from embedq.model.model_spec import DenseSpec, ModelSpec
 from embedq.model.sparse import SparseVector, load_head, model_class
+
+if TYPE_CHECKING:
+    from embedq.core.config import Settings
 
 PACKAGED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -241,14 +244,11 @@ class Encoder:
         self._backend.enable_truncation(max_length=self.max_seq_length)
         self._tokenizing = tokenizing.Tokenizing(self._backend)  # cheaper exact paths
         self._dense = [self._load_dense(d) for d in self.spec.dense]
-        hidden = int(self.model.config.hidden_size)
-        width = hidden * len(self.spec.pooling)
-        native = self.spec.dense[-1].out_features if self.spec.dense else width
+        native = self.spec.native_width(int(self.model.config.hidden_size))
         # Sparse outputs (embedq.model.sparse) from the same forward pass; SPLADE has no dense one.
         self.head = load_head(self.spec, self.model_dir, self.tokenizer, self.model)
-        native = 0 if self.head is not None and not self.head.dense else native
         self.truncate_dim = matryoshka.check(dimensions, native, self.model_dir, force_dimensions)
-        self.dimension = self.truncate_dim or native  # 0: no dense vector
+        self.width = self.truncate_dim or native  # 0: no dense vector
         self._torch = torch
         # Each replica issues its work on its own CUDA stream, so K replicas driven by K
         # threads overlap copies and kernels on one GPU. None on CPU.
@@ -256,37 +256,48 @@ class Encoder:
         self._start_backend(backend, quantize, model_cache)
 
     def _start_backend(self, backend: str, quantize: str, model_cache: str) -> None:
-        """--backend onnx: only the forward pass changes (embedq.model.onnx_backend), behind
-        the accuracy gate (embedq.model.accuracy_gate)."""
+        """--backend onnx / openvino: only the forward pass changes
+        (embedq.model.onnx_backend, embedq.model.openvino_backend), behind the accuracy gate
+        (embedq.model.accuracy_gate)."""
         self.backend, self.quantize = backend, quantize
         self.variant = onnx_backend.variant(backend, quantize)  # part of the fingerprint
         self.gate_cosine: float | None = None
-        self._onnx: onnx_backend.OnnxForward | None = None
+        self._exported: onnx_backend.OnnxForward | openvino_backend.OpenvinoForward | None = None
         onnx_backend.check_choice(backend, quantize, self.device, self.spec.splade is not None)
-        if backend == "onnx":
-            self._load_onnx(model_cache)
+        if backend == "openvino":
+            openvino_backend.check_available(quantize)
+        if backend != "torch":
+            self._load_exported(model_cache)
 
-    def _load_onnx(self, model_cache: str) -> None:
+    def _load_exported(self, model_cache: str) -> None:
         from embedq.model.fingerprint import fingerprint
 
         cache = Path(model_cache).expanduser() if model_cache else onnx_backend.default_cache_dir()
+        # OpenVINO reads the fp32 ONNX export and quantizes its own way.
+        onnx_quantize = self.quantize if self.backend == "onnx" else "none"
         entry = onnx_backend.cache_entry(
-            cache, self.name, fingerprint(self.model_dir, self.spec), self.quantize
+            cache, self.name, fingerprint(self.model_dir, self.spec), onnx_quantize
         )
         path = onnx_backend.exported(
             self.model,
             self.model_dir,
             entry,
-            quantize=self.quantize,
+            quantize=onnx_quantize,
             token_types=self.wants_token_types,
+            backend=self.backend,
         )
         reference = self.encode(accuracy_gate.PROBES)  # fp32 torch, before the session exists
-        self._onnx = onnx_backend.OnnxForward(path)
+        if self.backend == "openvino":
+            entry = openvino_backend.cache_entry(entry, self.quantize)
+            path = openvino_backend.converted(path, entry, quantize=self.quantize)
+            self._exported = openvino_backend.OpenvinoForward(path)
+        else:
+            self._exported = onnx_backend.OnnxForward(path)
         self.gate_cosine = accuracy_gate.check(
             reference,
             self.encode(accuracy_gate.PROBES),
             quantize=self.quantize,
-            what=f"--backend onnx --quantize {self.quantize} ({path})",
+            what=f"--backend {self.backend} --quantize {self.quantize} ({path})",
         )
 
     def _new_stream(self) -> Any:
@@ -368,9 +379,10 @@ class Encoder:
                 if self.wants_token_types:
                     inputs["token_type_ids"] = torch.zeros_like(ids_t)
                 built = time.thread_time()
-                # ONNX: the graph always takes the mask; post-processing stays fp32 torch.
-                onnx = self._onnx
-                output = self.model(**inputs) if onnx is None else onnx(input_ids, mask)
+                # ONNX / OpenVINO: the graph always takes the mask; post-processing stays
+                # fp32 torch.
+                exported = self._exported
+                output = self.model(**inputs) if exported is None else exported(input_ids, mask)
                 modelled = time.thread_time()
                 vectors = self._dense_vectors(output, mask_t)
                 sparse = self.head.sparse(output, ids_t, mask_t) if self.head else None
@@ -393,7 +405,7 @@ class Encoder:
         )
 
     def _dense_vectors(self, output: Any, mask_t: Any) -> npt.NDArray[np.float32]:
-        if not self.dimension:  # a SPLADE model: sparse vectors only
+        if not self.width:  # a SPLADE model: sparse vectors only
             return np.zeros((mask_t.shape[0], 0), dtype=np.float32)
         torch = self._torch
         pooled = self._pool(output.last_hidden_state, mask_t).float()
@@ -456,3 +468,19 @@ class Encoder:
         """Embed texts in order (used by search and tests; the worker batches itself)."""
         tokenized = self.tokenize(texts)
         return self.forward([t.ids for t in tokenized]).vectors
+
+
+def encoder_for(settings: Settings) -> Encoder:
+    """The model ``settings`` name, with its ``--dimensions`` and backend: the one place
+    settings become an encoder (workers through ``embedq.worker.launch``; ``embedq search``
+    directly, without importing the worker)."""
+    return Encoder(
+        settings.model,
+        settings.device,
+        settings.dtype,
+        dimensions=settings.dimensions,
+        force_dimensions=settings.force_dimensions,
+        backend=settings.backend,
+        quantize=settings.quantize,
+        model_cache=settings.model_cache,
+    )

@@ -79,6 +79,16 @@ class ModelSpec:
     def sparse(self) -> bool:
         return self.splade is not None or self.bge_m3
 
+    def native_width(self, hidden_size: int) -> int:
+        """The dense vector's size before any ``--dimensions``: the last Dense layer's output,
+        else the pooled hidden states (one block per pooling mode); 0 for SPLADE (sparse
+        only). The one derivation: the encoder and the gateway's identity both use it."""
+        if self.splade is not None:
+            return 0
+        if self.dense:
+            return self.dense[-1].out_features
+        return hidden_size * len(self.pooling)
+
     @classmethod
     def load(cls, model_dir: Path) -> ModelSpec:
         bge_m3 = (model_dir / "sparse_linear.pt").is_file()

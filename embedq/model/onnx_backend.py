@@ -27,7 +27,9 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,7 +38,8 @@ import numpy as np
 
 from embedq.core.errors import ConfigError
 
-BACKENDS = ("torch", "onnx")
+# openvino reads the ONNX export (embedq.model.openvino_backend).
+BACKENDS = ("torch", "onnx", "openvino")
 QUANTIZATIONS = ("none", "int8")
 # Bumped when the export recipe changes, so old cache entries are not reused.
 EXPORT_VERSION = 2
@@ -65,17 +68,17 @@ def variant(backend: str, quantize: str) -> str:
 def check_choice(backend: str, quantize: str, device: str, splade: bool) -> None:
     """One line for a combination this backend does not serve."""
     if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend}: use torch or onnx")
+        raise ConfigError(f"--backend {backend}: use torch, onnx or openvino")
     if quantize not in QUANTIZATIONS:
         raise ConfigError(f"--quantize {quantize}: use none or int8")
     if backend == "torch" and quantize != "none":
-        raise ConfigError(f"--quantize {quantize} needs --backend onnx")
-    if backend == "onnx" and device != "cpu":
-        raise ConfigError(f"--backend onnx runs on the CPU: pass --device cpu (got {device})")
-    if backend == "onnx" and splade:
+        raise ConfigError(f"--quantize {quantize} needs --backend onnx or openvino")
+    if backend != "torch" and device != "cpu":
+        raise ConfigError(f"--backend {backend} runs on the CPU: pass --device cpu (got {device})")
+    if backend != "torch" and splade:
         raise ConfigError(
-            "--backend onnx does not serve SPLADE models (the export gives last_hidden_state, "
-            "not the MLM logits SPLADE pools): use --backend torch"
+            f"--backend {backend} does not serve SPLADE models (the export gives "
+            "last_hidden_state, not the MLM logits SPLADE pools): use --backend torch"
         )
 
 
@@ -101,29 +104,51 @@ def cache_entry(cache_dir: Path, name: str, model_fingerprint: str, quantize: st
     import torch
 
     versions = f"v{EXPORT_VERSION}-torch{torch.__version__}-ort{onnxruntime.__version__}"
-    tag = _SAFE.sub("_", f"{name}-{model_fingerprint}-{quantize}-{versions}")
-    return cache_dir / tag
+    return cache_dir / safe_name(f"{name}-{model_fingerprint}-{quantize}-{versions}")
 
 
-def exported(model: Any, model_dir: Path, entry: Path, *, quantize: str, token_types: bool) -> Path:
+def safe_name(tag: str) -> str:
+    """``tag`` as one folder name: anything but letters, digits, ``_.-`` becomes ``_``."""
+    return _SAFE.sub("_", tag)
+
+
+def exported(
+    model: Any,
+    model_dir: Path,
+    entry: Path,
+    *,
+    quantize: str,
+    token_types: bool,
+    backend: str = "onnx",
+) -> Path:
     """The ``model.onnx`` of ``entry``, exporting it first when absent."""
-    final = entry / "model.onnx"
+    return built(
+        entry,
+        "model.onnx",
+        lambda out: _export(model, out, quantize=quantize, token_types=token_types),
+        f"--backend {backend}: cannot export {model_dir} to ONNX",
+    )
+
+
+def built(entry: Path, filename: str, build: Callable[[Path], None], failure: str) -> Path:
+    """``entry / filename``, running ``build(folder)`` first when absent: into a temporary
+    folder beside ``entry``, renamed into place (atomic; a rename that loses a race drops
+    its copy). A failing build is one ``ConfigError`` line starting with ``failure``."""
+    final = entry / filename
     if final.is_file():
         return final
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         try:
-            # The tracer warns about every Python branch it freezes and the quantizer about
+            # The tracer warns about every Python branch it freezes and the quantizers about
             # pre-processing: nothing the operator can act on, and the gate checks the result.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _export(model, tmp, quantize=quantize, token_types=token_types)
+                build(tmp)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            raise ConfigError(
-                f"--backend onnx: cannot export {model_dir} to ONNX: {type(exc).__name__}: {first}"
-            ) from None
+            raise ConfigError(f"{failure}: {type(exc).__name__}: {first}") from None
         try:
             tmp.rename(entry)  # atomic; fails if a racing process got there first
         except OSError:
@@ -200,28 +225,45 @@ def _quiet_import_quantizer() -> Any:
 
 
 class OnnxForward:
-    """An ONNX Runtime session that answers like a transformers model: an object with
-    ``last_hidden_state`` as an fp32 torch tensor. ``run`` is thread-safe (ONNX Runtime
-    sessions are), so replicas share one session."""
+    """ONNX Runtime sessions that answer like a transformers model: an object with
+    ``last_hidden_state`` as an fp32 torch tensor.
+
+    One session per calling thread, each with as many intra-op threads as torch has in that
+    thread when it first calls: the worker's CPU replicas split the cores between them
+    (``embedq.worker.replicas``), and two replicas sharing one session with every core each
+    would oversubscribe the CPU. A session of MiniLM is about 90 MB (fp32) or 25 MB (int8).
+    """
 
     def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        # Opened now, in this thread: a file that cannot be loaded stops the start.
+        self.input_names = [i.name for i in self._session().get_inputs()]
+
+    def _session(self) -> Any:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = self._open()
+        return session
+
+    def _open(self) -> Any:
         import onnxruntime
+        import torch
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3  # errors only: its warnings are not the operator's
         try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
+            return onnxruntime.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise ConfigError(
-                f"cannot load the ONNX model {path}: {first} (delete {path.parent} to "
-                "export it again)"
+                f"cannot load the ONNX model {self.path}: {first} (delete {self.path.parent} "
+                "to export it again)"
             ) from None
-        self.path = path
-        self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, input_ids: np.ndarray, mask: np.ndarray) -> Any:
         import torch
@@ -229,5 +271,5 @@ class OnnxForward:
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        (hidden,) = self.session.run(["last_hidden_state"], feeds)
+        (hidden,) = self._session().run(["last_hidden_state"], feeds)
         return SimpleNamespace(last_hidden_state=torch.from_numpy(np.asarray(hidden)))

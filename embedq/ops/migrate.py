@@ -1,79 +1,79 @@
 """Model migration behind an alias: ``embedq migrate``.
 
-Readers search ``--collection NAME``, a Milvus alias. Changing the model:
+Readers search ``--collection NAME``, a Milvus alias; each model writes its own physical
+collection ``NAME__<fingerprint>`` (``embedq.sink.schema.model_collection``), fed by its own
+consumer group on the same tasks streams (``embedq.ops.rollout``). Changing the model:
 
-1. ``migrate --model NEW`` creates the shadow collection ``NAME__<fingerprint>`` for the new
-   model and backfills it from the live collection's stored text (id, text, meta, content
-   hash and version copied, vectors computed by NEW). Then it catches up, pass after pass,
-   until a pass finds nothing to do: rows whose version changed are embedded again, ids
-   deleted are deleted. The live collection keeps serving and its workers keep writing; every
-   write reaches the shadow at the next pass (``--follow`` keeps passing until stopped), so
-   new writes go to both until the switch.
-2. ``migrate --promote --model NEW``: a last catch-up, then the alias moves to the shadow
-   in one Milvus call (readers see one model or the other, never a mix), then one more pass
-   copies versions newer than the shadow's that landed while it moved.
-3. ``migrate --rollback`` moves the alias back to the collection it replaced;
-   ``migrate --drop-old`` drops that one once it is no longer wanted.
+1. ``migrate --backfill --model NEW`` creates NEW's consumer group at the streams' tail
+   (the migration's start) and then NEW's collection, recording that group on it
+   (``embedq.group``). Workers started with ``--model NEW`` find that collection and read
+   that group, so every write producers send from the start on reaches it. Once the live
+   collection's workers finished every entry up to the start, the backfill copies the live
+   collection (text re-embedded by NEW) under NEW's per-id version fence: a stream write
+   newer than the copied row wins, whichever lands first.
+2. ``migrate --promote --model NEW`` moves the alias in one Milvus call once NEW's workers
+   are running and its group is caught up (readers see one model or the other, never a
+   mix). The old model's workers go on writing the old collection from the old group:
+   replace them whenever convenient; nothing is lost meanwhile.
+3. ``migrate --rollback`` moves the alias back: the old collection received every write
+   (its group kept them until some old-model worker wrote them). ``migrate --drop-old``
+   drops it, destroys its group and forgets its index, once no worker reads that group.
 
-With no action flag, ``migrate`` prints the plan (``plan``) and changes nothing. The first
-migration of a collection that is not yet behind an alias adopts it only when asked
-(``--adopt``, issue 26 item 6): renamed to ``NAME__<its fingerprint>``, with the alias NAME
-created on it. Workers resolve NAME at start (``Sink.target``, the physical collection) and,
-before each write, check again what that name is (``Sink.check_target``): a worker started
-before the adoption switches to the renamed collection, and one whose model is not that of
-the collection the name now reaches stops, its entries left pending (issue 26 item 5).
+With no action flag, ``migrate`` prints the plan (``plan``) and changes nothing;
+``--status`` says where a migration stands. The first migration of a collection that is
+not yet behind an alias adopts it only when asked (``--adopt``, issue 26 item 6): renamed
+to ``NAME__<its fingerprint>``, with the alias NAME created on it; it keeps its index
+(``embedq.index``) and the deployment's group.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from embedq.core.errors import ConfigError, EncodeFailed, SinkRejected, SinkUnavailable
+from embedq.core.keys import collection_group, partition_for
 from embedq.model.encoder import EncodedBatch, Encoder
+from embedq.ops.rollout import Record, Rollout
+from embedq.queue.stream import Stream
+from embedq.queue.versions import BUSY, GO, Versions, Written
+from embedq.sink.digest import collection_tag, vector_digests
 from embedq.sink.error_codes import translated
-from embedq.sink.milvus import INDEX_PROPERTY, RECHECK_S, Row, Sink
-from embedq.sink.schema import model_fingerprint
+from embedq.sink.milvus import GROUP_PROPERTY, INDEX_PROPERTY, RECHECK_S, Row, Sink
+from embedq.sink.schema import SEPARATOR, model_collection, model_fingerprint
 
 log = structlog.get_logger("embedq.ops.migrate")
 
-SEPARATOR = "__"
+__all__ = ["SEPARATOR", "Migration", "backfill", "plan", "shadow_name", "source_sink"]
+
 PREVIOUS = "embedq.previous"  # property of a promoted collection: the one it replaced
 BATCH_ROWS = 64
-LISTING_TRIES = 5  # listings of the live collection per pass, when writes race them
+CHUNK_IDS = 512  # ids read, embedded and written together by the backfill
+NO_VERSION = "0-0"  # a row written before rows carried versions: any stream write is newer
+RELEASE = ""  # a settle that only releases the lease (the write failed)
+LISTING_TRIES = 5  # listings of the live collection, when writes race them
+
+shadow_name = model_collection  # the name this module has always used for it
 
 
 @dataclass
-class PassReport:
-    """What one catch-up pass did."""
+class BackfillReport:
+    """What the backfill did."""
 
-    total: int = 0  # rows the source holds
-    todo: int = 0  # rows to embed again
-    copied: int = 0
-    deleted: int = 0
+    total: int = 0  # ids the live collection's index lists
+    copied: int = 0  # rows written into the new collection
+    stale: int = 0  # rows a newer stream write had already replaced there
+    missing: int = 0  # ids deleted from the live collection since (their delete follows)
     failed: list[str] = field(default_factory=list)  # ids whose text the new model fails on
     elapsed_s: float = 0.0
 
-    @property
-    def idle(self) -> bool:
-        """Nothing left that another pass could change (failed texts fail again)."""
-        return not self.copied and not self.deleted
 
-
-Report = Callable[[int, int, float], None]  # done, todo, seconds since the pass started
-
-
-def shadow_name(name: str, fingerprint: str) -> str:
-    return f"{name}{SEPARATOR}{fingerprint}"
-
-
-def _version_key(version: str) -> tuple[int, int]:
-    ms, _, seq = version.partition("-")
-    return (int(ms), int(seq or 0)) if ms.isdigit() else (0, 0)
+Report = Callable[[int, int, float], None]  # done, todo, seconds since the backfill started
 
 
 class Migration:
@@ -102,14 +102,17 @@ class Migration:
             info = self.client.describe_collection(collection, timeout=self.timeout_s)
         return {str(k): str(v) for k, v in (info.get("properties") or {}).items()}
 
+    def exists(self, collection: str) -> bool:
+        with translated("describe collection"):
+            return bool(self.client.has_collection(collection, timeout=self.timeout_s))
+
     def live(self) -> str:
         """The physical collection readers search now (NAME itself before any adoption)."""
         current = self.target()
         if current is not None:
             return current
-        with translated("describe collection"):
-            if not self.client.has_collection(self.name, timeout=self.timeout_s):
-                raise ConfigError(f"collection {self.name} does not exist at {self.sink.uri}")
+        if not self.exists(self.name):
+            raise ConfigError(f"collection {self.name} does not exist at {self.sink.uri}")
         return self.name
 
     def adopt(self, *, allowed: bool = True) -> str:
@@ -158,9 +161,7 @@ class Migration:
         if current is None:
             raise ConfigError(f"{self.name} is not an alias: nothing was migrated")
         before = self.properties(current).get(PREVIOUS, "")
-        with translated("describe collection"):
-            there = bool(before) and self.client.has_collection(before, timeout=self.timeout_s)
-        if not there:
+        if not (before and self.exists(before)):
             raise ConfigError(
                 f"{self.name} points at {current}, which replaced no collection that still "
                 "exists (nothing to roll back to or drop)"
@@ -178,17 +179,20 @@ class Migration:
             self.client.drop_collection(collection, timeout=self.timeout_s)
         log.info("collection_dropped", collection=collection)
 
-    # -- the shadow ------------------------------------------------------------------
+    # -- the new model's collection ---------------------------------------------------
 
     def open(self, collection: str, *, create: bool = False) -> Sink:
         return self.sink.sibling(collection, create=create)
 
-    def shadow(self, source: Sink, encoder: Encoder) -> Sink:
-        """The new model's collection, created if missing, recording what it replaces."""
+    def shadow(self, source: Sink, encoder: Encoder, group: str = "") -> Sink:
+        """The new model's collection, created if missing with what it replaces and the
+        consumer group that feeds it in its properties (one call: a worker of the new model
+        that finds it also finds its group)."""
         name = shadow_name(self.name, model_fingerprint(encoder))
         shadow = self.open(name, create=True)
-        created = shadow.ensure_for(encoder)
-        if created or not self.properties(name).get(PREVIOUS):
+        extra = {PREVIOUS: source.collection} | ({GROUP_PROPERTY: group} if group else {})
+        created = shadow.ensure_for(encoder, properties=extra)
+        if not created and not self.properties(name).get(PREVIOUS):
             with translated("alter collection"):
                 self.client.alter_collection_properties(
                     name, properties={PREVIOUS: source.collection}, timeout=self.timeout_s
@@ -216,15 +220,17 @@ def plan(migration: Migration, fingerprint: str) -> list[str]:
             f"the alias {name} on it (running workers switch before their next write)"
         )
         step += 1
-    with translated("describe collection"):
-        exists = migration.client.has_collection(target, timeout=migration.timeout_s)
-    there = f"exists, {_rows_in(migration, target)} rows" if exists else "to create"
+    there = (
+        f"exists, {_rows_in(migration, target)} rows" if migration.exists(target) else "to create"
+    )
     return [
         *lines,
-        f"plan: {step}. --follow (or --backfill): new-model collection {target} ({there}), "
-        "backfilled from the live collection's text, then caught up pass after pass",
-        f"plan: {step + 1}. --promote: a last catch-up, then {name} moves to {target}",
-        f"plan: {step + 2}. --rollback moves it back; --drop-old drops the replaced collection",
+        f"plan: {step}. --backfill: new-model collection {target} ({there}) with its own "
+        "consumer group from now on, backfilled from the live collection's text",
+        f"plan: {step + 1}. start workers with this --model (they write {target})",
+        f"plan: {step + 2}. --promote: {name} moves to {target} once its group is caught up",
+        f"plan: {step + 3}. replace the old workers; --rollback moves {name} back at any "
+        "time; --drop-old drops the replaced collection and its group",
         "plan: nothing was changed (give an action flag)",
     ]
 
@@ -249,10 +255,116 @@ def source_sink(migration: Migration, collection: str) -> Sink:
     return source
 
 
+def begin(
+    migration: Migration,
+    streams: Sequence[Stream],
+    encoder: Encoder,
+    *,
+    group: str,
+    adopt: bool,
+) -> tuple[Sink, Sink, Rollout, Record]:
+    """The live collection, the new model's (created with its group), and the migration's
+    record: started now, or the one a previous run left. ``group``: the deployment's."""
+    live = migration.adopt(allowed=adopt)
+    target = shadow_name(migration.name, model_fingerprint(encoder))
+    if live == target:
+        raise ConfigError(f"{migration.name} already serves this model ({live})")
+    source = source_sink(migration, live)
+    rollout = Rollout(streams, target)
+    record = rollout.load()
+    if record is None:
+        if migration.exists(target):
+            raise ConfigError(
+                f"collection {target} exists but no migration toward it is recorded in Redis "
+                "(an older embedq made it, or Redis lost its data): drop it and run this again"
+            )
+        record = Record(
+            alias=migration.name,
+            source=live,
+            target=target,
+            source_group=source.group or group,
+            group=collection_group(group, target),
+        )
+        # The group first: a new-model worker that finds the collection finds its group
+        # already at the start position (it would create one at 0 and replay the stream).
+        record = rollout.start(record)
+    return source, migration.shadow(source, encoder, record.group), rollout, record
+
+
+def backfill(
+    source: Sink,
+    shadow: Sink,
+    encoder: Encoder,
+    streams: Sequence[Stream],
+    *,
+    lease_ms: int,
+    report: Report | None = None,
+) -> BackfillReport:
+    """Copy every row the live collection's index lists into the new model's collection,
+    re-embedded, each under the new collection's version fence: a row whose id the new
+    collection's workers already wrote at the same or a newer version is left alone.
+
+    Called once the live collection's group has finished every entry up to the
+    migration's start (``Rollout.wait_drained``): each id's row there is then the effect
+    of its last entry up to the start, or of a later one, which the new group delivers too.
+    An id deleted before the start is in neither collection; one deleted after it is
+    deleted by the new group's entry (recorded in the fence, so an older copy is stale)."""
+    started = time.monotonic()
+    fences = [Versions(s.client, s.keys, shadow.index_name) for s in streams]
+    writer = _FencedWriter(shadow, lease_ms)
+    todo = _ids_by_partition(source, streams)
+    result = BackfillReport(total=sum(len(ids) for ids in todo))
+    done = 0
+    for part, ids in enumerate(todo):
+        for chunk in _chunks(ids, CHUNK_IDS):
+            rows = source.get(chunk, with_vectors=False)
+            result.missing += len(chunk) - len(rows)
+            embedded = _embedded(rows, encoder, result)
+            copied, stale = writer.write(fences[part], embedded)
+            result.copied += copied
+            result.stale += stale
+            done += len(chunk)
+            if report is not None:
+                report(done, result.total, time.monotonic() - started)
+    result.elapsed_s = time.monotonic() - started
+    log.info(
+        "backfill_done",
+        collection=shadow.target,
+        total=result.total,
+        copied=result.copied,
+        stale=result.stale,
+        missing=result.missing,
+        failed=len(result.failed),
+        elapsed_s=round(result.elapsed_s, 1),
+    )
+    return result
+
+
+def _ids_by_partition(source: Sink, streams: Sequence[Stream]) -> list[list[str]]:
+    """The live collection's ids, per partition: those its index says it holds (deleted ones
+    left out). A collection whose index lists nothing while it holds rows (written with
+    ordered writes off) is listed instead."""
+    found: list[list[str]] = []
+    for stream in streams:
+        index = Versions(stream.client, stream.keys, source.index_name)
+        found.append(sorted(i for i, held in index.scan() if not held.deleted))
+    if any(found) or not source.count():
+        return found
+    log.warning(
+        "backfill_listing",
+        collection=source.collection,
+        why="its index lists no id: the collection itself is listed (no writes may race it)",
+    )
+    by_part: list[list[str]] = [[] for _ in streams]
+    for doc in sorted(_signatures(source)):
+        by_part[partition_for(doc, len(streams))].append(doc)
+    return by_part
+
+
 def _signatures(sink: Sink) -> dict[str, str]:
-    """Every id's version. Workers keep writing the live collection while a pass lists it,
-    and a listing that a write raced fails (``Sink.rows`` counts the rows after it rather
-    than return a list it cannot prove whole): it is taken again, a few times."""
+    """Every id's version. A listing that a write raced fails (``Sink.rows`` counts the
+    rows after it rather than return a list it cannot prove whole): it is taken again, a
+    few times."""
     attempt = 1
     while True:
         try:
@@ -264,37 +376,54 @@ def _signatures(sink: Sink) -> dict[str, str]:
         attempt += 1
 
 
-def catch_up(
-    source: Sink,
-    shadow: Sink,
-    encoder: Encoder,
-    *,
-    newer_only: bool = False,
-    report: Report | None = None,
-) -> PassReport:
-    """One pass: embed again every row whose version the shadow lacks and delete ids the
-    source no longer has (``newer_only``: only versions newer than the shadow's, no deletes:
-    the pass after the switch, when new-model workers may write there too)."""
-    started = time.monotonic()
-    have, want = _signatures(shadow), _signatures(source)
-    todo = [
-        i
-        for i, v in want.items()
-        if i not in have
-        or (have[i] != v and (not newer_only or _version_key(v) > _version_key(have[i])))
-    ]
-    gone = [] if newer_only else [i for i in have if i not in want]
-    result = PassReport(total=len(want), todo=len(todo))
-    for chunk in _chunks(todo, 512):
-        rows = source.get(chunk, with_vectors=False)
-        result.copied += shadow.upsert(_embedded(rows, encoder, result))
-        if report is not None:
-            done = min(result.copied + len(result.failed), len(todo))
-            report(done, len(todo), time.monotonic() - started)
-    shadow.delete(gone)
-    result.deleted = len(gone)
-    result.elapsed_s = time.monotonic() - started
-    return result
+class _FencedWriter:
+    """Rows written into the new collection as a worker of its group would: lease, upsert,
+    record (``fence.lua`` / ``settle.lua``), acking nothing."""
+
+    def __init__(self, shadow: Sink, lease_ms: int) -> None:
+        self.shadow = shadow
+        self.lease_ms = lease_ms
+        self.consumer = f"migrate-{os.getpid()}"
+        self.tag = collection_tag(shadow.target)
+
+    def write(self, fence: Versions, rows: Sequence[Row]) -> tuple[int, int]:
+        """(written, stale). An id another writer holds is asked again once it settled."""
+        copied = stale = 0
+        pending = list(rows)
+        attempt = 0
+        while pending:
+            wanted = [(r.id, r.version) for r in pending]
+            statuses = fence.acquire(self.consumer, self.lease_ms, wanted)
+            go = [r for r, s in zip(pending, statuses, strict=True) if s == GO]
+            busy = [r for r, s in zip(pending, statuses, strict=True) if s == BUSY]
+            stale += len(pending) - len(go) - len(busy)
+            self._upsert(fence, go)
+            copied += len(go)
+            pending = busy
+            if pending:
+                time.sleep(min(0.02 * 2**attempt, 0.5))
+                attempt += 1
+        return copied, stale
+
+    def _upsert(self, fence: Versions, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        try:
+            self.shadow.upsert(rows)
+        except BaseException:
+            released = [Written(r.id, r.version, RELEASE) for r in rows]
+            fence.settle("", self.consumer, released, [])
+            raise
+        digests = vector_digests(
+            [r.vector for r in rows],
+            [r.sparse for r in rows],
+            self.tag,
+            has_sparse=self.shadow.sparse,
+        )
+        written = [
+            Written(r.id, r.version, r.content_hash, d) for r, d in zip(rows, digests, strict=True)
+        ]
+        fence.settle("", self.consumer, written, [])
 
 
 def _chunks(ids: list[str], size: int) -> Iterator[list[str]]:
@@ -302,9 +431,9 @@ def _chunks(ids: list[str], size: int) -> Iterator[list[str]]:
         yield ids[start : start + size]
 
 
-def _embedded(rows: list[dict[str, Any]], encoder: Encoder, result: PassReport) -> list[Row]:
+def _embedded(rows: list[dict[str, Any]], encoder: Encoder, result: BackfillReport) -> list[Row]:
     """Rows as the new model embeds them, in model batches of similar lengths; a text the
-    model fails on alone is logged and left out (the shadow then lacks that id)."""
+    model fails on alone is logged and left out (the new collection then lacks that id)."""
     tokenized = encoder.tokenize([str(r.get("text", "")) for r in rows])
     order = sorted(range(len(rows)), key=lambda i: len(tokenized[i].ids))
     out: list[Row] = []
@@ -326,7 +455,7 @@ def _one_by_one(
     ids: list[list[int]],
     encoder: Encoder,
     rows: list[dict[str, Any]],
-    result: PassReport,
+    result: BackfillReport,
 ) -> list[tuple[list[int], EncodedBatch]]:
     """A batch the model failed on, text by text, without the texts it fails on alone."""
     done = []
@@ -346,6 +475,6 @@ def _row(row: dict[str, Any], vector: Any, sparse: dict[int, float] | None) -> R
         text=str(row.get("text", "")),
         meta=row.get("meta"),
         content_hash=str(row.get("content_hash", "")),
-        version=str(row.get("version", "")),
+        version=str(row.get("version", "")) or NO_VERSION,
         sparse=sparse,
     )

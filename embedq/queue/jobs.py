@@ -13,7 +13,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,15 +227,22 @@ class JobLedger:
 
     # -- workers -------------------------------------------------------------------------
 
-    def record_embedded(self, entries: Sequence[Entry]) -> None:
-        """After an ack: count entries per job. Counts are at-least-once: a crash between
+    def record_embedded(
+        self, entries: Sequence[Entry], tokens: Mapping[str, int] | None = None
+    ) -> None:
+        """After an ack: count entries per job, and the tokens they were embedded from
+        (``tokens``: per entry id, for the entries whose text went through the model), in
+        the pipeline of the batch's other counts. Counts are at-least-once: a crash between
         the ack and this call loses a few, a redelivery counts twice."""
         per_job: dict[str, int] = {}
+        tokens_per_job: dict[str, int] = {}
         for entry in entries:
             raw_job = entry.fields.get(b"job")
             if raw_job:
                 name = raw_job.decode("utf-8", "replace")
                 per_job[name] = per_job.get(name, 0) + 1
+                used = tokens.get(entry.entry_id, 0) if tokens else 0
+                tokens_per_job[name] = tokens_per_job.get(name, 0) + used
         if not per_job:
             return
         now_ms = int(time.time() * 1000)
@@ -246,6 +253,8 @@ class JobLedger:
             # "lost" (no started_ms: ``job_view``) instead of nothing. NX: the start stays.
             pipe.zadd(self.keys.jobs, {job: now_ms}, nx=True)
             pipe.hincrby(key, "embedded", count)
+            if tokens_per_job[job]:
+                pipe.hincrby(key, "tokens", tokens_per_job[job])
             pipe.hsetnx(key, "embedded_first_ms", now_ms)
             pipe.hset(key, "embedded_last_ms", now_ms)
         with translated("record embedded"):
@@ -293,6 +302,9 @@ class JobView:
     updated_ms: int
     embedded_per_s: float | None
     eta_s: float | None
+    # Tokens embedded (each text as the model took it: special tokens, truncation); the
+    # metering of a bulk job, as the gateway meters a key.
+    tokens: int = 0
     lost: bool = False  # Redis lost the job's keys; only workers' counts since are left
 
     @property
@@ -317,6 +329,7 @@ class JobView:
             "enqueued": self.enqueued,
             "embedded": self.embedded,
             "dead_lettered": self.dead_lettered,
+            "tokens": self.tokens,
             "remaining": self.remaining,
             "started_ms": self.started_ms,
             "updated_ms": self.updated_ms,
@@ -357,6 +370,7 @@ def job_view(job: str, state: dict[str, str]) -> JobView:
         updated_ms=number("updated_ms"),
         embedded_per_s=rate,
         eta_s=None if lost else eta,
+        tokens=number("tokens"),
         lost=lost,
     )
 

@@ -137,6 +137,40 @@ def describe(info: LagInfo) -> list[str]:
     return lines
 
 
+def group_names(client: redis.Redis, streams: Sequence[str]) -> list[str]:
+    """Every consumer group on ``streams``, in order of first appearance: the deployment's
+    and, during a migration, the new collection's (``embedq.core.keys.collection_group``)."""
+    import redis
+
+    from embedq.queue.connection import translated
+
+    found: dict[str, None] = {}
+    for stream in streams:
+        with translated("XINFO GROUPS"):
+            try:
+                groups: Any = client.xinfo_groups(stream)
+            except redis.ResponseError as exc:  # no such stream yet: no group either
+                if "no such key" not in str(exc).lower():
+                    raise
+                groups = []
+        for g in groups:
+            name = g["name"]
+            found[name.decode() if isinstance(name, bytes) else str(name)] = None
+    return list(found)
+
+
+def group_table(infos: Sequence[LagInfo]) -> list[str]:
+    """One line per consumer group (lag, pending, consumers) when there are several, as
+    during a migration: each physical collection's group has its own backlog."""
+    if len(infos) <= 1:
+        return []
+    lines = [f"{'group':<48} {'lag':>9} {'pending':>8} {'consumers':>9}"]
+    for g in infos:
+        shown = "unknown" if g.lag is None else str(g.lag)
+        lines.append(f"{g.group:<48} {shown:>9} {g.pending:>8} {len(g.consumers):>9}")
+    return lines
+
+
 def consumer_table(info: LagInfo) -> list[str]:
     """One line per consumer (pending entries, idle time) under a header; none without any."""
     if not info.consumers:

@@ -46,6 +46,9 @@ class Stream:
         self.group = group
         self.consumer = consumer
         self.dlq = DeadLetterQueue(client, self.keys, group, consumer)
+        # Whether the group can be used now (None: always); the interactive lane's owner
+        # sets it (embedq.worker.lane.OnlineLane.readable): a full Redis refuses its group.
+        self.usable: Callable[[], bool] | None = None
         self._heartbeat = client.register_script(load_script("heartbeat.lua"))
         self._trim = client.register_script(load_script("trim.lua"))
         self._delete_idle_consumers = client.register_script(
@@ -53,11 +56,18 @@ class Stream:
         )
 
     def readable(self) -> bool:
-        """Whether reads may include this stream now (always; the interactive lane may not
-        be there yet: embedq.worker.lane.LaneStream)."""
-        return True
+        """Whether reads, reclaims, own-pending reads and consumer tidying may include this
+        stream now: always, but the interactive lane while Redis refuses its group
+        (``usable``)."""
+        return self.usable is None or self.usable()
 
     # -- group lifecycle -------------------------------------------------------------
+
+    def use_group(self, group: str) -> None:
+        """Read (and ack, dead-letter) as ``group`` from now on: the group of the collection
+        the worker writes (``Sink.group``), decided once the collection is known."""
+        self.group = group
+        self.dlq = DeadLetterQueue(self.client, self.keys, group, self.consumer)
 
     def ensure_group(self) -> bool:
         """Create the group at ``0`` (MKSTREAM); True when it was created now."""
@@ -109,6 +119,8 @@ class Stream:
 
     def read_own_pending(self, count: int, after: str = "0") -> list[Entry]:
         """This consumer's own pending entries after ``after`` (history read, no BLOCK)."""
+        if not self.readable():
+            return []
         reply: Any = self._with_group(
             "XREADGROUP 0",
             lambda: self.client.xreadgroup(
@@ -157,6 +169,8 @@ class Stream:
         Redis 7 replies ``[cursor, claimed, deleted_ids]``; the third element lists pending
         ids whose payload was trimmed or deleted (Redis drops them from the pending list).
         """
+        if not self.readable():
+            return Claimed(cursor="0-0", entries=[], deleted_ids=[])
 
         def call() -> Any:
             return self.client.execute_command(  # type: ignore[no-untyped-call]
@@ -263,6 +277,8 @@ class Stream:
     def delete_idle_consumers(self, min_idle_ms: int) -> list[str]:
         """Remove consumers idle at least ``min_idle_ms`` with nothing pending (never this
         one); one script, so a consumer cannot be handed an entry between check and delete."""
+        if not self.readable():
+            return []
         removed: Any = self._with_group(
             "delete idle consumers",
             lambda: self._delete_idle_consumers(

@@ -91,6 +91,9 @@ _UNAVAILABLE_MARKERS = (
     "rate limit",
     "server is not",
     "shutting down",
+    # Milvus Lite (code 1): a write that raced a rename of its collection (``migrate
+    # --adopt``) met the old name's closed log; sent again, it reaches the renamed one.
+    "wal already closed",
 )
 _AUTH_MARKERS = ("auth", "token", "permission", "privilege")
 

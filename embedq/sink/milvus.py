@@ -8,8 +8,10 @@ retries for minutes while the entries it holds look abandoned.
 What the model makes decides the fields: ``vector`` (dense), ``sparse``
 (SPARSE_FLOAT_VECTOR, inverted index, inner product), or both. The collection records the
 model's name and fingerprint (``embedq.fingerprint``) in its properties, and a writer with
-another model is refused. ``--collection`` may name an alias (``embedq migrate``): writers
-resolve it once, at start, and keep writing to that collection when the alias moves.
+another model is refused. ``--collection`` may name an alias (``embedq migrate``): a writer
+writes its own model's collection behind it (``NAME__<fingerprint>``) when there is one,
+else the collection the name reaches at start, and keeps writing there when the alias
+moves; the collection names the consumer group that feeds it (``embedq.group``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from embedq.core.errors import (
 from embedq.sink.columns import TEXT_MAX_BYTES, Columns, meta_json, send
 from embedq.sink.error_codes import translated
 from embedq.sink.listing import pages
-from embedq.sink.schema import check_fields, check_model, collection_args, model_properties
+from embedq.sink.schema import (
+    check_fields,
+    check_model,
+    collection_args,
+    model_collection,
+    model_properties,
+)
 
 if TYPE_CHECKING:
     from embedq.model.encoder import Encoder
@@ -54,6 +62,9 @@ PAGE_ROWS = 10_000
 # migrate --adopt`` waits longer than this before it goes on.
 RECHECK_S = 1.0
 INDEX_PROPERTY = "embedq.index"  # see Sink.index_name
+# The consumer group that feeds a collection, when not the deployment's ``--group``: set by
+# ``embedq migrate`` on the new model's collection (see Sink.group).
+GROUP_PROPERTY = "embedq.group"
 VECTOR_PAGE_ROWS = 1_000
 
 
@@ -130,6 +141,9 @@ class Sink:
         # Whose Redis index (``Keys.index``) describes ``target``: its own name, or the name
         # it had before ``embedq migrate --adopt`` renamed it (property ``embedq.index``).
         self.index_name = collection
+        # The consumer group whose entries ``target`` receives ("": the deployment's
+        # ``--group``); a migration's new collection has one of its own (``GROUP_PROPERTY``).
+        self.group = ""
         self.fingerprint = ""  # the writing model's; "" (a reader): writes are not re-checked
         self._checked_until = 0.0  # monotonic time until which ``target`` needs no re-check
         # Called with each request's row count when pymilvus has no gRPC stub for the columnar
@@ -182,17 +196,16 @@ class Sink:
         create: bool = True,
         sparse: bool = False,
         fingerprint: str = "",
+        properties: dict[str, str] | None = None,
     ) -> bool:
         """Create the collection if missing (True when created); refuse one whose fields or
         fingerprint are not the model's. ``create=False`` (readers: ``embedq search``): a
         missing collection is a ``ConfigError``. ``dimension``: 0 for no dense vector, None
-        (``embedq verify``, no model) opens an existing collection without checking it."""
+        (``embedq verify``, no model) opens an existing collection without checking it.
+        ``properties``: more for a collection created now (``embedq migrate``'s group)."""
         client = self.client
-        with translated("describe collection"):
-            exists = client.has_collection(self.collection, timeout=self.timeout_s)
-            if exists:
-                info = client.describe_collection(self.collection, timeout=self.timeout_s)
-        if exists:
+        info = self._existing(self._own_collection(fingerprint) if dimension is not None else "")
+        if info is not None:
             if dimension is not None:
                 check_model(info, self.collection, sparse=sparse, fingerprint=fingerprint)
                 check_fields(info, self.collection, dimension, model_name)
@@ -211,7 +224,7 @@ class Sink:
                     self.collection,
                     schema=schema,
                     index_params=index,
-                    properties=model_properties(model_name, fingerprint),
+                    properties=model_properties(model_name, fingerprint) | (properties or {}),
                     timeout=self.timeout_s,
                 )
         except SinkRejected:
@@ -220,10 +233,11 @@ class Sink:
             if not self._appears():
                 raise
             return self.ensure_collection(
-                dimension, model_name, sparse=sparse, fingerprint=fingerprint
+                dimension, model_name, sparse=sparse, fingerprint=fingerprint, properties=properties
             )
         self.dimension, self.sparse, self.target = dimension, sparse, self.collection
         self.index_name, self.fingerprint = self.collection, fingerprint
+        self.group = (properties or {}).get(GROUP_PROPERTY, "")
         log.info(
             "collection_created",
             collection=self.collection,
@@ -235,6 +249,27 @@ class Sink:
         )
         return True
 
+    def _existing(self, name: str = "") -> dict[str, Any] | None:
+        """The description of collection ``name`` (default: ``collection``); None if none."""
+        name = name or self.collection
+        with translated("describe collection"):
+            if not self.client.has_collection(name, timeout=self.timeout_s):
+                return None
+            return dict(self.client.describe_collection(name, timeout=self.timeout_s))
+
+    def _own_collection(self, fingerprint: str) -> str:
+        """Where a writer of the model of ``fingerprint`` writes: that model's collection
+        behind the name (``model_collection``) when there is one, else the name itself.
+        During a migration the alias names one model's collection while workers of both
+        models run: each writes its own, fed by its own consumer group, so neither misses a
+        write whichever the alias names (issue 26)."""
+        own = model_collection(self.collection, fingerprint) if fingerprint else ""
+        if own:
+            with translated("describe collection"):
+                if self.client.has_collection(own, timeout=self.timeout_s):
+                    return own
+        return self.collection
+
     def _appears(self) -> bool:  # Lite fails a racing create ("File exists") before listing it
         for _ in range(50):
             with translated("describe collection"):
@@ -243,9 +278,13 @@ class Sink:
             time.sleep(0.1)
         return False
 
-    def ensure_for(self, encoder: Encoder, *, create: bool = True) -> bool:
+    def ensure_for(
+        self, encoder: Encoder, *, create: bool = True, properties: dict[str, str] | None = None
+    ) -> bool:
         """``ensure_collection`` for what ``encoder``'s model makes and records."""
-        return self.ensure_collection(**collection_args(encoder), create=create)
+        return self.ensure_collection(
+            **collection_args(encoder), create=create, properties=properties
+        )
 
     def _open_existing(
         self, info: dict[str, Any], dimension: int | None, fingerprint: str = ""
@@ -256,6 +295,7 @@ class Sink:
         self.target = str(info.get("collection_name") or self.collection)
         properties = info.get("properties") or {}
         self.index_name = str(properties.get(INDEX_PROPERTY) or self.target)
+        self.group = str(properties.get(GROUP_PROPERTY) or "")
         names = {f["name"] for f in info["fields"]}
         self.sparse = "sparse" in names
         self.store_text = self.store_text and "text" in names

@@ -43,7 +43,7 @@ class Fusion:
 def resolve_mode(mode: Mode, sink: Sink, encoder: Encoder) -> Mode:
     """The mode a search runs in: ``auto`` becomes what the collection and model both have;
     a mode they cannot serve is a ``ConfigError`` that says what they can."""
-    dense = bool(sink.dimension) and encoder.dimension > 0
+    dense = bool(sink.dimension) and encoder.width > 0
     sparse = sink.sparse and encoder.head is not None
     can = [
         m for m, ok in (("dense", dense), ("sparse", sparse), ("hybrid", dense and sparse)) if ok
@@ -70,7 +70,7 @@ def search(
     """The ``k`` nearest stored entries to ``query``, best first."""
     mode = resolve_mode(mode, sink, encoder)
     batch = encoder.forward([encoder.tokenize([query])[0].ids])
-    dense = batch.vectors[0].tolist() if encoder.dimension else None
+    dense = batch.vectors[0].tolist() if encoder.width else None
     sparse = (batch.sparse[0] or EMPTY) if batch.sparse else None
     fields = ["meta"] + (["text"] if sink.store_text else [])
     with translated("search"):

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from embedq.core.errors import ConfigError, ModelMismatch
-from embedq.model.fingerprint import fingerprint
 
 if TYPE_CHECKING:
     from embedq.model.encoder import Encoder
@@ -22,20 +21,24 @@ log = structlog.get_logger("embedq.sink.milvus")
 
 
 def collection_args(encoder: Encoder) -> dict[str, Any]:
-    """What ``Sink.ensure_collection`` checks a collection against (or creates it with)."""
+    """What ``Sink.ensure_collection`` checks a collection against (or creates it with):
+    the encoder's identity (embedq.model.identity)."""
+    from embedq.model.identity import identity_of  # with the model, not with every sink user
+
+    identity = identity_of(encoder)
     return {
-        "dimension": encoder.dimension,
-        "model_name": encoder.name,
+        "dimension": identity.width,
+        "model_name": identity.name,
         "sparse": encoder.head is not None,
-        "fingerprint": model_fingerprint(encoder),
+        "fingerprint": identity.index_fingerprint,
     }
 
 
 def model_fingerprint(encoder: Encoder) -> str:
     """What collections record of ``encoder``'s model (``embedq.fingerprint``, cached)."""
-    return fingerprint(
-        encoder.model_dir, encoder.spec, encoder.truncate_dim, getattr(encoder, "variant", "")
-    )
+    from embedq.model.identity import identity_of
+
+    return identity_of(encoder).index_fingerprint
 
 
 def check_fields(info: dict[str, Any], collection: str, dimension: int, model_name: str) -> None:
@@ -89,6 +92,16 @@ def check_model(info: dict[str, Any], collection: str, *, sparse: bool, fingerpr
             f"collection {collection} {'has' if has_sparse else 'has no'} sparse field but the "
             f"model makes {made}: use another --collection or the model it was built with"
         )
+
+
+SEPARATOR = "__"
+
+
+def model_collection(name: str, fingerprint: str) -> str:
+    """The physical collection of the model of ``fingerprint`` behind the name (an alias)
+    ``name``: ``NAME__<fingerprint>`` (``embedq migrate``). Workers write there whichever
+    collection the alias names, so each model keeps its own collection during a rollout."""
+    return f"{name}{SEPARATOR}{fingerprint}"
 
 
 def model_properties(model_name: str, fingerprint: str) -> dict[str, str]:

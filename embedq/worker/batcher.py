@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from embedq.core.errors import EncodeFailed, PoisonInput
 from embedq.core.records import Limits, content_hash, decode
 from embedq.model.encoder import Encoder, Tokenized
 from embedq.queue.entries import Entry, entry_order
 from embedq.queue.stream import Stream
+from embedq.worker.lane import OnlineLane
 from embedq.worker.metrics import WorkerMetrics
 from embedq.worker.packing import plan_batches
 from embedq.worker.pipeline import Batch, Item, Stats, supersede
@@ -48,9 +49,14 @@ class Batcher:
         reject: Reject,
         metrics: WorkerMetrics,
         stats: Stats,
+        lane: OnlineLane | None = None,
     ) -> None:
         self.encoder = encoder
         self.policy = policy
+        # Lane entries are screened by the lane first (expired ones acked, another model's
+        # answered) and always truncated at the model's limit: a query gets a vector.
+        self.lane = lane
+        self.lane_policy = replace(policy, reject_overlong=False)
         self.dead_letter = dead_letter
         self.reject = reject
         self.metrics = metrics
@@ -59,27 +65,35 @@ class Batcher:
 
     def batches(self, stream: Stream, entries: Sequence[Entry]) -> list[Batch]:
         """Contract checks, tokenization and supersession; poison entries leave here."""
+        policy = self.policy
+        if stream.keys.online:
+            policy = self.lane_policy
+            entries = self.lane.live(entries) if self.lane is not None else list(entries)
         with self.stats.cpu("decode"):
             items = self._decode(stream, entries)
         writes = [i for i in items if not i.record.is_delete]
         with self.stats.cpu("tokenize"):
             tokenized = self._tokenize(writes)
         with self.stats.cpu("plan"):
-            return self._plan(items, writes, tokenized)
+            return self._plan(items, writes, tokenized, policy)
 
     def _plan(
-        self, items: list[Item], writes: list[Item], tokenized: list[Tokenized | None]
+        self,
+        items: list[Item],
+        writes: list[Item],
+        tokenized: list[Tokenized | None],
+        policy: BatchPolicy,
     ) -> list[Batch]:
         valid = [
             item
             for item, tok in zip(writes, tokenized, strict=True)
-            if tok is not None and self._admit(item, tok)
+            if tok is not None and self._admit(item, tok, policy)
         ]
         latest = supersede(sorted([*valid, *(i for i in items if i.record.is_delete)], key=_order))
         kept = [i for i in latest if not i.record.is_delete]
         deletes = [i for i in latest if i.record.is_delete]
         plan = plan_batches(
-            [len(i.ids) for i in kept], self.policy.max_batch_tokens, self.policy.max_batch_rows
+            [len(i.ids) for i in kept], policy.max_batch_tokens, policy.max_batch_rows
         )
         batches = [Batch(seq=next(self._seq), items=[kept[i] for i in idx]) for idx in plan]
         if deletes:
@@ -108,9 +122,9 @@ class Batcher:
             )
         return items
 
-    def _admit(self, item: Item, tok: Tokenized) -> bool:
+    def _admit(self, item: Item, tok: Tokenized, policy: BatchPolicy) -> bool:
         if tok.truncated:
-            if self.policy.reject_overlong:
+            if policy.reject_overlong:
                 self.reject(
                     item,
                     "overlong",

@@ -2,16 +2,27 @@
 
 The lane (``embedq.core.keys.lane_stream``, entries in ``embedq.queue.online_wire``'s
 format) is one more stream the worker reads, first: one XREADGROUP blocks on the lane and
-the bulk streams together, so an idle worker wakes for a query at once. What makes a query
-wait for at most the batch in hand while a backlog drains:
+the bulk streams together, so an idle worker wakes for a query at once. ``OnlineLane`` is
+everything the worker does differently for it, one object the worker composes (the batcher
+screens lane entries with it, the model stage encodes through it). A query never waits for
+a bulk batch:
 
-* ``Lanes``, the model stage's inbox, hands out lane batches before bulk ones and never
-  makes them wait for room;
-* while that inbox is full of bulk batches the reader is not blocked in XREADGROUP but
-  waiting for room: ``OnlineLane.poll`` reads the lane alone meanwhile (no BLOCK), every
-  ``POLL_S``;
-* the answer is sent by the model thread right after the forward pass
-  (``OnlineEncoding``), not behind the writer's Milvus upserts.
+* lane batches have a model thread of their own, with an encoder of its own
+  (``Encoder.replica()``: the same weights, and on CUDA its own stream), so they never
+  queue behind a bulk batch or a bulk forward pass. They wait in the model stage's
+  ``Inbox`` beside the bulk batches, never for room and taken first: the lane's thread
+  takes lane batches only, a bulk replica between two bulk batches takes either (so on an
+  idle fleet every replica answers queries);
+* on a CPU the two would fight for the same cores (torch's intra-op threads): while the
+  lane's thread runs a forward pass, one bulk replica (the *seat*) steps aside at its next
+  checkpoint, a forward pre-hook on each of the model's linear layers (``Gate``), and goes
+  on once the lane's pass is over. An idle lane costs the bulk replicas one attribute read
+  per layer; on CUDA nothing steps aside (the GPU interleaves the two streams);
+* while the bulk inbox is full the reader is not blocked in XREADGROUP but waiting for
+  room: ``OnlineLane.poll`` reads the lane alone meanwhile, blocking up to
+  ``LANE_BLOCK_MS`` (a query wakes it at once), then the reader looks for room again;
+* the answer is sent by the lane's model thread right after the forward pass, not behind
+  the writer's Milvus upserts.
 
 An answer is one script call (``lane_reply.lua``): the vectors onto the request's reply
 list and the XACK together. Online entries never reach Milvus; an expired one (its
@@ -23,17 +34,22 @@ Every answer carries the worker's model identity (``Stamp``: name and fingerprin
 entry that asks for another model (its ``model`` field: during a rollout two models serve
 one lane) is answered ``MISMATCH`` at once, unencoded, and acked: the gateway sends it
 again for a worker of its model, and never returns another model's vector.
+
+A worker started on a full Redis (OOM) cannot create the lane (XGROUP CREATE MKSTREAM
+grows memory) and must still drain its bulk streams: until the lane's group exists the
+lane is left out of reads, reclaims and own-pending reads (``OnlineLane.readable``), and
+creating it is tried again every ``REVIVE_S``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -52,110 +68,190 @@ from embedq.queue.online_wire import (
     worker_member,
     workers_key,
 )
-from embedq.queue.stream import Claimed, Stream
-from embedq.worker.batcher import Batcher
+from embedq.queue.stream import Stream
 from embedq.worker.heartbeat import InFlight
-from embedq.worker.model_stage import Encoding
-from embedq.worker.pipeline import Batch, Item, Stage
+from embedq.worker.pipeline import END, Batch, Item, Stage
 
 log = structlog.get_logger("embedq.worker.lane")
 
-POLL_S = 0.01  # how often a reader waiting for room looks at the lane: the most a query waits
+POLL_S = 0.01  # a reader waiting for room waits this long for it between two lane reads
+# A lane read by a reader waiting for room blocks this long: a query wakes it at once, and
+# a reader that woke 100 times a second to look cost a drain on a loaded CPU its share.
+# Short against the bulk inbox's work (QUEUE_BATCHES batches), so room is taken soon.
+LANE_BLOCK_MS = 50
 REVIVE_S = 5.0  # how often a worker retries creating a lane a full Redis refused
+# The longest a bulk forward pass waits at one checkpoint for the lane: a lane busy without
+# a pause (a flood of queries) slows the seat replica down, it never stalls it (the
+# watchdog would call a stalled stage stuck).
+MAX_PAUSE_S = 1.0
 
 Reject = Callable[[Item, str, str], None]
+Encode = Callable[[Batch, Encoder], None]
+Batches = Callable[[Stream, Sequence[Entry]], list[Batch]]
 
 
-class Lanes(queue.Queue[Stage]):
-    """The model stage's inbox: lane batches are taken first and never wait for room (the
-    lane's own read count bounds them); bulk batches wait as in any bounded queue, and the
-    reader calls ``while_full`` between short waits so the lane is read meanwhile."""
+class Takes(Protocol):
+    """What a model thread takes batches from: a ``queue.Queue``, or an ``Inbox``."""
 
-    def __init__(self, maxsize: int, while_full: Callable[[Lanes], None] | None = None) -> None:
-        super().__init__(maxsize)
-        self.while_full = while_full
+    def get(self, block: bool = True, timeout: float | None = None) -> Stage: ...
 
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
-        self.online: deque[Stage] = deque()
+    def put(self, item: Stage, block: bool = True, timeout: float | None = None) -> None: ...
 
-    def _qsize(self) -> int:
-        return len(self.queue) + len(self.online)
+    def qsize(self) -> int: ...
 
-    def _get(self) -> Stage:
-        return self.online.popleft() if self.online else self.queue.popleft()
+
+class Inbox:
+    """The model stage's inbox with the lane: bulk batches (and ``END``) wait for room, at
+    most ``maxsize``; lane batches never do (the lane's read count bounds them) and are
+    taken first. ``lane_only()`` is the lane thread's view: lane batches, and ``END`` once
+    the reader put it."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._bulk: deque[Stage] = deque()
+        self._lane: deque[Stage] = deque()
+        self._cond = threading.Condition()
+
+    def qsize(self) -> int:
+        return len(self._bulk) + len(self._lane)
 
     def put(self, item: Stage, block: bool = True, timeout: float | None = None) -> None:
-        if isinstance(item, Batch) and item.online:
-            with self.not_full:  # the queue's lock
-                self.online.append(item)
-                self.unfinished_tasks += 1
-                self.not_empty.notify()
-            return
-        if self.while_full is None or not isinstance(item, Batch) or not block:
-            super().put(item, block, timeout)
-            return
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        while True:
-            try:
-                super().put(item, timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
-                return
-            except queue.Full:
-                if time.monotonic() >= deadline:
-                    raise
-                self.while_full(self)
+        with self._cond:
+            if isinstance(item, Batch) and item.online:
+                self._lane.append(item)
+            elif self._cond.wait_for(lambda: len(self._bulk) < self.maxsize, timeout):
+                self._bulk.append(item)
+            else:
+                raise queue.Full
+            self._cond.notify_all()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Stage:
+        return self._take(timeout, lane_only=False)
+
+    def lane_only(self) -> Takes:
+        return _LaneView(self)
+
+    def _take(self, timeout: float | None, *, lane_only: bool) -> Stage:
+        def ready() -> bool:
+            if self._lane:
+                return True
+            return any(x is END for x in self._bulk) if lane_only else bool(self._bulk)
+
+        with self._cond:
+            if not self._cond.wait_for(ready, timeout):
+                raise queue.Empty
+            if self._lane:
+                found = self._lane.popleft()
+            elif lane_only:
+                return END  # the reader's; left for the bulk replicas to see
+            else:
+                found = self._bulk.popleft()
+            self._cond.notify_all()
+            return found
 
 
-class LaneStream(Stream):
-    """The interactive lane as a worker reads it. A worker started on a full Redis (OOM)
-    cannot create the lane (XGROUP CREATE MKSTREAM grows memory) and must still drain its
-    bulk streams: until the lane's group exists the lane is left out of reads, reclaims and
-    own-pending reads, and creating it is tried again every ``REVIVE_S``."""
+class _LaneView:
+    def __init__(self, inbox: Inbox) -> None:
+        self._inbox = inbox
 
-    def __init__(self, client: Any, stream: str, group: str, consumer: str) -> None:
-        super().__init__(client, stream, group, consumer, online=True)
-        self.available = True
-        self._retry_at = 0.0
+    def get(self, block: bool = True, timeout: float | None = None) -> Stage:
+        return self._inbox._take(timeout, lane_only=True)
 
-    def ensure_group(self) -> bool:
+    def put(self, item: Stage, block: bool = True, timeout: float | None = None) -> None:
+        if item is not END:  # END stays where the reader put it
+            self._inbox.put(item, block, timeout)
+
+    def qsize(self) -> int:
+        return self._inbox.qsize()
+
+
+_yielding = threading.local()  # .gate: the Gate the calling thread's bulk pass steps aside for
+
+
+def _checkpoint(_module: Any, _args: Any) -> None:
+    """A forward pre-hook: a bulk pass inside ``Gate.yielding`` waits here while the lane's
+    thread runs a forward pass; any other pass (the lane's own, other replicas) goes on."""
+    gate: Gate | None = getattr(_yielding, "gate", None)
+    if gate is not None and gate.busy:
+        gate.wait()
+
+
+class Gate:
+    """Who steps aside on a CPU while the lane's thread runs a forward pass: the *seat*, one
+    bulk replica (the last), so the lane's threads get the cores its threads had. None of
+    it on CUDA or with the ONNX backend (no torch modules to hook): there ``seat`` is None.
+    """
+
+    def __init__(self, seat: Encoder | None) -> None:
+        self.seat = seat
+        self.busy = 0  # lane forward passes running now
+        self.waiting = 0  # bulk passes stepping aside now
+        self._cond = threading.Condition()
+        if seat is not None:
+            install_checkpoints(seat.model)
+
+    @classmethod
+    def for_replicas(cls, bulk: Sequence[Encoder]) -> Gate:
+        seat = bulk[-1]
+        on_cpu = seat.device == "cpu" and seat.backend == "torch"
+        return cls(seat if on_cpu else None)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """The lane's forward pass: the seat waits at its next checkpoint until it ends."""
+        with self._cond:
+            self.busy += 1
         try:
-            created = super().ensure_group()
-        except QueueFull as exc:
-            if self.available:
-                log.warning(
-                    "online_lane_unavailable",
-                    stream=self.keys.stream,
-                    error=str(exc)[:200],
-                    why="no online requests until Redis has room; bulk work goes on",
-                )
-            self.available, self._retry_at = False, time.monotonic() + REVIVE_S
-            return False
-        self.available = True
-        return created
+            yield
+        finally:
+            with self._cond:
+                self.busy -= 1
+                if not self.busy:
+                    self._cond.notify_all()
 
-    def readable(self) -> bool:
-        if not self.available and time.monotonic() >= self._retry_at:
-            self.ensure_group()
-        return self.available
+    @contextlib.contextmanager
+    def yielding(self, encoder: Encoder) -> Iterator[None]:
+        """A bulk pass on ``encoder``: it steps aside for the lane if ``encoder`` is the seat."""
+        if encoder is not self.seat:
+            yield
+            return
+        _yielding.gate = self
+        try:
+            yield
+        finally:
+            _yielding.gate = None
 
-    def read_own_pending(self, count: int, after: str = "0") -> list[Entry]:
-        return super().read_own_pending(count, after) if self.readable() else []
+    def wait(self) -> None:
+        with self._cond:
+            self.waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self.busy, timeout=MAX_PAUSE_S)
+            finally:
+                self.waiting -= 1
 
-    def autoclaim(self, min_idle_ms: int, cursor: str = "0-0", count: int = 100) -> Claimed:
-        if not self.readable():
-            return Claimed(cursor="0-0", entries=[], deleted_ids=[])
-        return super().autoclaim(min_idle_ms, cursor, count)
 
-    def delete_idle_consumers(self, min_idle_ms: int) -> list[str]:
-        return super().delete_idle_consumers(min_idle_ms) if self.readable() else []
+def install_checkpoints(model: Any) -> None:
+    """A checkpoint before each linear layer of ``model`` (shared by every replica),
+    installed once per model however many workers use it: a long bulk pass is cut into
+    slices of one matrix product each, a few tens per pass."""
+    import torch
+
+    if getattr(model, "_embedq_checkpoints", False):
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(_checkpoint)
+    model._embedq_checkpoints = True
 
 
 class OnlineLane:
-    """The lane stream as a worker uses it: skip, answer, fail, poll."""
+    """The lane as a worker runs it: screen, encode, answer, fail, poll, publish."""
 
     def __init__(
         self,
         stream: Stream,
+        encoder: Encoder,
+        gate: Gate,
         in_flight: InFlight,
         retrying: Retrier,
         *,
@@ -165,14 +261,43 @@ class OnlineLane:
         stamp: Stamp,
     ) -> None:
         self.stream = stream
+        self.encoder = encoder  # the lane's own replica, for its own model thread
+        self.gate = gate
         self.stamp = stamp
         self.in_flight = in_flight
         self.retrying = retrying
         self.reply_ttl_ms = reply_ttl_ms
         self.read_count = read_count
         self.stop = stop
-        self.batcher: Batcher | None = None  # set by LaneBatcher (the two refer to each other)
+        self.available = True
+        self._retry_at = 0.0
+        stream.usable = self.readable  # reads, reclaims and tidying skip a lane not there
         self._reply = stream.client.register_script(load_script("lane_reply.lua"))
+
+    # -- the group ---------------------------------------------------------------------
+
+    def ensure_group(self) -> bool:
+        """Create the lane's group; on a full Redis, leave the lane out for now."""
+        try:
+            created = self.stream.ensure_group()
+        except QueueFull as exc:
+            if self.available:
+                log.warning(
+                    "online_lane_unavailable",
+                    stream=self.stream.keys.stream,
+                    error=str(exc)[:200],
+                    why="no online requests until Redis has room; bulk work goes on",
+                )
+            self.available, self._retry_at = False, time.monotonic() + REVIVE_S
+            return False
+        self.available = True
+        return created
+
+    def readable(self) -> bool:
+        """Whether reads, reclaims and own-pending reads may include the lane now."""
+        if not self.available and time.monotonic() >= self._retry_at:
+            self.ensure_group()
+        return self.available
 
     def publish(self, ttl_s: float) -> None:
         """Say (for ``ttl_s``) that this worker serves the lane with its model: the
@@ -185,8 +310,11 @@ class OnlineLane:
         pipe.pexpire(key, int(ttl_s * 1000))
         pipe.execute()
 
+    # -- the batcher's side ------------------------------------------------------------
+
     def live(self, entries: Sequence[Entry]) -> list[Entry]:
-        """The entries someone still waits for; the expired ones are acked unencoded."""
+        """The entries someone still waits for, for this worker's model; the expired ones
+        are acked unencoded, the other model's answered ``MISMATCH``."""
         late = [e for e in entries if expired(e.fields)]
         if late:
             self._send([], [], [e.entry_id for e in late])
@@ -208,6 +336,30 @@ class OnlineLane:
             )
             live = [e for e in live if self.stamp.serves(e.fields)]
         return live
+
+    def rejecting(self, reject: Reject) -> Reject:
+        """``reject`` for bulk items; lane items get their error as the answer instead."""
+
+        def route(item: Item, reason: str, error: str) -> None:
+            if item.stream.keys.online:
+                self.fail(item, reason, error)
+            else:
+                reject(item, reason, error)
+
+        return route
+
+    # -- the model stage's side --------------------------------------------------------
+
+    def encode(self, batch: Batch, encoder: Encoder, encode: Encode) -> None:
+        """``encode(batch, encoder)``: a lane batch with the seat stepping aside, answered
+        right after; a bulk batch stepping aside itself if ``encoder`` is the seat."""
+        if not batch.online:
+            with self.gate.yielding(encoder):
+                encode(batch, encoder)
+            return
+        with self.gate.serving():
+            encode(batch, encoder)
+        self.answer(batch)
 
     def answer(self, batch: Batch) -> None:
         """Send ``batch``'s vectors to their requests and ack its entries; the batch is left
@@ -247,14 +399,17 @@ class OnlineLane:
         self.retrying("answer online", call)
         self.in_flight.discard((self.stream.keys.stream, i) for i in entry_ids)
 
-    def poll(self, inbox: Lanes) -> None:
-        """Read what the lane holds now (no BLOCK) into ``inbox``: the reader calls this
-        while it waits for room for a bulk batch."""
-        if self.batcher is None or self.stop.is_set():
+    # -- the reader's side -------------------------------------------------------------
+
+    def poll(self, batches: Batches, inbox: Takes) -> None:
+        """Read the lane (waiting up to ``LANE_BLOCK_MS`` for an entry), batch what came
+        with ``batches`` into ``inbox``: the reader calls this while it waits for room for
+        a bulk batch."""
+        if self.stop.is_set() or not self.readable():
             time.sleep(POLL_S)
             return
         try:
-            entries = self.stream.read_new(self.read_count, 0)
+            entries = self.stream.read_new(self.read_count, LANE_BLOCK_MS)
         except InfrastructureError as exc:
             # The reader's own retries will meet the outage; a bulk batch still goes on.
             log.warning("online_poll_failed", error=str(exc)[:200])
@@ -263,51 +418,5 @@ class OnlineLane:
         if not entries:
             return
         self.in_flight.add((self.stream.keys.stream, e.entry_id) for e in entries)
-        for batch in self.batcher.batches(self.stream, entries):
+        for batch in batches(self.stream, entries):
             inbox.put(batch)
-
-
-class LaneBatcher(Batcher):
-    """The worker's batcher, with lane entries screened first (expired ones acked) and
-    always truncated at the model's limit."""
-
-    def __init__(self, lane: OnlineLane, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lane = lane
-        lane.batcher = self
-
-    def batches(self, stream: Stream, entries: Sequence[Entry]) -> list[Batch]:
-        if not stream.keys.online:
-            return super().batches(stream, entries)
-        live = self.lane.live(entries)
-        # Single-threaded (the reader, or reclaim's one thread): swapping is safe.
-        bulk, self.policy = self.policy, dataclasses.replace(self.policy, reject_overlong=False)
-        try:
-            return super().batches(stream, live)
-        finally:
-            self.policy = bulk
-
-
-class OnlineEncoding(Encoding):
-    """The model stage's work, with lane batches answered right after the forward pass."""
-
-    def __init__(self, lane: OnlineLane, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lane = lane
-
-    def encode(self, batch: Batch, encoder: Encoder) -> None:
-        super().encode(batch, encoder)
-        if batch.online:
-            self.lane.answer(batch)
-
-
-def rejecting(lane: OnlineLane, reject: Reject) -> Reject:
-    """``reject`` for bulk items; lane items get their error as the answer instead."""
-
-    def route(item: Item, reason: str, error: str) -> None:
-        if item.stream.keys.online:
-            lane.fail(item, reason, error)
-        else:
-            reject(item, reason, error)
-
-    return route

@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import structlog
 
@@ -26,7 +25,7 @@ from embedq.core.errors import ConfigError, ExitCode, InfrastructureError
 from embedq.core.keys import lane_stream
 from embedq.core.records import Limits
 from embedq.model import tokenizing
-from embedq.model.encoder import Encoder, resolve_device
+from embedq.model.encoder import Encoder, encoder_for, resolve_device
 from embedq.model.identity import identity_of
 from embedq.model.vector_cache import Vector, VectorCache
 from embedq.queue.jobs import JobLedger
@@ -37,20 +36,13 @@ from embedq.sink.milvus import Sink, open_sink
 from embedq.worker.batcher import Batcher, BatchPolicy
 from embedq.worker.heap import settle_heap
 from embedq.worker.heartbeat import Heartbeat, InFlight
-from embedq.worker.lane import (
-    LaneBatcher,
-    Lanes,
-    LaneStream,
-    OnlineEncoding,
-    OnlineLane,
-    rejecting,
-)
+from embedq.worker.lane import Gate, OnlineLane
 from embedq.worker.loop import Parts, Worker
 from embedq.worker.metrics import WorkerMetrics
 from embedq.worker.model_stage import Encoding
 from embedq.worker.packing import batch_limits
 from embedq.worker.pipeline import Stats
-from embedq.worker.reclaimer import Reclaimer, ReclaimSummary
+from embedq.worker.reclaimer import ConsumerTidy, Reclaimer, ReclaimSummary
 from embedq.worker.replicas import (
     parse_devices,
     replicas_for,
@@ -92,20 +84,6 @@ def resolve_batch_settings(settings: Settings, device: str | None = None) -> Set
     runtime = resolve_runtime(settings, device)
     return settings.replace(
         max_batch_tokens=runtime.max_batch_tokens, max_batch_rows=runtime.max_batch_rows
-    )
-
-
-def encoder_for(settings: Settings) -> Encoder:
-    """The model ``settings`` name, with its ``--dimensions``."""
-    return Encoder(
-        settings.model,
-        settings.device,
-        settings.dtype,
-        dimensions=settings.dimensions,
-        force_dimensions=settings.force_dimensions,
-        backend=settings.backend,
-        quantize=settings.quantize,
-        model_cache=settings.model_cache,
     )
 
 
@@ -185,9 +163,7 @@ def assemble(
         fault_point=fault_injector(settings.fault_point),
     )
     stop_requested = threading.Event()
-    lane = online_lane(
-        partitions, settings, in_flight, retrying, stop_requested, encoder=encoders[0]
-    )
+    lane = online_lane(partitions, settings, in_flight, retrying, stop_requested, bulk=encoders)
     batcher, encoding = reader_and_model(
         settings, encoders[0], lane, settler, metrics=metrics, stats=stats
     )
@@ -203,7 +179,7 @@ def assemble(
             in_flight=in_flight,
             heartbeat=heartbeat,
             watchdog=watchdog,
-            reclaimers={s.keys.stream: reclaimer(settings, s, settler) for s in partitions},
+            reclaimers=reclaimers(settings, partitions, settler),
             batcher=batcher,
             settler=settler,
             encoding=encoding,
@@ -212,7 +188,7 @@ def assemble(
             stop_requested=stop_requested,
             crash=crash,
             fault_point=settler.fault_point,
-            inbox=partial(Lanes, while_full=lane.poll if lane else None),
+            lane=lane,
         )
     )
 
@@ -223,7 +199,7 @@ def worker_streams(settings: Settings, stream: Stream) -> list[Stream]:
     partitions = open_partitions(stream, settings.partitions)
     if settings.online:
         lane = lane_stream(stream.keys.base)
-        partitions.append(LaneStream(stream.client, lane, stream.group, stream.consumer))
+        partitions.append(Stream(stream.client, lane, stream.group, stream.consumer, online=True))
     return partitions
 
 
@@ -238,15 +214,18 @@ def reader_and_model(
 ) -> tuple[Batcher, Encoding]:
     """The batcher and the model stage's work; with the interactive lane's hooks when the
     worker answers online requests (embedq.worker.lane)."""
-    reject = rejecting(lane, settler.reject) if lane else settler.reject
-    kw: dict[str, Any] = {"dead_letter": settler.dead_letter, "reject": reject}
-    kw |= {"metrics": metrics, "stats": stats}
-    policy = batch_policy(settings)
+    reject = lane.rejecting(settler.reject) if lane else settler.reject
+    batcher = Batcher(
+        encoder,
+        batch_policy(settings),
+        dead_letter=settler.dead_letter,
+        reject=reject,
+        metrics=metrics,
+        stats=stats,
+        lane=lane,
+    )
     cache: VectorCache[Vector] = VectorCache(settings.vector_cache_size)
-    if lane is None:
-        return Batcher(encoder, policy, **kw), Encoding(cache, reject, metrics, stats)
-    encoding = OnlineEncoding(lane, cache, reject, metrics, stats)
-    return LaneBatcher(lane, encoder, policy, **kw), encoding
+    return batcher, Encoding(cache, reject, metrics, stats)
 
 
 def online_lane(
@@ -256,21 +235,24 @@ def online_lane(
     retrying: Retrier,
     stop: threading.Event,
     *,
-    encoder: Encoder,
+    bulk: Sequence[Encoder],
 ) -> OnlineLane | None:
     """The worker's side of the interactive lane, the one of ``streams`` whose keys are
-    online (None with ``--no-online``: none is)."""
+    online (None with ``--no-online``: none is), with a replica of its own beside the
+    ``bulk`` ones."""
     lanes = [s for s in streams if s.keys.online]
     if not lanes:
         return None
     return OnlineLane(
         lanes[0],
+        bulk[0].replica(),
+        Gate.for_replicas(bulk),
         in_flight,
         retrying,
         reply_ttl_ms=int(settings.api_timeout_s * 1000) + 5000,
         read_count=settings.read_count,
         stop=stop,
-        stamp=stamp_of(encoder),
+        stamp=stamp_of(bulk[0]),
     )
 
 
@@ -330,15 +312,23 @@ def batch_policy(settings: Settings) -> BatchPolicy:
     )
 
 
-def reclaimer(settings: Settings, stream: Stream, settler: Settler) -> Reclaimer:
-    return Reclaimer(
-        stream,
-        min_idle_s=settings.min_idle_s,
-        max_deliveries=settings.max_deliveries,
-        count=settings.read_count,
-        dead_letter=partial(settler.dead_letter, stream),
-        consumer_idle_delete_s=settings.consumer_idle_delete_s,
-    )
+def reclaimers(
+    settings: Settings, streams: Sequence[Stream], settler: Settler
+) -> dict[str, Reclaimer]:
+    """A reclaimer per stream, by stream key; one consumer tidy for them all (a dead
+    worker's name is in every stream's group, and goes from all of them in one line)."""
+    tidy = ConsumerTidy(streams, settings.consumer_idle_delete_s)
+    return {
+        stream.keys.stream: Reclaimer(
+            stream,
+            min_idle_s=settings.min_idle_s,
+            max_deliveries=settings.max_deliveries,
+            count=settings.read_count,
+            dead_letter=partial(settler.dead_letter, stream),
+            tidy=tidy,
+        )
+        for stream in streams
+    }
 
 
 def build_worker(settings: Settings, metrics: WorkerMetrics | None = None) -> Worker:

@@ -36,6 +36,7 @@ from embedq.core.backoff import Retrier
 from embedq.core.config import Settings
 from embedq.core.errors import InfrastructureError, StageCrashed
 from embedq.model.encoder import Encoder
+from embedq.model.identity import identity_of
 from embedq.queue.entries import Entry
 from embedq.queue.stream import Stream
 from embedq.sink import epoch
@@ -43,10 +44,11 @@ from embedq.sink.milvus import Sink
 from embedq.worker.batcher import Batcher
 from embedq.worker.heap import release_free_heap
 from embedq.worker.heartbeat import Heartbeat, InFlight
+from embedq.worker.lane import POLL_S, Inbox, OnlineLane, Takes
 from embedq.worker.metrics import WorkerMetrics
 from embedq.worker.model_stage import Encoding
 from embedq.worker.pipeline import END, Batch, Stage, Stats, merged
-from embedq.worker.reader import ReadWindow, read_new_many
+from embedq.worker.reader import ReadWindow, join_collection_group, read_new_many
 from embedq.worker.reclaimer import Reclaimer, ReclaimSummary, run_reclaim_all
 from embedq.worker.resequencer import Reorder, drain_now
 from embedq.worker.settler import Settler
@@ -85,7 +87,7 @@ class Parts:
     crash: list[BaseException]  # the stage error that stops the worker, once set
     fault_point: Callable[[str], None]  # tests' --fault-point (embedq.worker.launch.fault_injector)
     watchdog: Watchdog  # stages busy past stage_timeout_s are stuck
-    inbox: Callable[[int], queue.Queue[Stage]] = queue.Queue  # the model stage's (online.Lanes)
+    lane: OnlineLane | None = None  # the interactive lane (None with --no-online)
 
 
 class Worker:
@@ -105,6 +107,7 @@ class Worker:
         self.encoding = parts.encoding
         self.retrying = parts.retrying
         self.stop_requested = parts.stop_requested
+        self.lane = parts.lane
         self.ready = False
         self._last_reclaim = 0.0
         self._last_trim = time.monotonic()
@@ -154,10 +157,19 @@ class Worker:
             give_up=give_up,
             sleep=lambda s: self.stop_requested.wait(max(0.0, min(s, deadline - time.monotonic()))),
         )
+        created = first("prepare collection", lambda: self.sink.ensure_for(self.encoder))
+        # The collection decides the group (a migration's new collection has its own), so
+        # the group is joined after the collection is known: never a group that feeds no
+        # collection of this model (embedq.worker.reader.join_collection_group).
+        join_collection_group(self.partitions, self.sink.group)
         for stream in self.partitions:
+            if self.lane is not None and stream is self.lane.stream:
+                # A full Redis leaves the lane out, not the worker (OnlineLane.ensure_group).
+                if self.lane.ensure_group():
+                    log.info("group_created", stream=stream.keys.stream, group=stream.group)
+                continue
             if first("create group", stream.ensure_group):
                 log.info("group_created", stream=stream.keys.stream, group=stream.group)
-        created = first("prepare collection", lambda: self.sink.ensure_for(self.encoder))
         # The index of the collection writes go to, not of the alias --collection may be.
         self.settler.ordering.retarget(self.sink.index_name)
         if created:
@@ -180,14 +192,22 @@ class Worker:
             return self.stats
         self._log_start()
         self.stats.restart()
-        tokenized, encoded = self.parts.inbox(QUEUE_BATCHES), queue.Queue[Stage](QUEUE_BATCHES)
+        encoded = queue.Queue[Stage](QUEUE_BATCHES)
+        tokenized: Takes = queue.Queue[Stage](QUEUE_BATCHES)
+        if self.lane is not None:  # lane batches never wait for room (embedq.worker.lane)
+            tokenized = Inbox(QUEUE_BATCHES)
         self.metrics.watch_queues(tokenized=tokenized, encoded=encoded)
         stages = [self._thread("reader", lambda: self._read_stage(tokenized))]
-        stages += [
-            self._thread(f"model-{i}", partial(self._model_stage, tokenized, encoded, enc))
-            for i, enc in enumerate(self.encoders)
+        models: list[tuple[str, Takes, Encoder]] = [
+            (f"model-{i}", tokenized, enc) for i, enc in enumerate(self.encoders)
         ]
-        writer = self._thread("writer", lambda: self._write_stage(encoded, len(self.encoders)))
+        if self.lane is not None and isinstance(tokenized, Inbox):  # the lane's own thread
+            models.append(("model-lane", tokenized.lane_only(), self.lane.encoder))
+        stages += [
+            self._thread(name, partial(self._model_stage, inbox, encoded, enc))
+            for name, inbox, enc in models
+        ]
+        writer = self._thread("writer", lambda: self._write_stage(encoded, len(models)))
         self.heartbeat.start()
         for t in (*stages, writer):
             t.start()
@@ -236,10 +256,9 @@ class Worker:
     def _log_start(self) -> None:
         dtype = str(self.encoder.dtype).removeprefix("torch.")
         self.metrics.describe_model(
-            self.encoder.name,
+            identity_of(self.encoder),
             self.encoder.device,
             dtype,
-            self.encoder.dimension,
             replicas=len(self.encoders),
             model_dir=str(self.encoder.model_dir),
         )
@@ -269,8 +288,8 @@ class Worker:
 
     # -- stage 1: read, check, tokenize, batch ---------------------------------------
 
-    def _read_stage(self, out: queue.Queue[Stage]) -> None:
-        for stream in self.partitions:
+    def _read_stage(self, out: Takes) -> None:
+        for stream in self._readable():
             for entries in self._own_pending(stream):
                 self._admit(stream, entries, out)
         while not self.stop_requested.is_set():
@@ -281,6 +300,11 @@ class Worker:
             if not windows and self.settings.drain and self._drained():
                 break
         self._put(out, END, force=True)
+
+    def _readable(self) -> list[Stream]:
+        """The partitions reads, reclaims and own-pending reads include now: all of them,
+        but the lane while a full Redis refuses its group (``OnlineLane.readable``)."""
+        return [s for s in self.partitions if s.readable()]
 
     def _own_pending(self, stream: Stream) -> Iterator[list[Entry]]:
         """This consumer's own pending entries (read before a restart, never acked)."""
@@ -299,13 +323,15 @@ class Worker:
             reclaimer = self.parts.reclaimers[stream.keys.stream]
             yield self.retrying("screen own pending", partial(reclaimer.screen, entries))
 
-    def _admit(self, stream: Stream, entries: list[Entry], out: queue.Queue[Stage]) -> None:
+    def _admit(self, stream: Stream, entries: list[Entry], out: Takes) -> None:
         self.in_flight.add((stream.keys.stream, e.entry_id) for e in entries)
         if entries:
             self.stats.read_some()
         self._fault_point("after_read")
         for batch in self._timed("tokenize", lambda: self.batcher.batches(stream, entries)):
-            self._put(out, batch)
+            # A lane batch never waits for room (embedq.worker.lane.Inbox); while a bulk one
+            # does, the lane is read alone.
+            self._put(out, batch, while_full=partial(self._poll_lane, out) if self.lane else None)
         release_free_heap()  # also for windows that made no batch (embedq.worker.heap)
 
     def read(self) -> list[tuple[Stream, list[Entry]]]:
@@ -321,14 +347,14 @@ class Worker:
             if found:
                 return found
         count = self.window.count(held=len(self.in_flight))
-        windows = read_new_many(self.partitions, count, self.settings.block_ms)
+        windows = read_new_many(self._readable(), count, self.settings.block_ms)
         for _stream, entries in windows:
             self.window.saw(entries)
         return windows
 
     def _reclaimed(self) -> list[tuple[Stream, list[Entry]]]:
         found = []
-        for stream in self.partitions:
+        for stream in self._readable():
             key = stream.keys.stream
             # Our own entries can look idle right after a restart, before the first
             # heartbeat; they are already in the pipeline.
@@ -364,27 +390,29 @@ class Worker:
 
     # -- stage 2: the model ----------------------------------------------------------
 
-    def _model_stage(
-        self, inbox: queue.Queue[Stage], out: queue.Queue[Stage], encoder: Encoder
-    ) -> None:
+    def _model_stage(self, inbox: Takes, out: queue.Queue[Stage], encoder: Encoder) -> None:
         while True:
             batch = self._get(inbox)
             if not isinstance(batch, Batch):
                 inbox.put(END)  # let the other replicas see it too
                 self._put(out, END, force=True)
                 return
-            started, rows = time.perf_counter(), len(batch.items)
+            started, rows, online = time.perf_counter(), len(batch.items), batch.online
             with self.parts.watchdog.working():
                 self.encode(batch, encoder)
             batch.encode_s = time.perf_counter() - started
-            self.window.measured(rows, batch.encode_s, len(self.encoders))
+            if not online:  # the read window sizes bulk reads by the bulk replicas' pace
+                self.window.measured(rows, batch.encode_s, len(self.encoders))
             self.metrics.forward_done(batch.encode_s, rows, batch.padded_tokens)
             self._fault_point("after_inference")
             release_free_heap()  # only if RSS grew: long texts grow the heap within a window
             self._put(out, batch, force=True)
 
     def encode(self, batch: Batch, encoder: Encoder) -> None:
-        self.encoding.encode(batch, encoder)
+        if self.lane is None:
+            self.encoding.encode(batch, encoder)
+        else:  # lane batches answered at once; the seat steps aside for them
+            self.lane.encode(batch, encoder, self.encoding.encode)
 
     # -- stage 3: write, then ack ----------------------------------------------------
 
@@ -417,19 +445,34 @@ class Worker:
         finally:
             self.metrics.observe_stage(stage, time.perf_counter() - started)
 
-    def _put(self, out: queue.Queue[Stage], item: Stage, *, force: bool = False) -> None:
-        """Blocking put that gives up when a stage crashed (nobody would take the item)."""
+    def _put(
+        self,
+        out: Takes,
+        item: Stage,
+        *,
+        force: bool = False,
+        while_full: Callable[[], None] | None = None,
+    ) -> None:
+        """Blocking put that gives up when a stage crashed (nobody would take the item);
+        ``while_full`` is called between short waits for room."""
         while True:
             if self._crash is not None and not force:
                 return
             try:
-                out.put(item, timeout=_POLL_S)
+                out.put(item, timeout=_POLL_S if while_full is None else POLL_S)
                 return
             except queue.Full:
                 if self._crash is not None:
                     return
+                if while_full is not None:
+                    while_full()
 
-    def _get(self, inbox: queue.Queue[Stage]) -> Stage:
+    def _poll_lane(self, inbox: Takes) -> None:
+        """While the reader waits for room for a bulk batch, the lane is read alone."""
+        assert self.lane is not None
+        self.lane.poll(self.batcher.batches, inbox)
+
+    def _get(self, inbox: Takes) -> Stage:
         while True:
             try:
                 return inbox.get(timeout=_POLL_S)

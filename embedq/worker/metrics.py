@@ -17,10 +17,9 @@ from __future__ import annotations
 import bisect
 import collections
 import platform
-import queue
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from prometheus_client import (
@@ -39,7 +38,17 @@ from prometheus_client.registry import Collector
 
 from embedq import __version__
 
+if TYPE_CHECKING:
+    from embedq.model.identity import ModelIdentity
+
 log = structlog.get_logger("embedq.worker.metrics")
+
+
+class Queued(Protocol):
+    """A stage queue whose depth is reported (``queue.Queue``, ``embedq.worker.lane.Inbox``)."""
+
+    def qsize(self) -> int: ...
+
 
 # `*_created` series double every counter and histogram and nobody here reads them (issue 17).
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
@@ -241,22 +250,23 @@ class WorkerMetrics:
 
     def describe_model(
         self,
-        name: str,
+        identity: ModelIdentity,
         device: str,
         dtype: str,
-        dimension: int,
         *,
         replicas: int = 1,
         model_dir: str = "",
     ) -> None:
-        """Fill ``embedq_model_info`` and the replica count once the model is loaded."""
+        """Fill ``embedq_model_info`` (the model's identity: embedq.model.identity) and the
+        replica count once the model is loaded."""
         self.model.labels(**self.on).info(
             {
-                "model": name,  # Encoder.name (embedq.model.encoder.model_name)
+                "model": identity.name,
+                "fingerprint": identity.fingerprint,
                 "model_dir": model_dir,
                 "device": device,
                 "dtype": dtype,
-                "dimension": str(dimension),
+                "dimension": str(identity.width),
             }
         )
         self.replicas.set(replicas)
@@ -288,7 +298,7 @@ class WorkerMetrics:
             observe_many(self.enqueue_to_ack, max(0.0, now - int(added_ms) / 1000), count)
         self.last_ack.set(now)
 
-    def watch_queues(self, **queues: queue.Queue[Any]) -> None:
+    def watch_queues(self, **queues: Queued) -> None:
         """Report each stage queue's depth at scrape time."""
         for name, q in queues.items():
             self.queue_depth.labels(queue=name).set_function(q.qsize)

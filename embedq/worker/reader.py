@@ -18,13 +18,18 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import structlog
+
 from embedq.queue.connection import is_cluster
 from embedq.queue.entries import Entry
 from embedq.queue.stream import Stream
 
+log = structlog.get_logger("embedq.worker.reader")
+
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 FIRST_COUNT = 32  # entries read before the worker has measured its rate
 MIN_COUNT = 8  # a window below this batches too little to be worth a read
+LANE_BLOCK_MS = 100  # an idle worker's wait on the lane while its groups differ (a migration)
 
 
 class ReadWindow:
@@ -79,6 +84,36 @@ def read_new_many(
     if len(streams) == 1:
         entries = streams[0].read_new(count, block_ms)
         return [(streams[0], entries)] if entries else []
+    if len({s.group for s in streams}) > 1:
+        return _read_by_group(streams, count, block_ms)
+    if is_cluster(streams[0].client):
+        return _read_each(streams, count, block_ms)
+    return streams[0].read_new_together(streams[1:], count, block_ms)
+
+
+def _read_by_group(
+    streams: Sequence[Stream], count: int, block_ms: int
+) -> list[tuple[Stream, list[Entry]]]:
+    """``read_new_many`` when the streams are read as different groups (a migration's
+    collection group for the tasks streams, ``--group`` for the interactive lane): one
+    XREADGROUP names one group, so each group's streams are read without blocking, and when
+    all were empty one short BLOCK waits on the lane (the first stream), whose requests
+    must not wait a whole ``block_ms`` behind a quiet tasks stream."""
+    found: list[tuple[Stream, list[Entry]]] = []
+    for group in dict.fromkeys(s.group for s in streams):
+        mine = [s for s in streams if s.group == group]
+        found += _read_one_group(mine, count, 0)
+    if found or block_ms <= 0:
+        return found
+    return _read_one_group(streams[:1], count, min(block_ms, LANE_BLOCK_MS))
+
+
+def _read_one_group(
+    streams: Sequence[Stream], count: int, block_ms: int
+) -> list[tuple[Stream, list[Entry]]]:
+    if len(streams) == 1:
+        entries = streams[0].read_new(count, block_ms)
+        return [(streams[0], entries)] if entries else []
     if is_cluster(streams[0].client):
         return _read_each(streams, count, block_ms)
     return streams[0].read_new_together(streams[1:], count, block_ms)
@@ -98,3 +133,17 @@ def _read_each(
     stream = random.choice(streams)
     entries = stream.read_new(count, max(10, block_ms // len(streams)))
     return [(stream, entries)] if entries else []
+
+
+def join_collection_group(streams: Sequence[Stream], group: str) -> None:
+    """Read the tasks streams as ``group``, the consumer group of the collection the worker
+    writes (``Sink.group``; "" keeps ``--group``). During a migration each model's
+    collection has its own group on the same streams, so every entry reaches both
+    collections whichever workers run (issue 26). The interactive lane keeps ``--group``:
+    its entries are answered once, by any worker, never written to a collection."""
+    if not group:
+        return
+    for stream in streams:
+        if not stream.keys.online and stream.group != group:
+            log.info("collection_group", stream=stream.keys.stream, group=group, was=stream.group)
+            stream.use_group(group)

@@ -7,7 +7,7 @@ times is dead-lettered instead of processed again, with the last error a worker 
 for it. Live workers heartbeat the entries they hold, so idleness means a dead or hung
 worker, never a slow batch.
 
-The reclaimer also keeps the group tidy: consumers idle longer than
+The reclaimer also keeps the groups tidy (``ConsumerTidy``): consumers idle longer than
 ``consumer_idle_delete_s`` with nothing pending are removed (a consumer that still holds
 entries never is: deleting it would make them unclaimable).
 """
@@ -32,6 +32,42 @@ Process = Callable[[Sequence[Entry]], None]
 START = "0-0"
 
 
+class ConsumerTidy:
+    """Remove the consumers idle past ``idle_delete_s`` with nothing pending, from every
+    stream a worker reads at once. A worker joins the group of each stream it reads (its
+    partitions and the online lane), so a dead one leaves its name in all of them; tidied
+    stream by stream, its removal was logged once per stream and counted as that many
+    consumers (issue 28). One call does them all and says so in one line."""
+
+    def __init__(self, streams: Sequence[Stream], idle_delete_s: float) -> None:
+        self.streams = list(streams)
+        self.idle_delete_s = idle_delete_s
+        self._last = float("-inf")  # the first call tidies
+        self._lock = threading.Lock()  # ``embedq reclaim`` runs a reclaimer per thread
+
+    def __call__(self) -> int:
+        """Tidy if the last tidy is a tenth of the idle threshold old; how many consumers
+        went (0 when it was not due)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.idle_delete_s / 10:
+                return 0
+            self._last = now
+        removed: dict[str, list[str]] = {}
+        for stream in self.streams:
+            for name in stream.delete_idle_consumers(int(self.idle_delete_s * 1000)):
+                removed.setdefault(name, []).append(stream.keys.stream)
+        if removed:
+            log.info(
+                "consumers_removed",
+                names=sorted(removed),
+                streams=sorted({key for keys in removed.values() for key in keys}),
+                idle_s=self.idle_delete_s,
+                why="idle with nothing pending",
+            )
+        return len(removed)
+
+
 class Reclaimer:
     def __init__(
         self,
@@ -42,19 +78,21 @@ class Reclaimer:
         count: int,
         dead_letter: DeadLetter,
         consumer_idle_delete_s: float = 600.0,
+        tidy: ConsumerTidy | None = None,
     ) -> None:
+        """``tidy``: shared by the reclaimers of one worker's streams (None: this stream's
+        own, every ``consumer_idle_delete_s``)."""
         self.stream = stream
         self.min_idle_ms = int(min_idle_s * 1000)
         self.max_deliveries = max_deliveries
         self.count = count
         self.dead_letter = dead_letter
-        self.consumer_idle_delete_s = consumer_idle_delete_s
+        self.tidy = tidy or ConsumerTidy([stream], consumer_idle_delete_s)
         self.cursor = START
         self.claimed_total = 0
         self.deleted_total = 0
         self.dead_lettered_total = 0
-        self.consumers_removed_total = 0
-        self._last_tidy = float("-inf")  # the first full pass tidies
+        self.consumers_removed_total = 0  # by the tidies this reclaimer's passes ran
 
     def step(self, held: Callable[[str], bool] = lambda _entry_id: False) -> list[Entry]:
         """One XAUTOCLAIM call from the saved cursor; the entries to process now.
@@ -107,21 +145,9 @@ class Reclaimer:
         return [e for e in entries if counts.get(e.entry_id, 1) <= self.max_deliveries]
 
     def _tidy_consumers(self) -> None:
-        """After each full pass over the pending list, at most every tenth of the idle
-        threshold: remove consumers idle past it with nothing pending."""
-        now = time.monotonic()
-        if now - self._last_tidy < self.consumer_idle_delete_s / 10:
-            return
-        self._last_tidy = now
-        removed = self.stream.delete_idle_consumers(int(self.consumer_idle_delete_s * 1000))
-        if removed:
-            self.consumers_removed_total += len(removed)
-            log.info(
-                "consumers_removed",
-                names=removed,
-                idle_s=self.consumer_idle_delete_s,
-                why="idle with nothing pending",
-            )
+        """After each full pass over the pending list (at most every tenth of the idle
+        threshold, whichever reclaimer of the worker gets there first)."""
+        self.consumers_removed_total += self.tidy()
 
 
 @dataclass(frozen=True)

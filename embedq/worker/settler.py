@@ -116,8 +116,9 @@ class Settler:
                 sparse=self.sink.sparse,
             )
         entries = [e for i in done for e in i.entries]
+        tokens = {i.entry.entry_id: len(i.ids) for i in written}  # a job's metered tokens
         with self.stats.cpu("jobs"):
-            self._job_progress(partial(self.ledger.record_embedded, entries))
+            self._job_progress(partial(self.ledger.record_embedded, entries, tokens))
         self.stats.add(deleted=len(deletes), stale=len(stale))
         with self.stats.cpu("metrics"):
             self._count(batch, written, write_s=wrote - started, ack_s=time.perf_counter() - wrote)

@@ -13,6 +13,8 @@ from typing import Any
 from embedq.bench.sparse import save_splade
 from embedq.model.encoder import packaged_model_dir
 
+from .tiny_models import FULL_VOCAB, bert_config
+
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample.jsonl"
 
 
@@ -20,20 +22,12 @@ def build_splade(target: Path, *, seed: int = 0, strategy: str = "max") -> Path:
     """A one-layer BertForMaskedLM (the packaged tokenizer) saved by sentence-transformers
     as a SparseEncoder: Transformer(fill-mask) + SpladePooling."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     source = packaged_model_dir()
     assert source is not None
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    model = BertForMaskedLM(config)
+    model = BertForMaskedLM(bert_config(vocab_size=FULL_VOCAB, max_positions=128))
     with torch.no_grad():
         # Random logits are positive half the time; a real SPLADE activates a few hundred
         # of 30522 entries. A negative bias gives the tiny model that sparsity.

@@ -7,7 +7,8 @@ prove the wiring; these prove the decisions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,9 +78,13 @@ class StubLedger:
     def __init__(self) -> None:
         self.embedded: list[str] = []
         self.dead_lettered: list[str] = []
+        self.tokens = 0
 
-    def record_embedded(self, entries: Sequence[Entry]) -> None:
+    def record_embedded(
+        self, entries: Sequence[Entry], tokens: Mapping[str, int] | None = None
+    ) -> None:
         self.embedded += [e.entry_id for e in entries]
+        self.tokens += sum((tokens or {}).values())
 
     def record_dead_lettered(self, entry: Entry) -> None:
         self.dead_lettered.append(entry.entry_id)
@@ -137,3 +142,32 @@ class StubSink:
             self.rows.pop(doc_id, None)
             self.deleted.append(doc_id)
             self.events.append(("delete", doc_id))
+
+
+class HeldForward:
+    """A stand-in for a bulk forward pass that takes as long as a test wants: with
+    ``Encoder.forward`` patched to ``method()``, every pass a bulk model thread
+    (``embedq-model-0``, ``-1``...) runs waits until ``release()``; the lane's model thread
+    (``embedq-model-lane``) and every other thread run the real model at once."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self._forward = forward
+        self.entered = threading.Event()  # a bulk pass is in progress (held)
+        self._released = threading.Event()
+
+    def method(self) -> Callable[..., Any]:
+        def forward(encoder: Any, batch: Any) -> Any:
+            name = threading.current_thread().name
+            if name.startswith("embedq-model-") and name != "embedq-model-lane":
+                self.entered.set()
+                self._released.wait(timeout=120)
+            return self._forward(encoder, batch)
+
+        return forward
+
+    @property
+    def held(self) -> bool:
+        return self.entered.is_set() and not self._released.is_set()
+
+    def release(self) -> None:
+        self._released.set()

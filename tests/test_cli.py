@@ -26,6 +26,7 @@ LAG_KEYS = {
     "entries_read",
     "dlq_length",
     "consumers",
+    "groups",  # every consumer group on the stream: one per collection during a migration
     "redis_memory",
     "redis_data_lost",  # null here: no collection yet (embedq.sink.epoch, issue 25)
     "redis_data_lost_message",

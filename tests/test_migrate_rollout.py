@@ -41,8 +41,9 @@ from .support.servers import MilvusLiteServer, wait_for, wait_until
 from .support.tiny_models import tiny_bert
 from .test_cli import embedq
 
-# The issue asks for 20,000; on the shared 2-core machine (load average ~22) this run took
-# ~6 minutes at 2,000, so the suite runs 2,000 and 20,000 is a one-line change.
+# The issue asks for 20,000; on the shared 2-core machine this run takes ~3 minutes at
+# 2,000 (load average ~4.6, 2026-12-07; ~6 at load ~22), so the suite runs 2,000 and
+# 20,000 is a one-line change (and a longer @pytest.mark.timeout).
 ROWS = 2_000
 NAME = "docs"
 GROUP = "g"
@@ -96,7 +97,8 @@ class Traffic:
         self.stopped.set()
         self.flowing.set()
         for t in self.threads:
-            t.join(10)
+            if t.is_alive():  # not started when the test failed before the traffic began
+                t.join(10)
 
     def _run(self, producer: Producer, rng: random.Random) -> None:
         while not self.stopped.is_set():
@@ -274,11 +276,6 @@ def _phase(what: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} rollout: {what}", flush=True)  # shown with -s
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="issue 26 open: the scripted rollout has not passed end to end yet (see the issue's "
-    "note); run it with --runxfail",
-)
 @pytest.mark.timeout(900)
 def test_a_rollout_in_any_order_loses_no_write(
     stream_name: str,
@@ -319,13 +316,21 @@ def test_a_rollout_in_any_order_loses_no_write(
                 "--backfill",
                 "--adopt",
                 *fleet.where(),
+                # A Milvus Lite server renames a collection of 20,000 rows in more than the
+                # default 10 s (seen: DEADLINE_EXCEEDED, exit 3): the operator's knob (it
+                # must stay under --min-idle, 60 s).
+                "--milvus-timeout",
+                "55",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
-        wait_for(lambda: _aliased(uri), 300, "the adoption")
+        wait_for(lambda: backfilling.poll() is not None or _aliased(uri), 300, "the adoption")
+        if backfilling.poll() is not None:  # it failed before the alias: say why
+            said, _ = backfilling.communicate()
+            assert backfilling.returncode == 0 and _aliased(uri), said
         time.sleep(2.5)  # running workers re-check their collection within a second
         traffic.start()
         said, _ = backfilling.communicate(timeout=600)
@@ -335,9 +340,12 @@ def test_a_rollout_in_any_order_loses_no_write(
         time.sleep(3)
         traffic.pause()
         _drained(redis_client, stream_name, GROUP, new_group)
-        _check(uri, traffic, reference, "old", fleet)  # readers still on the old model
+        # Asked at once: on Redis < 7.2 a consumer's idle time counts from its last delivery,
+        # not its last read, so a running worker with nothing to do looks stopped after
+        # ACTIVE_S (seen at 20,000 rows, where the check below outlasts it).
         status = fleet.migrate("--status")
         assert "backfilled" in status and "next: --evaluate" in status
+        _check(uri, traffic, reference, "old", fleet)  # readers still on the old model
 
         _phase("2. Promote")
         # 2. Promote while writes arrive, then replace the old workers one by one: one is

@@ -36,6 +36,10 @@ lives on the partition's Redis Cluster slot:
                       only after Milvus confirmed the write (``settle.lua``)
 ``P:leases:C``        hash: id -> "<expires ms> <version> <consumer>" while one worker
                       writes that id's row (``fence.lua``)
+``P:owner:C``         string: the incarnation of collection ``C`` (its property
+                      ``embedq.incarnation``) that ``P:index:C`` describes; an index of
+                      another incarnation (a dropped collection's) is emptied once, before
+                      the new one's first write (``index_owner.lua``)
 ``P:sent:J``          hash: the last source position job ``J`` sent to ``P`` and how many
                       entries it sent; written in the same script as the XADDs
 
@@ -123,6 +127,10 @@ class Keys:
 
     def leases(self, collection: str) -> str:
         return f"{self.stream}:leases:{collection}"
+
+    def index_owner(self, collection: str) -> str:
+        """Which incarnation of ``collection`` its index (``index``) describes."""
+        return f"{self.stream}:owner:{collection}"
 
     def reply(self, request_id: str) -> str:
         """Request ``request_id``'s reply list, on the lane's cluster slot."""

@@ -288,7 +288,14 @@ def begin(
         # The group first: a new-model worker that finds the collection finds its group
         # already at the start position (it would create one at 0 and replay the stream).
         record = rollout.start(record)
-    return source, migration.shadow(source, encoder, record.group), rollout, record
+    shadow = migration.shadow(source, encoder, record.group)
+    # Before the backfill records anything in the new collection's index: one left by a
+    # dropped collection of that name is emptied now, not by a new-model worker later.
+    for stream in streams if shadow.incarnation else []:
+        Versions(stream.client, stream.keys, shadow.index_name).own(
+            shadow.incarnation, created=False
+        )
+    return source, shadow, rollout, record
 
 
 def backfill(

@@ -209,7 +209,10 @@ class Rollout:
         """The per-id index and leases of a dropped collection, on every stream."""
         with translated("DEL index"):
             for stream in self.streams:
-                self.client.delete(stream.keys.index(index_name), stream.keys.leases(index_name))
+                keys = stream.keys
+                self.client.delete(
+                    keys.index(index_name), keys.leases(index_name), keys.index_owner(index_name)
+                )
 
 
 def records(streams: Sequence[Stream], alias: str) -> list[Record]:

@@ -89,12 +89,14 @@ class Versions:
         self.retarget(collection)
         self._fence = client.register_script(load_script("fence.lua"))
         self._settle = client.register_script(load_script("settle.lua"))
+        self._own = client.register_script(load_script("index_owner.lua"))
 
     def retarget(self, collection: str) -> None:
         """Keep the index of ``collection``: the physical one (``Sink.index_name``), never
         an alias that may name another collection tomorrow (issue 26 item 3)."""
         self.index_key = self.keys.index(collection)
         self.leases_key = self.keys.leases(collection)
+        self.owner_key = self.keys.index_owner(collection)
 
     def acquire(self, consumer: str, lease_ms: int, wanted: Sequence[tuple[str, str]]) -> list[str]:
         """Lease each (id, version) or say why not: ``GO``, ``STALE`` or ``BUSY`` per id."""
@@ -130,10 +132,16 @@ class Versions:
             found: Any = self.client.hmget(self.index_key, list(ids))
         return [None if v is None else Held.parse(text(v) or "") for v in found]
 
-    def clear(self) -> None:
-        """Forget everything: the collection was created anew and holds nothing."""
-        with translated("clear index"):
-            self.client.delete(self.index_key, self.leases_key)
+    def own(self, incarnation: str, *, created: bool) -> bool:
+        """Make the index describe ``incarnation`` of its collection (``Sink.incarnation``):
+        emptied when it described another one (a dropped collection of the same name), or
+        none and the caller ``created`` the collection; True when emptied. Atomic
+        (``index_owner.lua``): a worker that started on the collection at the same time as
+        its creator may have recorded writes already, and they are kept."""
+        keys = [self.index_key, self.leases_key, self.owner_key]
+        with translated("own index"):
+            found: Any = self._own(keys=keys, args=[incarnation, "1" if created else "0"])
+        return bool(int(found))
 
     def scan(self, count: int = 1000) -> Any:
         """Every (id, Held) of the index, in HSCAN pages (for ``embedq verify``)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,9 @@ INDEX_PROPERTY = "embedq.index"  # see Sink.index_name
 # The consumer group that feeds a collection, when not the deployment's ``--group``: set by
 # ``embedq migrate`` on the new model's collection (see Sink.group).
 GROUP_PROPERTY = "embedq.group"
+# A token made when the collection is created: which incarnation of a name its Redis index
+# describes (``Versions.own``), so a dropped-and-recreated collection gets a fresh index.
+INCARNATION_PROPERTY = "embedq.incarnation"
 VECTOR_PAGE_ROWS = 1_000
 
 
@@ -144,6 +148,7 @@ class Sink:
         # The consumer group whose entries ``target`` receives ("": the deployment's
         # ``--group``); a migration's new collection has one of its own (``GROUP_PROPERTY``).
         self.group = ""
+        self.incarnation = ""  # INCARNATION_PROPERTY; "" for a collection made before it
         self.fingerprint = ""  # the writing model's; "" (a reader): writes are not re-checked
         self._checked_until = 0.0  # monotonic time until which ``target`` needs no re-check
         # Called with each request's row count when pymilvus has no gRPC stub for the columnar
@@ -218,13 +223,15 @@ class Sink:
             )
         schema = self._schema(dimension, model_name, sparse)
         index = self._index(dense=dimension > 0, sparse=sparse)
+        made = model_properties(model_name, fingerprint) | (properties or {})
+        made[INCARNATION_PROPERTY] = uuid.uuid4().hex
         try:
             with translated("create collection"):
                 client.create_collection(
                     self.collection,
                     schema=schema,
                     index_params=index,
-                    properties=model_properties(model_name, fingerprint) | (properties or {}),
+                    properties=made,
                     timeout=self.timeout_s,
                 )
         except SinkRejected:
@@ -235,9 +242,22 @@ class Sink:
             return self.ensure_collection(
                 dimension, model_name, sparse=sparse, fingerprint=fingerprint, properties=properties
             )
+        self._open_created(dimension, sparse, model_name, fingerprint, made)
+        return True
+
+    def _open_created(
+        self,
+        dimension: int,
+        sparse: bool,
+        model_name: str,
+        fingerprint: str,
+        properties: dict[str, str],
+    ) -> None:
+        """Take the collection this sink has just created with ``properties``."""
         self.dimension, self.sparse, self.target = dimension, sparse, self.collection
         self.index_name, self.fingerprint = self.collection, fingerprint
-        self.group = (properties or {}).get(GROUP_PROPERTY, "")
+        self.group = properties.get(GROUP_PROPERTY, "")
+        self.incarnation = properties[INCARNATION_PROPERTY]
         log.info(
             "collection_created",
             collection=self.collection,
@@ -247,7 +267,6 @@ class Sink:
             fingerprint=fingerprint,
             index="FLAT" if is_lite(self.uri) else "HNSW",
         )
-        return True
 
     def _existing(self, name: str = "") -> dict[str, Any] | None:
         """The description of collection ``name`` (default: ``collection``); None if none."""
@@ -296,6 +315,7 @@ class Sink:
         properties = info.get("properties") or {}
         self.index_name = str(properties.get(INDEX_PROPERTY) or self.target)
         self.group = str(properties.get(GROUP_PROPERTY) or "")
+        self.incarnation = str(properties.get(INCARNATION_PROPERTY) or "")
         names = {f["name"] for f in info["fields"]}
         self.sparse = "sparse" in names
         self.store_text = self.store_text and "text" in names

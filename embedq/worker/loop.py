@@ -172,10 +172,15 @@ class Worker:
                 log.info("group_created", stream=stream.keys.stream, group=stream.group)
         # The index of the collection writes go to, not of the alias --collection may be.
         self.settler.ordering.retarget(self.sink.index_name)
-        if created:
+        if self.sink.incarnation:  # "": a collection from before incarnations, index kept
             # A new collection holds nothing, whatever an index from an earlier (dropped)
-            # one says: dedup and stale checks must not skip what it lacks.
-            first("clear index", self.settler.ordering.clear)
+            # one says: dedup and stale checks must not skip what it lacks. Emptied once per
+            # incarnation, in one script: a worker that started beside the creator may have
+            # recorded writes already (issue 26: the creator's plain DEL erased them).
+            own = self.settler.ordering.own
+            incarnation = self.sink.incarnation
+            if first("own index", lambda: own(incarnation, created=created)):
+                log.info("index_cleared", collection=self.sink.target, why="a new collection")
         # The deployment's epoch: recorded on both sides, or Redis lost its data
         # (embedq.sink.epoch).
         first("establish epoch", lambda: epoch.establish(self.partitions, self.sink, self.metrics))

@@ -41,10 +41,13 @@ class Ordering:
         for versions in (self.versions or {}).values():
             versions.retarget(collection)
 
-    def clear(self) -> None:
-        """Empty the index and leases of every partition (a collection created anew)."""
+    def own(self, incarnation: str, *, created: bool) -> bool:
+        """Tie every partition's index to ``incarnation`` of the collection
+        (``Versions.own``); True when one held another incarnation's entries and was emptied."""
+        cleared = False
         for versions in (self.versions or {}).values():
-            versions.clear()
+            cleared = versions.own(incarnation, created=created) or cleared
+        return cleared
 
     def claim(
         self, stream: Stream, items: Sequence[Item]

@@ -43,6 +43,7 @@ from embedq.worker.launch import assemble
 from embedq.worker.loop import Worker
 
 from .support import xdist_groups
+from .support.cli import process_globals_restored
 from .support.fault_fixtures import WorkerProcess
 from .support.layers import is_slow
 from .support.servers import MilvusLiteServer, MilvusStandalone, RedisServer
@@ -80,6 +81,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getoption("dist") != "load":
         return None
     return xdist_groups.make_scheduler(config, log, _groups_path(config))
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """Each test starts with the logging the session started with, whatever the test
+    before it configured in-process (tests/support/cli.py)."""
+    with process_globals_restored():
+        yield
 
 
 def _groups_path(config: pytest.Config) -> Path:

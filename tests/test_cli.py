@@ -14,6 +14,7 @@ from embedq.core.config import Settings
 from embedq.sink.milvus import Sink, open_sink
 
 from .conftest import REDIS_URL, corpus_rows
+from .support.cli import embedq  # other test files import it from here too
 
 LAG_KEYS = {
     "stream",
@@ -31,21 +32,6 @@ LAG_KEYS = {
     "redis_data_lost",  # null here: no collection yet (embedq.sink.epoch, issue 25)
     "redis_data_lost_message",
 }
-
-
-def embedq(
-    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "embedq.cli", *args],
-        env=full_env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_enqueue_worker_lag_search_round_trip(

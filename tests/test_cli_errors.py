@@ -10,32 +10,28 @@ subprocess, to prove the exit status and stderr of a real process."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import CompletedProcess
 from urllib.parse import urlsplit
 
 import pytest
-import structlog
 from click.testing import CliRunner
 
 from embedq.api.serve import check_exposure
 from embedq.cli import main
-from embedq.core import logs
 from embedq.core.config import Settings
 from embedq.core.errors import ConfigError, ExitCode
 
 from .conftest import REDIS_URL, SAMPLE
+from .support.cli import JSON_LOGS, process_globals_restored
+from .support.cli import embedq as embedq_process
 
 SECRET = "s3cret-pw-18"
 REDIS = urlsplit(REDIS_URL)
@@ -100,7 +96,7 @@ def embedq(args: tuple[str, ...], env: dict[str, str]) -> CompletedProcess[str]:
     cwd = Path.cwd()
     os.chdir(tempfile.gettempdir())  # where a default ./embedq.db would land, not the checkout
     try:
-        with _process_globals_restored():
+        with process_globals_restored():
             ran = CliRunner().invoke(main, list(args), env={**clean, **env}, prog_name="embedq")
     finally:
         os.chdir(cwd)
@@ -111,43 +107,6 @@ def embedq(args: tuple[str, ...], env: dict[str, str]) -> CompletedProcess[str]:
     # A CompletedProcess, as embedq_process returns: check() reads either. (Named without
     # "subprocess." so that tests/support/layers.py keeps this helper in the fast layer.)
     return CompletedProcess(["embedq", *args], ran.exit_code, ran.stdout, stderr)
-
-
-@contextmanager
-def _process_globals_restored() -> Iterator[None]:
-    """``embedq.core.logs.configure`` sets up a process: structlog, the root logger's handler
-    (on the runner's stderr, closed after the call), warnings into logging, excepthooks,
-    GRPC_VERBOSITY. Put them all back, so the next test logs as before."""
-    root = logging.getLogger()
-    saved = (structlog.get_config(), root.handlers[:], root.level, sys.excepthook)
-    saved_logs = (logs._scrubber, logs._for_a_person, logs._stdlib_handler)
-    thread_hook, grpc = threading.excepthook, os.environ.get("GRPC_VERBOSITY")
-    try:
-        yield
-    finally:
-        logging.captureWarnings(False)
-        structlog.configure(**saved[0])
-        root.handlers[:], root.level, sys.excepthook = saved[1], saved[2], saved[3]
-        logs._scrubber, logs._for_a_person, logs._stdlib_handler = saved_logs
-        threading.excepthook = thread_hook
-        if grpc is None:
-            os.environ.pop("GRPC_VERBOSITY", None)
-        else:
-            os.environ["GRPC_VERBOSITY"] = grpc
-
-
-def embedq_process(args: tuple[str, ...], env: dict[str, str]) -> CompletedProcess[str]:
-    """``python -m embedq.cli ARGS`` in a subprocess, as a user runs it."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
-    return subprocess.run(
-        [sys.executable, "-m", "embedq.cli", *args],
-        env={**clean, "HF_HUB_OFFLINE": "1", "EMBEDQ_LOG_JSON": "1", **env},
-        cwd=tempfile.gettempdir(),  # where a default ./embedq.db would land, never the checkout
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
 
 
 def check(run: CompletedProcess[str], mistake: Mistake, warnings: int = 0) -> str:
@@ -511,7 +470,8 @@ def process_rows() -> dict[str, tuple[Command, Mistake, int]]:
 @pytest.mark.parametrize("row", list(process_rows()))
 def test_a_real_process_exits_with_the_code_and_one_line_on_stderr(row: str) -> None:
     command, mistake, warnings = process_rows()[row]
-    ran = embedq_process((*command.args, *mistake.flags), {**command.env, **mistake.env})
+    env = {**JSON_LOGS, **command.env, **mistake.env}
+    ran = embedq_process(*command.args, *mistake.flags, env=env, fresh=True)
     check(ran, mistake, warnings)
     if command.env.get("EMBEDQ_LOG_JSON") == "0":  # no JSON events either: the line alone
         assert ran.stderr.count("\n") == 1, ran.stderr

@@ -14,10 +14,8 @@ text, as a model with a corrupt or mismatched vocabulary does in production.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,8 @@ from embedq.model.encoder import Encoder
 from embedq.sink.milvus import Sink
 
 from .conftest import REDIS_URL, corpus_rows
+from .support.cli import JSON_LOGS
+from .support.cli import embedq as run_cli
 from .support.tiny_models import EMBEDDING_ROWS
 
 RAISES = "the velocity xⁿ grows"  # "##ⁿ" is token 30080: past the embedding table
@@ -40,15 +40,9 @@ def good_rows(encoder: Encoder, n: int) -> list[dict[str, Any]]:
     return [r for r, t in zip(rows, tokens, strict=True) if max(t.ids) < EMBEDDING_ROWS][:n]
 
 
-def embedq(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "embedq.cli", *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDQ_LOG_JSON": "true"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def embedq(*args: str) -> CompletedProcess[str]:
+    """The CLI with JSON logs: the tests read the worker's log events from its stderr."""
+    return run_cli(*args, env=JSON_LOGS)
 
 
 def drain(stream: str, milvus_uri: str, model: Path, *extra: str) -> str:

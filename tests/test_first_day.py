@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pty
-import subprocess
-import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import click
 import pytest
@@ -28,6 +27,7 @@ from embedq.queue.dlq import check_refs
 from embedq.queue.lag import ConsumerInfo, LagInfo, merge_partitions, partitions_found
 
 from .conftest import REDIS_URL
+from .support.cli import embedq as run_cli
 
 # -- settings ---------------------------------------------------------------------------
 
@@ -145,17 +145,9 @@ def test_a_partition_without_a_group_does_not_make_the_read_count_unknown() -> N
 
 def embedq(
     *args: str, env: dict[str, str], stdin: int | str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "embedq.cli", *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDQ_REDIS_URL": REDIS_URL, **env},
-        stdin=stdin if isinstance(stdin, int) else None,
-        input=stdin if isinstance(stdin, str) else None,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+) -> CompletedProcess[str]:
+    """The CLI against the suite's Redis (a first day's commands name none), ``env`` over it."""
+    return run_cli(*args, env={"EMBEDQ_REDIS_URL": REDIS_URL, **env}, stdin=stdin)
 
 
 def test_lag_without_partitions_says_where_the_partition_streams_are(

@@ -17,8 +17,6 @@ would leave the rounding of the weights out of the comparison.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from embedq.sink.milvus import Sink
 from embedq.worker.launch import assemble
 
 from .conftest import REDIS_URL, SAMPLE, corpus_rows
+from .support.cli import JSON_LOGS, embedq
 from .support.servers import MilvusLiteServer
 
 DEVICE = os.environ.get("EMBEDQ_GPU_KIT_DEVICE") or "cuda"
@@ -58,17 +57,6 @@ SOME = slice(None) if ON_CUDA else slice(0, 2)
 def cosines(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(axis=1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
-
-
-def embedq(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "embedq.cli", *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDQ_LOG_JSON": "true"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def enqueue(stream: str, rows: list[dict[str, Any]]) -> None:
@@ -124,6 +112,7 @@ def test_replicas_and_processes_share_one_device(
         *("--consumer", "w", "--milvus-uri", milvus_lite_server.uri, "--collection", "shared"),
         *("--device", DEVICE, "--replicas", "2", "--procs-per-device", "2"),
         *("--drain", "--block-ms", "100", "--read-count", "16", "--log-level", "info"),
+        env=JSON_LOGS,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count('"device_worker_started"') == 2
@@ -219,6 +208,7 @@ def test_a_sticky_device_error_stops_the_worker_and_dead_letters_nothing(
         *("--redis-url", REDIS_URL, "--stream", stream_name, "--group", "g"),
         *("--consumer", "w", "--milvus-uri", str(tmp_path / "sticky.db"), "--collection", "s"),
         *("--model", str(tiny_model), "--device", "cuda", "--drain", "--block-ms", "100"),
+        env=JSON_LOGS,
     )
     assert done.returncode != 0, done.stderr[-3000:]
     assert "device" in done.stderr.lower(), done.stderr[-3000:]

@@ -14,12 +14,13 @@ import pytest
 import redis
 
 from embedq.core.config import Settings
-from embedq.core.errors import ConfigError, ExitCode
+from embedq.core.errors import ConfigError, ExitCode, MigrationRefused
 from embedq.core.keys import collection_group
 from embedq.model.encoder import Encoder
 from embedq.ops.migrate import Migration, backfill, begin, shadow_name, source_sink
-from embedq.ops.rollout import Rollout
+from embedq.ops.rollout import Record, Rollout
 from embedq.producer.client import Producer
+from embedq.queue.entries import text
 from embedq.queue.stream import Stream
 from embedq.queue.versions import Versions
 from embedq.sink.milvus import open_sink
@@ -182,7 +183,7 @@ def test_a_shadow_without_a_recorded_migration_is_refused(
         live = migration.adopt()
         migration.shadow(source_sink(migration, live), tiny_encoder)  # made outside begin
         streams = [Stream(redis_client, settings.stream, "g", "migrate")]
-        with pytest.raises(ConfigError, match="no migration toward it is recorded"):
+        with pytest.raises(MigrationRefused, match="no migration toward it is recorded"):
             begin(migration, streams, tiny_encoder, group="g", adopt=False)
         assert Rollout(streams, "x").load() is None
     finally:
@@ -227,3 +228,24 @@ def test_lag_shows_every_group_of_the_stream(stream_name: str, redis_client: red
     as_json = embedq("lag", "--json", "--stream", stream_name, "--group", "g")
     groups = {g["group"]: g["lag"] for g in json.loads(as_json.stdout)["groups"]}
     assert groups == {"g": 5, "g:docs__x": 0}
+
+
+def test_a_migration_group_reports_its_exact_lag_from_the_start(
+    stream_name: str, redis_client: redis.Redis
+) -> None:
+    """The new collection's group starts at the stream's tail with its entries-read known:
+    producers' ``--max-lag`` and KEDA read its lag at once, not nil (Redis cannot count a
+    group created at ``$`` alone until it reaches the tail again)."""
+    producer = Producer(redis_client, stream_name)
+    producer.enqueue(_rows("e", 7))
+    redis_client.xdel(stream_name, redis_client.xrange(stream_name, count=1)[0][0])  # a gap
+    streams = [Stream(redis_client, stream_name, "g", "migrate")]
+    rollout = Rollout(streams, "docs__y")
+    group = collection_group("g", "docs__y")
+    record = rollout.start(Record("docs", "docs__x", "docs__y", "g", group))
+    last = redis_client.xinfo_stream(stream_name)["last-generated-id"]
+    assert record.starts[stream_name] == text(last)
+    assert rollout.start(record).starts == record.starts  # again: the group is kept
+    producer.enqueue(_rows("f", 3))
+    (info,) = [g for g in redis_client.xinfo_groups(stream_name) if text(g["name"]) == group]
+    assert info["lag"] == 3 and info["entries-read"] == 7

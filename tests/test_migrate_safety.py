@@ -5,8 +5,9 @@ vectors into a collection of another model when the alias moves under it."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from embedq.core.config import Settings
 from embedq.core.errors import ExitCode, StageCrashed
 from embedq.model.encoder import Encoder
 from embedq.ops import migrate as migrate_ops
+from embedq.ops import migrate_guard
 from embedq.ops.migrate import Migration, backfill, begin, shadow_name
 from embedq.producer.client import Producer
 from embedq.queue.stream import Stream
@@ -89,6 +91,7 @@ def test_migrate_without_an_action_prints_the_plan_and_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(migrate_ops, "RECHECK_S", 0.0)
+    monkeypatch.setattr(migrate_guard, "ACTIVE_S", 1.0)  # --adopt waits for a quiet stream
     Producer(redis_client, settings.stream, group="g").enqueue(_rows("p", 12))
     _drain(settings, redis_client, tiny_encoder)
     before = _collections(settings)
@@ -164,6 +167,7 @@ class _Running:
         self.worker: Worker = assemble(settings.replace(drain=False), stream, encoder, self.sink)
         self.stream = stream
         self.error: BaseException | None = None
+        self.stopped = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -184,9 +188,54 @@ class _Running:
             self.thread.join(0.05)
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         self.worker.stop_requested.set()
         self.thread.join(60)
         self.sink.close()
+
+
+class _Fleet(NamedTuple):
+    """An old-model worker running on a Milvus Lite server before any migration, a
+    producer of its stream, and the new model."""
+
+    settings: Settings
+    producer: Producer
+    running: _Running
+    new_encoder: Encoder
+
+
+@pytest.fixture
+def fleet(
+    served: Settings,
+    redis_client: redis.Redis,
+    tiny_encoder: Encoder,
+    other_tiny_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[_Fleet]:
+    monkeypatch.setattr(migrate_ops, "RECHECK_S", 0.0)
+    running = _Running(served, redis_client, tiny_encoder)
+    try:
+        yield _Fleet(
+            served,
+            Producer(redis_client, served.stream, group="g"),
+            running,
+            Encoder(str(other_tiny_model), device="cpu"),
+        )
+    finally:
+        running.stop()
+
+
+def _adopted(
+    fleet: _Fleet, client: redis.Redis, rows: list[dict[str, Any]]
+) -> tuple[Migration, str]:
+    """The running worker wrote ``rows``, then its collection was adopted: the migration
+    (its sink for the caller to close) and the adopted collection's new name."""
+    fleet.producer.enqueue(rows)
+    fleet.running.settled(client)
+    migration = Migration(open_sink(fleet.settings, create=False))
+    return migration, migration.adopt()
 
 
 def _vectors(settings: Settings, collection: str, ids: list[str]) -> dict[str, Any]:
@@ -206,39 +255,25 @@ def _model_of(rows: dict[str, Any], encoder: Encoder) -> None:
 
 
 def test_a_running_worker_follows_the_adoption_and_never_writes_into_the_new_collection(
-    served: Settings,
-    redis_client: redis.Redis,
-    tiny_encoder: Encoder,
-    other_tiny_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    fleet: _Fleet, redis_client: redis.Redis, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker of the old model started before the first migration: after ``--adopt`` it
     writes to the renamed collection, and after the promote its writes still go there; the
     new model's collection holds the new model's vectors only (issue 26 item 5)."""
     monkeypatch.setattr(milvus_sink, "RECHECK_S", 0.0)  # every write re-checks
-    monkeypatch.setattr(migrate_ops, "RECHECK_S", 0.0)
-    settings = served
-    producer = Producer(redis_client, settings.stream, group="g")
-    new_encoder = Encoder(str(other_tiny_model), device="cpu")
-    running = _Running(settings, redis_client, tiny_encoder)
+    settings, producer, running, new_encoder = fleet
+    migration, old = _adopted(fleet, redis_client, _rows("a", 20))
     try:
-        producer.enqueue(_rows("a", 20))
+        producer.enqueue(_rows("b", 20))  # between adoption and promote
         running.settled(redis_client)
-        sink = open_sink(settings, create=False)
-        try:
-            migration = Migration(sink)
-            old = migration.adopt()
-            producer.enqueue(_rows("b", 20))  # between adoption and promote
-            running.settled(redis_client)
-            shadow = _migrated(migration, redis_client, settings, new_encoder)
-            migration.move_alias(shadow.collection)
-        finally:
-            sink.close()
-        producer.enqueue(_rows("c", 20))  # after the promote
-        running.settled(redis_client)
-        assert running.error is None and running.thread.is_alive()
+        shadow = _migrated(migration, redis_client, settings, new_encoder)
+        migration.move_alias(shadow.collection)
     finally:
-        running.stop()
+        migration.sink.close()
+    producer.enqueue(_rows("c", 20))  # after the promote
+    running.settled(redis_client)
+    assert running.error is None and running.thread.is_alive()
+    running.stop()
     ids = [f"{p}{i}" for p in "abc" for i in range(20)]
     in_new = _vectors(settings, shadow.collection, ids)
     assert not any(i.startswith("c") for i in in_new)  # no old-model write landed there
@@ -249,39 +284,25 @@ def test_a_running_worker_follows_the_adoption_and_never_writes_into_the_new_col
 
 
 def test_a_worker_whose_name_now_reaches_another_models_collection_stops_and_leaves_its_entries(
-    served: Settings,
-    redis_client: redis.Redis,
-    tiny_encoder: Encoder,
-    other_tiny_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    fleet: _Fleet, redis_client: redis.Redis, tiny_encoder: Encoder
 ) -> None:
     """The adversary's order: adoption and promote both happen while an old-model worker is
     idle, so the name it writes to now is an alias of the new model's collection. Its next
     write is refused (one line), its entries stay pending, and a new-model worker takes
     them over: every vector there is the new model's (the issue's 82 mixed ids)."""
-    monkeypatch.setattr(migrate_ops, "RECHECK_S", 0.0)
-    settings = served
-    producer = Producer(redis_client, settings.stream, group="g")
-    new_encoder = Encoder(str(other_tiny_model), device="cpu")
-    running = _Running(settings, redis_client, tiny_encoder)
+    settings, producer, running, new_encoder = fleet
+    migration, old = _adopted(fleet, redis_client, _rows("a", 10))
     try:
-        producer.enqueue(_rows("a", 10))
-        running.settled(redis_client)
-        sink = open_sink(settings, create=False)
-        try:
-            migration = Migration(sink)
-            old = migration.adopt()
-            shadow = _migrated(migration, redis_client, settings, new_encoder)
-            migration.move_alias(shadow.collection)
-        finally:
-            sink.close()
-        running.sink._checked_until = 0.0  # its cached check expires (RECHECK_S later)
-        producer.enqueue(_rows("z", 10))
-        running.thread.join(60)
-        assert isinstance(running.error, StageCrashed)
-        assert "fingerprint" in str(running.error)
+        shadow = _migrated(migration, redis_client, settings, new_encoder)
+        migration.move_alias(shadow.collection)
     finally:
-        running.stop()
+        migration.sink.close()
+    running.sink._checked_until = 0.0  # its cached check expires (RECHECK_S later)
+    producer.enqueue(_rows("z", 10))
+    running.thread.join(60)
+    assert isinstance(running.error, StageCrashed)
+    assert "fingerprint" in str(running.error)
+    running.stop()
     assert not _vectors(settings, shadow.collection, [f"z{i}" for i in range(10)])
     pending = redis_client.xpending(settings.stream, "g")
     assert pending["pending"] == 10  # left for a worker of the right model

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,12 +19,15 @@ from embedq.core.errors import ConfigError
 from embedq.sink.milvus import Row, Sink
 
 from .conftest import MilvusServer, corpus_rows
+from .support.cli import embedq
 from .support.servers import RedisServer, make_tls_certs
 
 DEFAULT_PASSWORD = "default-pw-7f3a91"
 ACL_PASSWORD = "acl-pw-c0ffee42"
 READONLY_PASSWORD = "ro-pw-5eed1234"
 WRONG_TOKEN = "root:not-the-token-9c1e"
+# At debug level the most is logged: a secret must stay out of that too.
+DEBUG_LOGS = {"EMBEDQ_LOG_LEVEL": "debug"}
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +64,6 @@ def tls_url(server: RedisServer, userinfo: str, with_ca: bool = True) -> str:
     return server.url_for(userinfo) + query
 
 
-def run_embedq(*args: str, env: dict[str, str], timeout: float = 240) -> tuple[int, str, str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "embedq.cli", *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDQ_LOG_LEVEL": "debug", **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    return result.returncode, result.stdout, result.stderr
-
-
 def assert_no_secret(*outputs: str) -> None:
     for secret in (DEFAULT_PASSWORD, ACL_PASSWORD, READONLY_PASSWORD, WRONG_TOKEN, "Milvus"):
         for out in outputs:
@@ -93,20 +82,21 @@ def test_worker_over_tls_with_an_acl_user_writes_to_milvus_with_a_token(
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows))
     env = {
+        **DEBUG_LOGS,
         "EMBEDQ_REDIS_URL": tls_url(tls_redis, f"embedq:{ACL_PASSWORD}"),
         "EMBEDQ_STREAM": "secure:tasks",
         "EMBEDQ_MILVUS_URI": milvus.uri,
         "EMBEDQ_MILVUS_TOKEN": milvus.token,
         "EMBEDQ_COLLECTION": "secure_vectors",
     }
-    code, out, err = run_embedq("enqueue", str(source), env=env)
-    assert code == 0, err
-    code, out, worker_err = run_embedq("worker", "--drain", "--block-ms", "200", env=env)
-    assert code == 0, worker_err
-    assert f"embedded {len(rows)} texts" in out
-    code, lag_out, lag_err = run_embedq("lag", "--json", env=env)
-    assert code == 0 and '"pending": 0' in lag_out, lag_err
-    assert_no_secret(out, worker_err, lag_out, lag_err)
+    sent = embedq("enqueue", str(source), env=env)
+    assert sent.returncode == 0, sent.stderr
+    ran = embedq("worker", "--drain", "--block-ms", "200", env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert f"embedded {len(rows)} texts" in ran.stdout
+    lag = embedq("lag", "--json", env=env)
+    assert lag.returncode == 0 and '"pending": 0' in lag.stdout, lag.stderr
+    assert_no_secret(sent.stdout, sent.stderr, ran.stdout, ran.stderr, lag.stdout, lag.stderr)
 
     sink = Sink(milvus.uri, milvus.token, "secure_vectors", timeout_s=10)
     try:
@@ -120,35 +110,37 @@ def test_worker_with_a_wrong_redis_password_stops_with_one_clear_line(
     tls_redis: RedisServer, tmp_path: Path
 ) -> None:
     env = {
+        **DEBUG_LOGS,
         "EMBEDQ_REDIS_URL": tls_url(tls_redis, "embedq:wrong-" + ACL_PASSWORD),
         "EMBEDQ_MILVUS_URI": str(tmp_path / "m.db"),
     }
-    code, out, err = run_embedq("worker", "--drain", env=env)
-    assert code == 2, err
-    assert "redis rejected the credentials" in err and "Traceback" not in err
-    assert "wrong-" not in out + err
-    assert_no_secret(out, err)
+    ran = embedq("worker", "--drain", env=env)
+    assert ran.returncode == 2, ran.stderr
+    assert "redis rejected the credentials" in ran.stderr and "Traceback" not in ran.stderr
+    assert "wrong-" not in ran.stdout + ran.stderr
+    assert_no_secret(ran.stdout, ran.stderr)
 
 
 def test_an_acl_user_without_write_rights_gets_noperm_not_a_crash(tls_redis: RedisServer) -> None:
-    env = {"EMBEDQ_REDIS_URL": tls_url(tls_redis, f"reader:{READONLY_PASSWORD}")}
-    code, out, err = run_embedq("init", "--stream", "secure:ro", env=env)
-    assert code == 2 and "NOPERM" in err and "Traceback" not in err
+    env = {**DEBUG_LOGS, "EMBEDQ_REDIS_URL": tls_url(tls_redis, f"reader:{READONLY_PASSWORD}")}
+    init = embedq("init", "--stream", "secure:ro", env=env)
+    assert init.returncode == 2 and "NOPERM" in init.stderr and "Traceback" not in init.stderr
     # The same user may read: lag works.
-    code, out, err = run_embedq("lag", "--json", "--stream", "secure:ro", env=env)
-    assert code == 0, err
-    assert_no_secret(out, err)
+    lag = embedq("lag", "--json", "--stream", "secure:ro", env=env)
+    assert lag.returncode == 0, lag.stderr
+    assert_no_secret(init.stdout, init.stderr, lag.stdout, lag.stderr)
 
 
 def test_rediss_without_the_ca_fails_without_leaking_the_password(tls_redis: RedisServer) -> None:
     url = tls_url(tls_redis, f":{DEFAULT_PASSWORD}", with_ca=False)
-    code, out, err = run_embedq("lag", env={"EMBEDQ_REDIS_URL": url})
-    assert code == 3 and "redis unavailable" in err and "Traceback" not in err  # CONNECT
-    assert_no_secret(out, err)
+    lag = embedq("lag", env={**DEBUG_LOGS, "EMBEDQ_REDIS_URL": url})
+    assert lag.returncode == 3, lag.stderr  # CONNECT
+    assert "redis unavailable" in lag.stderr and "Traceback" not in lag.stderr
+    assert_no_secret(lag.stdout, lag.stderr)
     ok = tls_url(tls_redis, f":{DEFAULT_PASSWORD}")
-    code, out, err = run_embedq("init", "--stream", "secure:default", env={"EMBEDQ_REDIS_URL": ok})
-    assert code == 0 and "created at 0" in out, err
-    assert_no_secret(out, err)
+    init = embedq("init", "--stream", "secure:default", env={**DEBUG_LOGS, "EMBEDQ_REDIS_URL": ok})
+    assert init.returncode == 0 and "created at 0" in init.stdout, init.stderr
+    assert_no_secret(init.stdout, init.stderr)
 
 
 def test_a_wrong_milvus_token_is_a_config_error_that_hides_the_token(
@@ -170,16 +162,18 @@ def test_a_wrong_milvus_token_is_a_config_error_that_hides_the_token(
         assert "authentication failed" in message and "--milvus-token" in message
         assert_no_secret(message)
     # Through the CLI: exit 2 with that line, and the token nowhere.
-    code, out, err = run_embedq(
+    init = embedq(
         "init",
         "--with-collection",
         "--stream",
         "secure:milvus",
         env={
+            **DEBUG_LOGS,
             "EMBEDQ_REDIS_URL": os.environ.get("EMBEDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
             "EMBEDQ_MILVUS_URI": milvus.uri,
             "EMBEDQ_MILVUS_TOKEN": WRONG_TOKEN,
         },
     )
-    assert code == 2 and "authentication failed" in err and "Traceback" not in err
-    assert_no_secret(out, err)
+    assert init.returncode == 2, init.stderr
+    assert "authentication failed" in init.stderr and "Traceback" not in init.stderr
+    assert_no_secret(init.stdout, init.stderr)

@@ -5,7 +5,6 @@ forward pass, equal to sentence-transformers and FlagEmbedding; their rows in Mi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,14 @@ from embedq.sink.milvus import Sink, open_sink
 from embedq.sink.schema import model_fingerprint
 from embedq.worker.launch import assemble
 
-from .support.servers import MilvusLiteServer
+from .support import sink_fixtures
+from .support.cli import embedq
 from .support.sparse_models import bgem3_flag_model, build_bge_m3, build_splade
-from .test_cli import embedq
+
+# pytest finds fixtures among a module's names; `from ... import served` would read to ruff
+# as unused, and each test's `served` argument as a redefinition.
+served = sink_fixtures.served
+closing = sink_fixtures.closing
 
 TEXTS = [
     "Redis streams deliver each entry to one consumer of a group",
@@ -138,20 +142,6 @@ def _drain(
 @pytest.fixture
 def rows() -> list[dict[str, Any]]:
     return [{"id": f"doc-{i}", "text": t, "meta": {"n": i}} for i, t in enumerate(TEXTS)]
-
-
-@pytest.fixture
-def served(settings: Settings, milvus_lite_server: MilvusLiteServer) -> Settings:
-    """A served database: this process writes, `embedq search` processes read."""
-    return settings.replace(milvus_uri=milvus_lite_server.uri)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[Sink]]:
-    sinks: list[Sink] = []
-    yield sinks
-    for sink in sinks:
-        sink.close()
 
 
 def test_splade_rows_land_sparse_only(

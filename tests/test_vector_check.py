@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,15 @@ from embedq.sink.milvus import Row, Sink, open_sink
 from embedq.worker.launch import assemble
 
 from .conftest import REDIS_URL
-from .support.servers import MilvusLiteServer, MilvusStandalone
+from .support import sink_fixtures
+from .support.cli import embedq
+from .support.servers import MilvusStandalone
 from .support.sparse_models import build_bge_m3, build_splade
-from .test_cli import embedq
+
+# pytest finds fixtures among a module's names; `from ... import served` would read to ruff
+# as unused, and each test's `served` argument as a redefinition.
+served = sink_fixtures.served
+closing = sink_fixtures.closing
 
 TEXTS = [f"vector check text number {i} about {w}" for i, w in enumerate("abcdefghijkl")]
 
@@ -109,20 +114,6 @@ def _cli(settings: Settings, *args: str) -> Any:
         settings.collection,
         *args,
     )
-
-
-@pytest.fixture
-def served(settings: Settings, milvus_lite_server: MilvusLiteServer) -> Settings:
-    """A served Milvus Lite database: this process writes, `embedq verify` processes read."""
-    return settings.replace(milvus_uri=milvus_lite_server.uri)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[Sink]]:
-    sinks: list[Sink] = []
-    yield sinks
-    for s in sinks:
-        s.close()
 
 
 # -- the digest and the index value --------------------------------------------------------

@@ -14,17 +14,20 @@ from embedq.core.config import Settings
 from embedq.core.errors import ConfigError
 from embedq.model.encoder import PACKAGED_MODEL_NAME, model_name
 from embedq.model.identity import ModelIdentity, configured_identity
+from embedq.model.onnx_backend import variant
 from embedq.queue.connection import translated
 from embedq.queue.online_wire import Answer
 from embedq.sink.milvus import Sink
 
 
 def served_model(settings: Settings) -> tuple[ModelIdentity, tuple[str, ...]]:
-    """The model's identity (name and fingerprint, as workers stamp their answers) and the
-    names a request may give for it. A gateway image without the model's files knows its
-    name only, and accepts answers by name."""
+    """The model's identity (name and fingerprint, as workers stamp their answers; the index
+    fingerprint, backend variant included, as they record it on collections) and the names
+    a request may give for it. A gateway image without the model's files knows its name
+    only, and accepts answers by name."""
     try:
-        identity = configured_identity(settings.model, settings.dimensions)
+        backend = variant(settings.backend, settings.quantize)
+        identity = configured_identity(settings.model, settings.dimensions, backend)
     except ConfigError:
         name = model_name(Path(settings.model)) if settings.model else PACKAGED_MODEL_NAME
         identity = ModelIdentity(name, "")

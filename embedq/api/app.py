@@ -66,7 +66,7 @@ class Gateway:
         self.model_names = frozenset(n.lower() for n in names)
         self.sink = sink
         self.in_flight = 0
-        self._collection_model: tuple[float, str, str, int] = (0.0, "", "", 0)
+        self._collection_model: tuple[float, str, str, int, str] = (0.0, "", "", 0, "")
         self.fleet: Fleet | None = None
         self.limiter: RateLimiter | None = None
 
@@ -337,12 +337,13 @@ class Gateway:
         try:
             if self.sink is None:
                 self.sink = open_sink(self.settings, create=False)
-            self._check_collection_model(self.sink, len(vector))
-            if not scope:
-                return self.sink.search(vector, k, where)
-            confined = f"({scope}) and ({where})" if where else f"({scope})"
-            hits = self.sink.search(vector, k, confined)
-            return within(self.sink, hits, scope)
+            try:
+                return self._search_checked(self.sink, vector, k, where, scope)
+            except CollectionMissing:
+                # The collection the alias named at the last check was dropped since
+                # (--drop-old): the alias is read again.
+                self._collection_model = (0.0, "", "", 0, "")
+                return self._search_checked(self.sink, vector, k, where, scope)
         except SinkRejected as exc:
             if not where:  # nothing of the client's to blame
                 log.warning("api_search_refused", error=str(exc)[:300])
@@ -363,10 +364,24 @@ class Gateway:
             log.warning("api_search_failed", error=str(exc)[:300])
             raise _unavailable(f"milvus cannot be searched now: {exc}", "milvus") from None
 
-    def _check_collection_model(self, sink: Sink, dimension: int) -> None:
+    def _search_checked(
+        self, sink: Sink, vector: np.ndarray[Any, Any], k: int, where: str, scope: str
+    ) -> list[Any]:
+        """``_search`` on the collection the alias named at the check, never through the
+        alias: within the check's TTL the alias may move to the other model's collection."""
+        collection = self._check_collection_model(sink, len(vector))
+        searched = sink if collection in ("", sink.collection) else sink.sibling(collection)
+        if not scope:
+            return searched.search(vector, k, where)
+        confined = f"({scope}) and ({where})" if where else f"({scope})"
+        return within(searched, searched.search(vector, k, confined), scope)
+
+    def _check_collection_model(self, sink: Sink, dimension: int) -> str:
         """Refuse (503, never the client's fault) to search a collection that holds another
-        model's vectors: during a rollout the alias may name the other model's collection.
-        The collection's recorded model is read at most every ``COLLECTION_MODEL_TTL_S``."""
+        model's vectors (or another backend variant's: ``--backend``/``--quantize``):
+        during a rollout the alias may name the other model's collection. The collection's
+        recorded model is read at most every ``COLLECTION_MODEL_TTL_S``; the collection the
+        name stands for (an alias's) is returned, to be searched by name."""
         now = time.monotonic()
         if now >= self._collection_model[0]:
             with translated("describe collection"):
@@ -379,9 +394,12 @@ class Gateway:
                 str(properties.get("embedq.fingerprint", "")),
                 str(properties.get("embedq.model", "")),
                 int(width or 0),
+                str(info.get("collection_name") or ""),
             )
-        _, recorded, name, width = self._collection_model
-        mine = self.identity.fingerprint
+        _, recorded, name, width, physical = self._collection_model
+        # Workers record their index fingerprint (backend variant included), so that one
+        # is compared: an fp32 gateway never searches an int8 index with its queries.
+        mine = self.identity.index_fingerprint
         if (recorded and mine and recorded != mine) or (width and width != dimension):
             raise _unavailable(
                 f"collection {sink.collection} holds vectors of model {name or '?'} "
@@ -389,6 +407,7 @@ class Gateway:
                 f"({mine or f'{dimension} dimensions'}): point a gateway of that model at it",
                 "model_mismatch",
             )
+        return physical
 
     async def models(self, _request: Request, headers: dict[str, str]) -> Response:
         """``GET /v1/models`` in OpenAI's shape: the model this gateway serves."""

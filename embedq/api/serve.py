@@ -7,10 +7,13 @@ requests in hand finish (at most ``--request-timeout``), then exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
+import h11
 import structlog
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from embedq.api.app import create_app
 from embedq.core.config import Settings
@@ -24,11 +27,72 @@ KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_HEADER_BYTES = 16 * 1024  # h11's bound on an incomplete request head
 
 
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a bound on how long a request *head* may take (issue 27:
+    uvicorn has none; ``h11_max_incomplete_event_size`` bounds its bytes, not its time, and
+    a client trickling one header byte a second held its connection for good).
+
+    The clock starts when the connection opens, and on a kept-alive connection when the
+    next request's first byte arrives (before that, uvicorn's keep-alive timeout closes an
+    idle connection); it stops when h11 has the whole head. On expiry the connection is
+    closed without an answer: h11 sends no response before a request's head, and nginx's
+    ``client_header_timeout`` also just closes. Subclassed per gateway
+    (``head_timeout_protocol``) because uvicorn builds the protocol from its class alone."""
+
+    head_timeout_s = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch_head(opened=True)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_head()  # a pipelined next head may be buffered already
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _watch_head(self, *, opened: bool = False) -> None:
+        """Arm the timer when a head is awaited and has begun (bytes of it are buffered, or
+        the connection just opened); stop it once h11 has the whole head."""
+        awaiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if not awaiting:
+            self._stop_head_timer()
+        elif self._head_timer is None and (opened or self.conn.trailing_data[0]):
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_expired)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        log.info("api_head_timeout", peer=peer, timeout_s=self.head_timeout_s)
+        self.conn.send(h11.ConnectionClosed())
+        self.transport.close()
+
+
+def head_timeout_protocol(timeout_s: float) -> type[HeadTimeoutProtocol]:
+    """``HeadTimeoutProtocol`` bounding request heads at ``timeout_s`` seconds."""
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": timeout_s})
+
+
 def server_config(settings: Settings, app: Any) -> Any:
     """uvicorn's settings for the gateway: connections bounded (``--max-in-flight`` plus
     room for probes; past it uvicorn answers 503 at once), idle keep-alive closed, request
-    heads bounded, and forwarded headers trusted only from ``--forwarded-allow-ips``
-    (none by default: uvicorn's own default trusts 127.0.0.1)."""
+    heads bounded in bytes and in time (``--header-timeout``), and forwarded headers
+    trusted only from ``--forwarded-allow-ips`` (none by default: uvicorn's own default
+    trusts 127.0.0.1)."""
     import uvicorn
 
     trusted = settings.api_forwarded_allow_ips.strip()
@@ -36,6 +100,7 @@ def server_config(settings: Settings, app: Any) -> Any:
         app,
         host=settings.api_host,
         port=settings.api_port,
+        http=head_timeout_protocol(settings.api_header_timeout_s),
         log_config=None,  # embedq's logging (structlog, secrets scrubbed) is already set up
         access_log=False,  # one line per refusal instead (embedq.api.app); counts in /metrics
         timeout_graceful_shutdown=int(settings.api_timeout_s) + 1,

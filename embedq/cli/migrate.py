@@ -126,115 +126,9 @@ def _promote(migration: Migration, rollout: Rollout, record: Record, max_backlog
     )
     click.echo(
         f"migrate: next: replace the old-model workers (group {record.source_group} keeps "
-        f"{record.source} complete for --rollback), then --drop-old"
+        f"{record.source} complete for --rollback), then --drop-old; the new-model workers "
+        f"scale on group {record.group}"
     )
-
-
-def _follow(rollout: Rollout, record: Record, interval_s: float) -> None:
-    """The groups' lag every ``interval_s`` until SIGINT/SIGTERM: the new model's workers
-    keep its collection current; this shows that they do."""
-    import signal
-    import threading
-
-    from embedq.ops.rollout import group_line
-
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    while not stop.is_set():
-        click.echo("migrate: " + group_line("new", rollout.lag(record.group)), err=True)
-        click.echo("migrate: " + group_line("live", rollout.lag(record.source_group)), err=True)
-        stop.wait(interval_s)
-
-
-def _undo(migration: Migration, streams: list[Stream], *, rollback: bool) -> int:
-    from embedq.ops.rollout import ROLLED_BACK, Rollout, backlog_of, group_line
-
-    current, before = migration.previous()
-    rollout = Rollout(streams, current)
-    record = rollout.load()
-    if rollback:
-        migration.move_alias(before)
-        click.echo(f"migrate: {migration.name} now points at {before} again (was {current})")
-        if record is not None:
-            rollout.save(record, phase=ROLLED_BACK)
-            old = rollout.lag(record.source_group)
-            click.echo("migrate: " + group_line("live", old))
-            if backlog_of(old):
-                click.echo(
-                    f"migrate: {before} has {backlog_of(old):,} entries to catch up: run "
-                    "workers with its model until that is 0"
-                )
-        return ExitCode.OK
-    return _drop_old(migration, rollout, record, current, before)
-
-
-def _drop_old(
-    migration: Migration, rollout: Rollout, record: Record | None, current: str, before: str
-) -> int:
-    from embedq.ops.rollout import ACTIVE_S, OLD_DROPPED, active_consumers
-
-    old = migration.open(before)
-    old.ensure_collection(None, "", create=False)
-    group = record.source_group if record is not None else ""
-    if group:
-        running = active_consumers(rollout.lag(group), ACTIVE_S)
-        if running:
-            raise ConfigError(
-                f"workers still read group {group} for {before} ({', '.join(running[:5])}): "
-                "stop the old-model workers first; nothing was dropped"
-            )
-    migration.drop(before)
-    done = [f"dropped {before}"]
-    if group:
-        rollout.destroy_group(group)
-        done.append(f"destroyed group {group}")
-    rollout.forget_index(old.index_name)
-    type(rollout)(rollout.streams, before).forget()  # its own migration's record, if any
-    if record is not None:
-        rollout.save(record, phase=OLD_DROPPED)
-    click.echo(
-        f"migrate: {', '.join(done)}, forgot its index; {migration.name} points at {current}"
-    )
-    return ExitCode.OK
-
-
-def _status(migration: Migration, streams: list[Stream]) -> int:
-    import json
-
-    from embedq.ops.evaluate import recorded_evaluation
-    from embedq.ops.rollout import group_line, next_step, records
-
-    live = migration.live()
-    click.echo(f"migrate: {migration.name} points at {live}")
-    found = records(streams, migration.name)
-    if not found:
-        click.echo("migrate: no migration recorded; next: --model NEW --backfill")
-        return ExitCode.OK
-    for record in found:
-        rollout_ = _rollout(streams, record.target)
-        new = rollout_.lag(record.group)
-        old = rollout_.lag(record.source_group) if record.phase != "old dropped" else None
-        click.echo(
-            f"migrate: {record.source} -> {record.target}: {record.phase}, {record.copied:,} "
-            f"rows copied, {record.failed:,} failed"
-        )
-        click.echo("migrate:   " + group_line("new", new))
-        if old is not None:
-            click.echo("migrate:   " + group_line("live", old))
-        evaluation = None
-        if migration.exists(record.target):
-            evaluation = recorded_evaluation(migration.open(record.target))
-        shown = json.dumps(evaluation, sort_keys=True) if evaluation else "none recorded"
-        click.echo(f"migrate:   evaluation {shown}")
-        click.echo(f"migrate:   next: {next_step(record, live, new, old)}")
-    return ExitCode.OK
-
-
-def _rollout(streams: list[Stream], target: str) -> Rollout:
-    from embedq.ops.rollout import Rollout
-
-    return Rollout(streams, target)
 
 
 def _evaluation(func: F) -> F:
@@ -318,6 +212,28 @@ class _Steps:
     follow: bool
     adopt: bool
     interval_s: float
+    max_backlog: int
+    wait_s: float
+    restart: bool  # --accept-redis-loss: drop a new-model collection no record made
+
+
+def _before_begin(
+    migration: Migration, streams: list[Stream], target: str, group: str, steps: _Steps
+) -> None:
+    """--adopt only on a quiet stream; --accept-redis-loss drops a new-model collection that
+    no recorded migration made (Redis lost its data), for the migration to start again."""
+    from embedq.ops.migrate_guard import refuse_unless_quiet
+    from embedq.ops.rollout import Rollout
+
+    if steps.adopt and migration.live() == migration.name:
+        refuse_unless_quiet(streams, group, migration.name)
+    if steps.restart and migration.exists(target) and Rollout(streams, target).load() is None:
+        migration.drop(target)
+        click.echo(
+            f"migrate: dropped {target}: no recorded migration made it (Redis lost its "
+            "data); the migration starts again",
+            err=True,
+        )
 
 
 def _toward(
@@ -328,10 +244,9 @@ def _toward(
     settings: Settings,
     gate: Gate,
     steps: _Steps,
-    max_backlog: int,
-    wait_s: float,
 ) -> int:
     """--backfill, --follow or --promote toward ``encoder``'s collection."""
+    from embedq.cli.migrate_steps import follow as follow_lag
     from embedq.ops.migrate import shadow_name
     from embedq.sink.schema import model_fingerprint
 
@@ -339,14 +254,15 @@ def _toward(
     if migration.target() == target:
         click.echo(f"migrate: {migration.name} already serves this model ({target})")
         return ExitCode.OK
+    _before_begin(migration, streams, target, settings.group, steps)
     rollout, record, shadow = _backfilled(
-        migration, streams, encoder, settings, adopt=steps.adopt, wait_s=wait_s
+        migration, streams, encoder, settings, adopt=steps.adopt, wait_s=steps.wait_s
     )
     gate.check(migration.open(record.source), shadow, encoder, promoting=steps.promote)
     if steps.promote:
-        _promote(migration, rollout, record, max_backlog)
+        _promote(migration, rollout, record, steps.max_backlog)
     elif steps.follow:
-        _follow(rollout, record, steps.interval_s)
+        follow_lag(rollout, record, steps.interval_s)
     else:
         click.echo(
             f"migrate: next: start workers with this --model (group {record.group}, "
@@ -379,6 +295,13 @@ def _toward(
     is_flag=True,
     help="Allow renaming --collection (not yet an alias) and creating the alias on it.",
 )
+@click.option(
+    "--accept-redis-loss",
+    "accept_loss",
+    is_flag=True,
+    help="After Redis lost its data and `embedq verify --adopt` recovered the live "
+    "collection: go on (--backfill starts the migration again; README runbook).",
+)
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
 @click.option(
     "--max-backlog",
@@ -408,6 +331,7 @@ def migrate(
     backfill: bool,
     status: bool,
     adopt: bool,
+    accept_loss: bool,
     interval: float,
     max_backlog: int,
     wait_s: float,
@@ -421,10 +345,14 @@ def migrate(
     --model NEW moves the alias once they caught up; --rollback moves it back (the old
     collection kept receiving every write); --drop-old drops the replaced collection and
     its group. --status shows where it stands. A collection not yet behind an alias is
-    adopted only with --adopt.
+    adopted only with --adopt, with the writers paused. After Redis lost its data every step
+    that changes something refuses (exit 4) until the README runbook's recovery.
     """
+    from embedq.cli.migrate_steps import status as status_lines
+    from embedq.cli.migrate_steps import undo
     from embedq.model.encoder import encoder_for, resolve_model_dir
     from embedq.ops.migrate import Migration
+    from embedq.ops.migrate_guard import refuse_if_lost
     from embedq.queue.stream import open_streams
     from embedq.sink.milvus import open_sink
 
@@ -437,24 +365,17 @@ def migrate(
     def body() -> int:
         migration = Migration(open_sink(settings, create=False))
         streams = open_streams(settings.replace(block_ms=0))
-        if rollback or drop_old:
-            return _undo(migration, streams, rollback=rollback)
         if status:
-            return _status(migration, streams)
+            return status_lines(migration, streams)
+        changes = rollback or drop_old or promote or follow or backfill
+        accepted = refuse_if_lost(migration, streams, accept=accept_loss) if changes else []
+        if rollback or drop_old:
+            return undo(migration, streams, rollback=rollback, accepted=accepted)
         resolve_model_dir(settings.model)
         encoder = encoder_for(settings)
         if not (promote or follow or backfill):
             return _plan(migration, encoder, gate)
-        steps = _Steps(promote=promote, follow=follow, adopt=adopt, interval_s=interval)
-        return _toward(
-            migration,
-            streams,
-            encoder,
-            settings=settings,
-            gate=gate,
-            steps=steps,
-            max_backlog=max_backlog,
-            wait_s=wait_s,
-        )
+        steps = _Steps(promote, follow, adopt, interval, max_backlog, wait_s, accept_loss)
+        return _toward(migration, streams, encoder, settings=settings, gate=gate, steps=steps)
 
     run_guarded(body)

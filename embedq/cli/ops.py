@@ -65,6 +65,7 @@ def lag(as_json: bool, **options: Any) -> None:
     """Show stream length, group lag, pending entries, consumers and dead letters, and
     whether Redis lost its data since the collection recorded the deployment's epoch
     (checked when the collection can be read: --milvus-uri, --collection)."""
+    from embedq.ops.migrate_guard import live_group
     from embedq.queue.lag import (
         consumer_table,
         describe,
@@ -75,25 +76,28 @@ def lag(as_json: bool, **options: Any) -> None:
         merge_partitions,
         partition_table,
     )
-    from embedq.queue.stream import open_streams
+    from embedq.queue.stream import Stream, open_streams
     from embedq.sink.epoch import check_if_reachable
 
     settings = build_settings(options)
 
     def body() -> int:
         streams = open_streams(settings.replace(block_ms=0))
+        # After a migration's promote the alias's collection has a group of its own.
+        group = live_group(streams, settings.collection, settings.group)
+        streams = [Stream(s.client, s.keys.stream, group, s.consumer) for s in streams]
         parts = [s.lag() for s in streams]
         hint = _partition_hint(streams, parts)
         standing = check_if_reachable(settings, streams)
         if as_json:
-            found = lag_json(settings.stream, settings.group, parts) | loss_fields(standing)
-            info = merge_partitions(settings.stream, settings.group, parts)
+            found = lag_json(settings.stream, group, parts) | loss_fields(standing)
+            info = merge_partitions(settings.stream, group, parts)
             found["groups"] = [g.as_dict() for g in _groups(streams, settings.stream, info)]
             click.echo(json.dumps(found, sort_keys=True))
             for line in hint:
                 click.echo("embedq: " + " ".join(line.split()[1:]), err=True)
             return ExitCode.OK
-        info = merge_partitions(settings.stream, settings.group, parts)
+        info = merge_partitions(settings.stream, group, parts)
         lines = loss_lines(standing) + describe(info) + hint
         groups = _groups(streams, settings.stream, info)
         for line in lines + partition_table(parts) + group_table(groups) + consumer_table(info):

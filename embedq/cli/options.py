@@ -51,6 +51,17 @@ def setting(name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
     return click.option(flag, *decls, name, envvar=f"EMBEDQ_{name.upper()}", default=None, **kwargs)
 
 
+def stacked(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """``options`` as one decorator; ``--help`` lists them in the order given."""
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 LOG_LEVEL = setting(
     "log_level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -58,58 +69,47 @@ LOG_LEVEL = setting(
 )
 
 
-def common(func: F) -> F:
-    for decorate in reversed(
-        [
-            setting("redis_url", help="Redis URL (redis:// or rediss://, password allowed)."),
-            setting("redis_cluster", help="The URL names a node of a Redis Cluster."),
-            setting("stream", help="Tasks stream key."),
-            setting("group", help="Consumer group."),
-            setting(
-                "partitions",
-                help="Tasks streams <stream>:{p<i>}, entries spread by a hash of their id; "
-                "every command of one deployment must agree.",
-            ),
-            setting(
-                "connect_timeout_s",
-                "--connect-timeout",
-                type=click.FloatRange(min=0),
-                show_default=False,
-                help="Seconds to keep trying the first connection to Redis (and a worker's "
-                "to Milvus) before exiting 3; 0 waits forever. Default: 60 for worker and "
-                "reclaim; other commands try once.",
-            ),
-            LOG_LEVEL,
-            setting(
-                "log_json",
-                boolean=True,
-                help="JSON log lines (default: when stderr is not a terminal).",
-            ),
-        ]
-    ):
-        func = decorate(func)
-    return func
+# Where the queue is and how the command logs: the options of every command.
+common = stacked(
+    setting("redis_url", help="Redis URL (redis:// or rediss://, password allowed)."),
+    setting("redis_cluster", help="The URL names a node of a Redis Cluster."),
+    setting("stream", help="Tasks stream key."),
+    setting("group", help="Consumer group."),
+    setting(
+        "partitions",
+        help="Tasks streams <stream>:{p<i>}, entries spread by a hash of their id; "
+        "every command of one deployment must agree.",
+    ),
+    setting(
+        "connect_timeout_s",
+        "--connect-timeout",
+        type=click.FloatRange(min=0),
+        show_default=False,
+        help="Seconds to keep trying the first connection to Redis (and a worker's "
+        "to Milvus) before exiting 3; 0 waits forever. Default: 60 for worker and "
+        "reclaim; other commands try once.",
+    ),
+    LOG_LEVEL,
+    setting(
+        "log_json",
+        boolean=True,
+        help="JSON log lines (default: when stderr is not a terminal).",
+    ),
+)
 
 
-def milvus_reading(func: F) -> F:
-    """Where the collection is: the options of every command that uses Milvus."""
-    for decorate in reversed(
-        [
-            setting("milvus_uri", help="Milvus Lite file, or http(s)://host:19530 for a server."),
-            setting(
-                "milvus_token", help="Milvus token (user:password or API key).", show_default=False
-            ),
-            setting("collection", help="Milvus collection."),
-            setting(
-                "milvus_timeout_s",
-                "--milvus-timeout",
-                type=float,
-                help="Seconds per Milvus call (must be below --min-idle).",
-            ),
-        ]
-    ):
-        func = decorate(func)
-    return func
+# Where the collection is: the options of every command that uses Milvus.
+milvus_reading = stacked(
+    setting("milvus_uri", help="Milvus Lite file, or http(s)://host:19530 for a server."),
+    setting("milvus_token", help="Milvus token (user:password or API key).", show_default=False),
+    setting("collection", help="Milvus collection."),
+    setting(
+        "milvus_timeout_s",
+        "--milvus-timeout",
+        type=float,
+        help="Seconds per Milvus call (must be below --min-idle).",
+    ),
+)
 
 
 def milvus(func: F) -> F:
@@ -118,90 +118,72 @@ def milvus(func: F) -> F:
     return milvus_reading(func)
 
 
-def model(func: F) -> F:
-    for decorate in reversed(
-        [
-            setting(
-                "model", help="Local model directory (default: the packaged all-MiniLM-L6-v2)."
-            ),
-            setting("device", help="auto, cpu, cuda or cuda:N."),
-            setting(
-                "dtype",
-                type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-                help="auto is fp16 on CUDA, fp32 on CPU.",
-            ),
-            setting(
-                "backend",
-                type=click.Choice(["torch", "onnx", "openvino"]),
-                help="Forward pass: torch, or ONNX Runtime or OpenVINO on the CPU (exported "
-                "once, checked against fp32 torch at load; docs/backends.md).",
-            ),
-            setting(
-                "quantize",
-                type=click.Choice(["none", "int8"]),
-                help="int8: int8 weights (needs --backend onnx or openvino).",
-            ),
-            setting(
-                "model_cache",
-                help="Folder for exported models (default: ~/.cache/embedq).",
-            ),
-            setting(
-                "dimensions",
-                type=click.IntRange(min=0),
-                help="Matryoshka: keep the first N dimensions, renormalised (0: all); the "
-                "collection is created with N.",
-            ),
-            setting(
-                "force_dimensions",
-                is_flag=True,
-                help="Truncate with --dimensions a model whose card declares no Matryoshka "
-                "training.",
-            ),
-        ]
-    ):
-        func = decorate(func)
-    return func
+# Which model, and how it runs: the options of every command that embeds.
+model = stacked(
+    setting("model", help="Local model directory (default: the packaged all-MiniLM-L6-v2)."),
+    setting("device", help="auto, cpu, cuda or cuda:N."),
+    setting(
+        "dtype",
+        type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+        help="auto is fp16 on CUDA, fp32 on CPU.",
+    ),
+    setting(
+        "backend",
+        type=click.Choice(["torch", "onnx", "openvino"]),
+        help="Forward pass: torch, or ONNX Runtime or OpenVINO on the CPU (exported "
+        "once, checked against fp32 torch at load; docs/backends.md).",
+    ),
+    setting(
+        "quantize",
+        type=click.Choice(["none", "int8"]),
+        help="int8: int8 weights (needs --backend onnx or openvino).",
+    ),
+    setting(
+        "model_cache",
+        help="Folder for exported models (default: ~/.cache/embedq).",
+    ),
+    setting(
+        "dimensions",
+        type=click.IntRange(min=0),
+        help="Matryoshka: keep the first N dimensions, renormalised (0: all); the "
+        "collection is created with N.",
+    ),
+    setting(
+        "force_dimensions",
+        is_flag=True,
+        help="Truncate with --dimensions a model whose card declares no Matryoshka training.",
+    ),
+)
 
 
-def processing(func: F) -> F:
-    """Options of every command that processes entries (``worker`` and ``reclaim``)."""
-    for decorate in reversed(
-        [
-            setting("consumer", help="Consumer name in the group."),
-            setting(
-                "max_batch_tokens", help="Padded tokens per forward pass (0: auto per device)."
-            ),
-            setting("max_batch_rows", help="Texts per forward pass at most (0: auto per device)."),
-            setting(
-                "min_idle_s", "--min-idle", type=float, help="Reclaim entries idle this long (s)."
-            ),
-            setting(
-                "reclaim_interval_s",
-                "--reclaim-interval",
-                type=float,
-                help="Seconds between reclaim passes.",
-            ),
-            setting("max_deliveries", help="Dead-letter an entry delivered more often than this."),
-            setting(
-                "on_overlong",
-                type=click.Choice(["truncate", "reject"]),
-                help="Text longer than the model's limit: truncate it or dead-letter it.",
-            ),
-            setting("max_text_bytes", help="Larger texts are dead-lettered."),
-            setting("max_meta_bytes", help="Larger meta objects are dead-lettered."),
-            setting(
-                "grace_s", "--grace", type=float, help="Seconds to finish the batch after SIGTERM."
-            ),
-            setting(
-                "consumer_idle_delete_s",
-                "--consumer-idle-delete",
-                type=float,
-                help="Remove consumers idle this long (s) with nothing pending.",
-            ),
-        ]
-    ):
-        func = decorate(func)
-    return func
+# Options of every command that processes entries (``worker`` and ``reclaim``).
+processing = stacked(
+    setting("consumer", help="Consumer name in the group."),
+    setting("max_batch_tokens", help="Padded tokens per forward pass (0: auto per device)."),
+    setting("max_batch_rows", help="Texts per forward pass at most (0: auto per device)."),
+    setting("min_idle_s", "--min-idle", type=float, help="Reclaim entries idle this long (s)."),
+    setting(
+        "reclaim_interval_s",
+        "--reclaim-interval",
+        type=float,
+        help="Seconds between reclaim passes.",
+    ),
+    setting("max_deliveries", help="Dead-letter an entry delivered more often than this."),
+    setting(
+        "on_overlong",
+        type=click.Choice(["truncate", "reject"]),
+        help="Text longer than the model's limit: truncate it or dead-letter it.",
+    ),
+    setting("max_text_bytes", help="Larger texts are dead-lettered."),
+    setting("max_meta_bytes", help="Larger meta objects are dead-lettered."),
+    setting("grace_s", "--grace", type=float, help="Seconds to finish the batch after SIGTERM."),
+    setting(
+        "consumer_idle_delete_s",
+        "--consumer-idle-delete",
+        type=float,
+        help="Remove consumers idle this long (s) with nothing pending.",
+    ),
+)
 
 
 _SETTINGS = "embedq.settings"  # where build_settings leaves them in click's context

@@ -14,6 +14,22 @@ from embedq.cli.options import build_settings, common, milvus_reading, run_guard
 @milvus_reading
 @setting("model", help="The workers' model directory (names the model in answers).")
 @setting(
+    "backend",
+    type=click.Choice(["torch", "onnx", "openvino"]),
+    help="The workers' --backend: with --quantize, which collections this gateway searches "
+    "(an int8 index is another model's).",
+)
+@setting(
+    "quantize",
+    type=click.Choice(["none", "int8"]),
+    help="The workers' --quantize (needs --backend onnx or openvino).",
+)
+@setting(
+    "dimensions",
+    type=click.IntRange(min=0),
+    help="The workers' --dimensions (0: all): part of the model's identity.",
+)
+@setting(
     "api_host",
     "--host",
     help="Address the gateway binds; another than loopback (0.0.0.0 in a container) needs API "
@@ -58,6 +74,13 @@ from embedq.cli.options import build_settings, common, milvus_reading, run_guard
     "api_max_in_flight",
     "--max-in-flight",
     help="Requests held at once, body reads included (503 past it; also bounds connections).",
+)
+@setting(
+    "api_header_timeout_s",
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client has to send a request's head (line and headers); then the "
+    "connection is closed.",
 )
 @setting(
     "api_served_model_name",

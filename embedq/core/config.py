@@ -153,6 +153,9 @@ class Settings:
     api_max_input_bytes: int = 65_536  # UTF-8 bytes per input
     api_max_body_bytes: int = 4 * 1024 * 1024  # bytes per request body
     api_max_in_flight: int = 256  # requests one gateway process holds at once; then 503
+    # A request head (request line and headers) not complete this long after the connection
+    # opened, or after its first byte on a kept-alive connection, is cut off (issue 27).
+    api_header_timeout_s: float = 10.0
     # Proxies whose X-Forwarded-For/-Proto are trusted (comma-separated IPs/CIDRs, "*": any);
     # empty: none, the peer's address is the caller's (rate limits without keys use it).
     api_forwarded_allow_ips: str = ""
@@ -211,7 +214,7 @@ class Settings:
 
     def _check_api(self) -> None:
         api = ("api_timeout_s", "api_max_inputs", "api_max_input_bytes", "api_max_body_bytes")
-        for name in (*api, "api_max_in_flight"):
+        for name in (*api, "api_max_in_flight", "api_header_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidSetting(f"{name} must be > 0, got {getattr(self, name)}", name)
         for name in ("api_rate_limit", "api_rate_burst"):

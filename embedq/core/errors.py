@@ -30,7 +30,8 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad flags or settings, or something else the operator must fix (ConfigError)
     CONNECT = 3  # Redis or Milvus cannot be reached (at start: the worker retries once running)
     REFUSED = 4  # a bulk delete (repair, sync cleanup) was refused as unproven: nothing deleted;
-    # or `migrate --promote` below its --min-overlap / --min-recall bar: the alias not moved
+    # or `migrate --promote` below its --min-overlap / --min-recall bar: the alias not moved;
+    # or a `migrate` step it cannot prove safe (MigrationRefused): nothing changed
     NOTHING_SENT = 5  # `enqueue` sent nothing and rejected something (a typo in a field?)
     INTERRUPTED = 130  # `enqueue` stopped by Ctrl-C (128 + SIGINT, the shell's convention)
 
@@ -124,6 +125,11 @@ class PromoteRefused(EmbedqError):
     moved, the message gives the figures."""
 
 
+class MigrationRefused(EmbedqError):
+    """``embedq migrate`` cannot prove the step safe (Redis lost the migration's data, or
+    writers are active during ``--adopt``); nothing was changed, the message says why."""
+
+
 class StageCrashed(EmbedqError):
     """A worker pipeline thread died on an unexpected error; the worker stops
     (``ExitCode.CRASHED``)."""
@@ -133,7 +139,7 @@ def exit_code_for(exc: EmbedqError) -> ExitCode:
     """The exit status of a command that stopped on ``exc``."""
     if isinstance(exc, ConfigError):
         return ExitCode.USAGE
-    if isinstance(exc, (DeletesRefused, PromoteRefused)):
+    if isinstance(exc, (DeletesRefused, PromoteRefused, MigrationRefused)):
         return ExitCode.REFUSED
     if isinstance(exc, InfrastructureError):
         return ExitCode.CONNECT

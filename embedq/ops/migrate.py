@@ -36,7 +36,13 @@ from typing import Any
 
 import structlog
 
-from embedq.core.errors import ConfigError, EncodeFailed, SinkRejected, SinkUnavailable
+from embedq.core.errors import (
+    ConfigError,
+    EncodeFailed,
+    MigrationRefused,
+    SinkRejected,
+    SinkUnavailable,
+)
 from embedq.core.keys import collection_group, partition_for
 from embedq.model.encoder import EncodedBatch, Encoder
 from embedq.ops.rollout import Record, Rollout
@@ -274,9 +280,10 @@ def begin(
     record = rollout.load()
     if record is None:
         if migration.exists(target):
-            raise ConfigError(
+            raise MigrationRefused(
                 f"collection {target} exists but no migration toward it is recorded in Redis "
-                "(an older embedq made it, or Redis lost its data): drop it and run this again"
+                "(an older embedq made it, or Redis lost its data): its rows cannot be proven "
+                "complete; --accept-redis-loss drops it and starts again; nothing was changed"
             )
         record = Record(
             alias=migration.name,

@@ -123,14 +123,7 @@ class Rollout:
         """Create the target's group at each stream's tail (``$``), and record where it
         started: from there on it receives every entry (a group already there is kept)."""
         for stream in self.streams:
-            with translated("XGROUP CREATE"):
-                try:
-                    self.client.xgroup_create(
-                        stream.keys.stream, record.group, id="$", mkstream=True
-                    )
-                except redis.ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
+            stream.create_group_at_tail(record.group)
             record.starts.setdefault(stream.keys.stream, _last_delivered(stream, record.group))
         record.started_ms = record.started_ms or int(time.time() * 1000)
         log.info("migration_group_created", group=record.group, starts=record.starts)

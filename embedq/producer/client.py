@@ -12,9 +12,9 @@ exactly once in total. With ``partitions`` > 1, entries go to ``S:{p<i>}`` by a 
 id, and each partition keeps its own position (its XADDs and position share a cluster slot).
 
 Options: ``dedup_model`` skips texts whose content hash was already embedded with that model
-(or repeated earlier in the source); ``max_lag`` pauses while the consumer group's backlog
-is above it instead of growing Redis without bound. The producer never trims: that is
-``embedq trim``'s job, which keeps everything a group still needs.
+(or repeated earlier in the source); ``max_lag`` pauses while the backlog of the slowest
+consumer group on the stream(s) is above it instead of growing Redis without bound. The
+producer never trims: that is ``embedq trim``'s job, which keeps everything a group still needs.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from embedq.core.records import Record, Rejected, content_hash
 from embedq.producer.sync import DocSync
 from embedq.queue.connection import connect, translated
 from embedq.queue.jobs import EnqueueBatch, JobLedger, Sender, check_job_id
-from embedq.queue.lag import backlog
+from embedq.queue.lag import backlog, group_names
 from embedq.queue.stream import Stream, open_partitions
 from embedq.queue.versions import Versions
 
@@ -355,15 +355,16 @@ class Producer:
         return kept
 
     def _wait_for_room(self, max_lag: int, poll_s: float) -> None:
-        """Block while the group's backlog is above ``max_lag``; one log line per pause."""
+        """Block while the slowest group's backlog is above ``max_lag``; one log line per
+        pause (``_slowest`` says why the slowest and not ``--group``'s)."""
         waiting_since: float | None = None
         while True:
-            parts = [lane.lag() for lane in self._lanes]
-            pending, how = backlog(parts)
+            group, pending, how, exists = self._slowest()
             if pending <= max_lag:
                 if waiting_since is not None:
                     log.info(
                         "backpressure_resumed",
+                        group=group,
                         backlog=pending,
                         max_lag=max_lag,
                         waited_s=round(time.monotonic() - waiting_since, 2),
@@ -371,23 +372,41 @@ class Producer:
                 return
             if waiting_since is None:
                 waiting_since = time.monotonic()
-                # No group anywhere: nothing will drain the backlog until a worker starts,
-                # which "the group is behind" would not tell anyone (issue 18).
-                idle = not any(p.group_exists for p in parts)
                 log.info(
                     "backpressure_wait",
+                    group=group,
                     backlog=pending,
                     measured_by=how,
                     max_lag=max_lag,
+                    # No group anywhere: nothing will drain the backlog until a worker
+                    # starts, which "the group is behind" would not tell anyone (issue 18).
                     why=(
-                        f"no worker has started: consumer group {self._lanes[0].group} does "
-                        "not exist yet (start a worker, or run `embedq init`); pausing "
-                        "until the backlog is under --max-lag"
-                        if idle
-                        else "the consumer group is behind; pausing instead of filling Redis"
+                        f"no worker has started: consumer group {group} does not exist yet "
+                        "(start a worker, or run `embedq init`); pausing until the backlog "
+                        "is under --max-lag"
+                        if not exists
+                        else f"consumer group {group} is behind; pausing instead of filling Redis"
                     ),
                 )
             time.sleep(poll_s)
+
+    def _slowest(self) -> tuple[str, int, str, bool]:
+        """(group, backlog, how measured, whether it exists) of the group furthest behind
+        on the streams; ``--group``'s while no group exists.
+
+        Every group, not only ``--group``: during a migration the new collection has a
+        group of its own, after ``migrate --drop-old`` it is the only one (``--group``'s is
+        gone), and trimming keeps every entry any group has not read, so the slowest group
+        is what bounds the stream's memory, which ``max_lag`` is there to bound (issue 26)."""
+        names = group_names(self.client, self.streams) or [self._lanes[0].group]
+        slowest: tuple[str, int, str, bool] | None = None
+        for name in names:
+            parts = [Stream(self.client, lane.keys.stream, name, "").lag() for lane in self._lanes]
+            pending, how = backlog(parts)
+            if slowest is None or pending > slowest[1]:
+                slowest = (name, pending, how, any(p.group_exists for p in parts))
+        assert slowest is not None  # names is never empty
+        return slowest
 
     def close(self) -> None:
         self.client.close()

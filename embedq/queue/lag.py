@@ -159,36 +159,51 @@ def group_names(client: redis.Redis, streams: Sequence[str]) -> list[str]:
     return list(found)
 
 
+def _table(columns: dict[str, str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A header line and one line per row, each cell formatted by its column's spec (``<48``,
+    ``>9``). Widths are fixed, not fitted to the cells: ``top`` redraws its consumer table
+    every sample, and its columns must not move from one screen to the next."""
+    specs = list(columns.values())
+
+    def line(cells: Sequence[object]) -> str:
+        return " ".join(f"{cell:{spec}}" for cell, spec in zip(cells, specs, strict=True))
+
+    return [line(list(columns)), *(line(row) for row in rows)]
+
+
+def _lag_cell(lag: int | None) -> str:
+    return "unknown" if lag is None else str(lag)
+
+
 def group_table(infos: Sequence[LagInfo]) -> list[str]:
     """One line per consumer group (lag, pending, consumers) when there are several, as
     during a migration: each physical collection's group has its own backlog."""
     if len(infos) <= 1:
         return []
-    lines = [f"{'group':<48} {'lag':>9} {'pending':>8} {'consumers':>9}"]
-    for g in infos:
-        shown = "unknown" if g.lag is None else str(g.lag)
-        lines.append(f"{g.group:<48} {shown:>9} {g.pending:>8} {len(g.consumers):>9}")
-    return lines
+    return _table(
+        {"group": "<48", "lag": ">9", "pending": ">8", "consumers": ">9"},
+        [(g.group, _lag_cell(g.lag), g.pending, len(g.consumers)) for g in infos],
+    )
 
 
 def consumer_table(info: LagInfo) -> list[str]:
     """One line per consumer (pending entries, idle time) under a header; none without any."""
     if not info.consumers:
         return []
-    return [f"{'consumer':<32} {'pending':>8} {'idle':>10}"] + [
-        f"{c.name:<32} {c.pending:>8} {c.idle_ms / 1000:>9.1f}s" for c in info.consumers
-    ]
+    return _table(
+        {"consumer": "<32", "pending": ">8", "idle": ">10"},
+        [(c.name, c.pending, f"{c.idle_ms / 1000:.1f}s") for c in info.consumers],
+    )
 
 
 def partition_table(parts: Sequence[LagInfo]) -> list[str]:
     """One line per partition stream (length, lag, pending, dead letters); none for one."""
     if len(parts) <= 1:
         return []
-    lines = [f"{'partition':<40} {'length':>9} {'lag':>9} {'pending':>8} {'dlq':>6}"]
-    for p in parts:
-        shown = "unknown" if p.lag is None else str(p.lag)
-        lines.append(f"{p.stream:<40} {p.length:>9} {shown:>9} {p.pending:>8} {p.dlq_length:>6}")
-    return lines
+    return _table(
+        {"partition": "<40", "length": ">9", "lag": ">9", "pending": ">8", "dlq": ">6"},
+        [(p.stream, p.length, _lag_cell(p.lag), p.pending, p.dlq_length) for p in parts],
+    )
 
 
 def partitions_found(client: redis.Redis, base: str) -> int:

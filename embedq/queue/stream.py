@@ -54,6 +54,7 @@ class Stream:
         self._delete_idle_consumers = client.register_script(
             load_script("delete_idle_consumers.lua")
         )
+        self._group_at_tail = client.register_script(load_script("group_at_tail.lua"))
 
     def readable(self) -> bool:
         """Whether reads, reclaims, own-pending reads and consumer tidying may include this
@@ -80,6 +81,19 @@ class Stream:
                 if self._group_exists():
                     return False
                 raise
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" in str(exc):
+                    return False
+                raise
+        return True
+
+    def create_group_at_tail(self, group: str) -> bool:
+        """Create ``group`` at the stream's tail (``$``, MKSTREAM) with its entries-read
+        known, so its lag is exact from the start (group_at_tail.lua); True when it was
+        created now, False when it was there."""
+        with translated("XGROUP CREATE"):
+            try:
+                self._group_at_tail(keys=[self.keys.stream], args=[group])
             except redis.ResponseError as exc:
                 if "BUSYGROUP" in str(exc):
                     return False

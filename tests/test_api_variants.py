@@ -7,10 +7,12 @@ either variant takes the same workers' answers."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import redis
 
@@ -20,7 +22,7 @@ from embedq.model import onnx_backend
 from embedq.model.encoder import Encoder
 from embedq.model.identity import ModelIdentity, configured_identity
 from embedq.queue.stream import Stream
-from embedq.sink.milvus import Sink
+from embedq.sink.milvus import Row, Sink
 from embedq.worker.launch import assemble
 
 from .support.api_fixtures import gateway_app, running
@@ -72,3 +74,32 @@ def test_a_gateway_searches_only_its_own_variants_collection(
             else:
                 assert r.status_code == 503, (variant, recorded, r.text)
                 assert r.json()["error"]["code"] == "model_mismatch"
+
+
+def test_a_search_while_adopt_moves_the_name_behind_an_alias_is_answered(
+    lane_worker: Settings, sink: Sink, tiny_model: Path
+) -> None:
+    """``migrate --adopt`` renames the collection, then creates the alias under its old
+    name: for a moment the name is nowhere. A search then is answered from the collection
+    the alias names once it is there (seen on Milvus 2.3.5: a 500 ``internal error``)."""
+    identity = configured_identity(str(tiny_model))
+    live = _collection(sink, "live", identity)
+    vector = np.full(identity.width, identity.width**-0.5, dtype=np.float32)
+    live.upsert([Row("a", vector, "t", None, content_hash="h", version="1-0")])
+    with gateway_app(lane_worker.replace(collection="live"), sink=live) as (url, _app):
+        search = {"query": "a query", "k": 3}
+        assert httpx.post(f"{url}/v1/search", json=search, timeout=60).status_code == 200
+        live.client.rename_collection("live", "live__adopted")  # as Migration.adopt does
+
+        def adopted() -> None:
+            live.client.load_collection("live__adopted")
+            live.client.create_alias("live__adopted", "live")
+
+        realias = threading.Timer(0.1, adopted)
+        realias.start()
+        try:
+            r = httpx.post(f"{url}/v1/search", json=search, timeout=60)
+        finally:
+            realias.join()
+    assert r.status_code == 200, r.text
+    assert [hit["id"] for hit in r.json()["data"]] == ["a"]

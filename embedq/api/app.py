@@ -37,6 +37,7 @@ from embedq.core.errors import CollectionMissing, ConfigError, InfrastructureErr
 from embedq.core.keys import Keys
 from embedq.queue.connection import translated
 from embedq.queue.online_wire import Answer
+from embedq.sink import error_codes as milvus_errors
 from embedq.sink.milvus import Sink, open_sink
 
 log = structlog.get_logger("embedq.api")
@@ -44,6 +45,10 @@ log = structlog.get_logger("embedq.api")
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait; the deadline already waited
 COLLECTION_MODEL_TTL_S = 5.0  # how long the collection's recorded model is trusted
+# Pauses before reading a missing collection's name again: `migrate --adopt` renames the
+# collection and then creates the alias under its old name, so for a moment the name is
+# nowhere (seen by a gateway answering through a rollout on Milvus 2.3.5: a 500 then).
+NAME_MISSING_PAUSES_S = (0.0, 0.25, 1.0)
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
 
 
@@ -337,13 +342,16 @@ class Gateway:
         try:
             if self.sink is None:
                 self.sink = open_sink(self.settings, create=False)
-            try:
-                return self._search_checked(self.sink, vector, k, where, scope)
-            except CollectionMissing:
-                # The collection the alias named at the last check was dropped since
-                # (--drop-old): the alias is read again.
-                self._collection_model = (0.0, "", "", 0, "")
-                return self._search_checked(self.sink, vector, k, where, scope)
+            for pause_s in NAME_MISSING_PAUSES_S:
+                try:
+                    return self._search_checked(self.sink, vector, k, where, scope)
+                except CollectionMissing:
+                    # The collection the alias named at the last check was dropped since
+                    # (--drop-old), or the name is between a rename and its alias
+                    # (``migrate --adopt``): the name is read again, after a pause.
+                    self._collection_model = (0.0, "", "", 0, "")
+                    time.sleep(pause_s)
+            return self._search_checked(self.sink, vector, k, where, scope)
         except SinkRejected as exc:
             if not where:  # nothing of the client's to blame
                 log.warning("api_search_refused", error=str(exc)[:300])
@@ -384,7 +392,7 @@ class Gateway:
         name stands for (an alias's) is returned, to be searched by name."""
         now = time.monotonic()
         if now >= self._collection_model[0]:
-            with translated("describe collection"):
+            with milvus_errors.translated("describe collection"):
                 info = sink.client.describe_collection(sink.collection, timeout=sink.timeout_s)
             properties = info.get("properties") or {}
             fields = {f.get("name"): f for f in info.get("fields", [])}

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from embedq.bench.backends import CORPORA, FALLBACK, REFERENCE, ST, batched, load, overlap_at_10
-from embedq.bench.variants import ST_QUANTIZATION
+from embedq.bench.variants import ST_QUANTIZATION, st_onnx_child
+from embedq.core.errors import ConfigError
 from embedq.model import accuracy_gate, onnx_backend
 from embedq.model.encoder import Encoder
 
@@ -289,8 +288,6 @@ def figures(reference: np.ndarray, got: np.ndarray) -> str:
 
 def st_int8(args: argparse.Namespace, model_dir: Path, texts: list[str], check: bool) -> Any:
     """One run of sentence-transformers' own int8 ONNX ``encode`` under ``--st-python``."""
-    from embedq.bench import st_onnx
-
     request = {
         "model_dir": str(model_dir),
         "texts": texts,
@@ -299,16 +296,10 @@ def st_int8(args: argparse.Namespace, model_dir: Path, texts: list[str], check: 
         "check_texts": texts if check else [],
     }
     (args.cache / "st").mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        [args.st_python, st_onnx.__file__],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        sys.exit(f"sentence-transformers int8 failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return st_onnx_child(args.st_python, request)
+    except ConfigError as exc:
+        sys.exit(str(exc))
 
 
 def compare(args: argparse.Namespace, corpus: Path, variants: dict[str, Encoder], st: Any) -> None:

@@ -195,10 +195,28 @@ def run_backend(bench_run: BenchRun) -> RunResult:
     return replace(run_embedq(replace(bench_run, settings=settings)), variant=bench_run.variant)
 
 
+def st_onnx_child(st_python: str, request: dict[str, Any]) -> dict[str, Any]:
+    """``embedq.bench.st_onnx`` run under ``st_python`` with ``request``: its result line
+    (also what scripts/int8_recipes.py compares its recipes with)."""
+    from embedq.bench import st_onnx
+
+    done = subprocess.run(
+        [st_python, st_onnx.__file__],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        raise ConfigError(f"variant st-onnx-int8 failed under {st_python}: {last}")
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
 def run_st_onnx(bench_run: BenchRun) -> RunResult:
     """(b-onnx-int8) sentence-transformers' ``backend="onnx"`` int8 ``encode``, in the
     interpreter ``--st-python`` names (``embedq.bench.st_onnx`` says why and how)."""
-    from embedq.bench import st_onnx
     from embedq.model.encoder import resolve_model_dir
     from embedq.model.onnx_backend import cpu_isa
 
@@ -215,18 +233,8 @@ def run_st_onnx(bench_run: BenchRun) -> RunResult:
         "quantization": ST_QUANTIZATION.get(cpu_isa(), "avx2"),
         "check_texts": texts[:ST_CHECK_TEXTS] if bench_run.run == 1 else [],
     }
-    done = subprocess.run(
-        [bench_run.st_python, st_onnx.__file__],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-        raise ConfigError(f"variant st-onnx-int8 failed under {bench_run.st_python}: {last}")
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    extra = {k: found[k] for k in ("file", "lowest_cosine_vs_fp32") if k in found}
+    found = st_onnx_child(bench_run.st_python, request)
+    extra: dict[str, Any] = {k: found[k] for k in ("file", "lowest_cosine_vs_fp32") if k in found}
     return RunResult(
         "st-onnx-int8",
         found["texts"],

@@ -18,8 +18,7 @@ from structlog.testing import capture_logs
 
 from embedq.core.config import Settings
 
-from .support.api_fixtures import free_port, gateway_app, wait_for
-from .support.fault_fixtures import WorkerProcess
+from .support.api_fixtures import ServeProcess, gateway_app, wait_for
 
 TIMEOUT_S = 2.0
 # How late past the timeout a connection may still be closed: the event loop shares two
@@ -100,22 +99,13 @@ def test_a_slow_head_of_a_kept_alive_connections_next_request_is_cut_off(
     settings: Settings, tmp_path: Path
 ) -> None:
     """Through ``embedq serve`` itself, its setting given as ``EMBEDQ_API_HEADER_TIMEOUT_S``."""
-    port = free_port()
-    args = ["serve", "--redis-url", settings.redis_url, "--stream", settings.stream]
-    args += ["--group", settings.group, "--port", str(port)]
+    args = ["--redis-url", settings.redis_url, "--stream", settings.stream]
+    args += ["--group", settings.group]
     env = {"EMBEDQ_API_HEADER_TIMEOUT_S": str(TIMEOUT_S)}
-    proc = WorkerProcess(args, tmp_path / "serve.log", env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc = ServeProcess(args, tmp_path / "serve.log", env)
+    url = proc.url
     try:
-
-        def up() -> bool:
-            assert proc.proc.poll() is None, proc.log_tail()
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, "embedq serve to answer /healthz")
+        proc.wait_ready("/healthz")
         conn = connect(url)
         try:
             # A first request within the timeout, answered, the connection kept alive.

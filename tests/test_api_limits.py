@@ -24,8 +24,7 @@ from embedq.sink.milvus import Sink
 from embedq.worker.launch import assemble
 from embedq.worker.loop import Worker
 
-from .support.api_fixtures import free_port, gateway, running, wait_for
-from .support.fault_fixtures import WorkerProcess
+from .support.api_fixtures import ServeProcess, gateway, running, wait_for
 
 KEY, OTHER = "sk-embedq-test-alpha-0123456789", "sk-embedq-test-beta-9876543210"
 
@@ -107,40 +106,15 @@ def test_bad_requests_get_their_status_and_a_json_error(
 
 @pytest.fixture
 def serve_process(tmp_path: Path) -> Iterator[Any]:
-    started: list[WorkerProcess] = []
+    started: list[ServeProcess] = []
 
     def spawn(settings: Settings, *args: str, env: dict[str, str] | None = None) -> str:
-        port = free_port()
-        proc = WorkerProcess(
-            [
-                "serve",
-                "--redis-url",
-                settings.redis_url,
-                "--stream",
-                settings.stream,
-                "--group",
-                settings.group,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *args,
-            ],
-            tmp_path / f"serve-{len(started)}.log",
-            env=env or {},
-        )
+        where = ["--redis-url", settings.redis_url, "--stream", settings.stream]
+        where += ["--group", settings.group]
+        proc = ServeProcess([*where, *args], tmp_path / f"serve-{len(started)}.log", env)
         started.append(proc)
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert proc.proc.poll() is None, proc.log_tail()
-            try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, "embedq serve to answer /readyz")
-        return url
+        proc.wait_ready()
+        return proc.url
 
     yield spawn
     for proc in started:

@@ -319,12 +319,15 @@ def consumer_pending(client: redis.Redis, stream: str, name: str) -> int:
     return next((int(c["pending"]) for c in consumers if c["name"] == name.encode()), 0)
 
 
-def start_busy_worker(rig: Rig, milvus_uri: str) -> tuple[WorkerProcess, list[dict[str, Any]]]:
-    """A worker with a long backlog of long texts, caught in the middle of a window."""
+def start_busy_worker(
+    rig: Rig, milvus_uri: str, window: int = 32
+) -> tuple[WorkerProcess, list[dict[str, Any]]]:
+    """A worker with a long backlog of long texts, caught in the middle of a window of
+    ``window`` entries."""
     rows = corpus_rows("long.jsonl", 300)
     plant_rows = [{"id": r["id"], "text": r["text"]} for r in rows]
     rig.client.xadd(rig.stream, plant_rows[0])  # the group exists before the worker reads
-    worker = rig.worker(milvus_uri, "T", "--read-count", "32", "--max-batch-rows", "8")
+    worker = rig.worker(milvus_uri, "T", "--read-count", str(window), "--max-batch-rows", "8")
     pipe = rig.client.pipeline(transaction=False)
     for row in plant_rows[1:]:
         pipe.xadd(rig.stream, row)
@@ -375,7 +378,9 @@ def test_second_signal_exits_at_once_and_embedq_reclaim_finishes_the_entries(
     rig: Rig, tmp_path: Path
 ) -> None:
     milvus_uri = str(tmp_path / "milvus.db")
-    worker, _ = start_busy_worker(rig, milvus_uri)
+    # A window that outlasts TOGETHER_S: on a quiet machine 32 long texts took 0.44 s, done
+    # before the second signal came (which then found the default handler: exit -15).
+    worker, _ = start_busy_worker(rig, milvus_uri, window=128)
 
     worker.signal(signal.SIGTERM)
     # Two signals sent back to back arrive as one; the second must come after the first,

@@ -42,12 +42,12 @@ from .support.servers import MilvusLiteServer, MilvusStandalone, wait_for, wait_
 from .support.tiny_models import tiny_bert
 from .test_cli import embedq
 
-# The issue asks for 20,000 (EMBEDQ_ROLLOUT_ROWS=20000, the timeout grows with it); on the
-# shared 2-core machine the Lite run takes ~3 minutes at 2,000 (load average ~4.6,
-# 2026-12-07; ~6 at load ~10 with the gateways), so the suite runs 2,000.
-ROWS = int(os.environ.get("EMBEDQ_ROLLOUT_ROWS", "2000"))
-# The 2.3.5 server's run took ~6 minutes at 2,000 (load ~10, 2026-12-07), as long as the
-# Lite one: the suite runs it at 500 (issue 24), EMBEDQ_ROLLOUT_ROWS sets both.
+# The issue asks for 20,000 (EMBEDQ_ROLLOUT_ROWS=20000, the timeout grows with it): passed on
+# Milvus Lite in 564 s and on the 2.3.5 server (see docs/migration.md). The suite runs 1,000
+# on Lite and 500 on 2.3.5: on a quiet 2-core machine the phases' fixed costs (processes,
+# the servers' collection and alias operations, the waits for ACTIVE_S) are most of their
+# ~2 minutes each, the rows a small part (2,000 Lite rows took 113 s, 500 on 2.3.5 118 s).
+ROWS = int(os.environ.get("EMBEDQ_ROLLOUT_ROWS", "1000"))
 SERVER_ROWS = int(os.environ.get("EMBEDQ_ROLLOUT_ROWS", "500"))
 GROUP = "g"
 BATCH_OPS = 8  # ids one producer touches per send
@@ -343,7 +343,7 @@ def _rollout(fleet: Fleet, redis_client: redis.Redis, rows: int) -> None:
     ]
     clients = Clients(gateways)
     try:
-        _phase("Before:")
+        _phase(f"Before: {rows} random ids")
         # Before: the old model's fleet has written the corpus.
         traffic.load()
         old1, old2 = fleet.worker("old"), fleet.worker("old")

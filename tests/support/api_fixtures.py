@@ -1,29 +1,29 @@
 """The gateway and workers in this test process: uvicorn on a free loopback port in a
-thread (real HTTP, the official ``openai`` client), and workers' ``run()`` in threads."""
+thread (real HTTP, the official ``openai`` client), and workers' ``run()`` in threads; and
+``ServeProcess``, the one launcher of ``embedq serve`` as its own process."""
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
 from embedq.api.app import create_app
 from embedq.api.serve import server_config
+from embedq.bench.servers import free_port
 from embedq.core.config import Settings
 from embedq.sink.milvus import Sink
 from embedq.worker.loop import Worker
 
+from .fault_fixtures import WorkerProcess
+from .servers import wait_for
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["ServeProcess", "free_port", "gateway", "gateway_app", "running", "wait_for"]
 
 
 @contextmanager
@@ -75,11 +75,31 @@ def running(worker: Worker) -> Iterator[Worker]:
         assert not errors, errors
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+class ServeProcess:
+    """``embedq serve ARGS`` in its own process on a free loopback port, its log (JSON
+    lines) in ``log``; ``url`` is its base URL once ``wait_ready`` returned."""
+
+    def __init__(self, args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        where = ["--host", "127.0.0.1", "--port", str(port)]
+        self.proc = WorkerProcess(["serve", *where, *args], log, env=env or {})
+
+    def wait_ready(self, path: str = "/readyz", timeout_s: float = 60) -> None:
+        """Until ``path`` answers 200; the log's tail if the process exited first."""
+
+        def up() -> bool:
+            if self.proc.proc.poll() is not None:
+                raise AssertionError(f"embedq serve exited: {self.proc.log_tail()}")
+            try:
+                return httpx.get(f"{self.url}{path}", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout_s, f"embedq serve to answer {path}")
+
+    def log_text(self) -> str:
+        return self.proc.log_text()
+
+    def stop(self) -> None:
+        self.proc.stop()

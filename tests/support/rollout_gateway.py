@@ -17,9 +17,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from .api_fixtures import free_port
-from .fault_fixtures import WorkerProcess
-from .servers import http_get, wait_for
+from .api_fixtures import ServeProcess
 
 INPUTS = 4  # texts per /v1/embeddings request: a response could mix models
 PAUSE_S = 0.5  # between one client's rounds: queries go ahead of the bulk drain
@@ -50,19 +48,13 @@ class Gateway:
 
     def __init__(self, model: str, model_dir: Path, where: Sequence[str], log: Path) -> None:
         self.model, self.name = model, f"embed-{model}"
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        args = ["serve", "--model", str(model_dir), "--served-model-name", self.name, *where]
-        args += ["--port", str(port), "--request-timeout", str(REQUEST_TIMEOUT_S)]
-        self.proc = WorkerProcess(args, log, env={})
+        args = ["--model", str(model_dir), "--served-model-name", self.name, *where]
+        args += ["--request-timeout", str(REQUEST_TIMEOUT_S)]
+        self.proc = ServeProcess(args, log)
+        self.url = self.proc.url
 
     def wait_ready(self) -> None:
-        def up() -> bool:
-            if self.proc.proc.poll() is not None:
-                raise AssertionError(f"embedq serve exited: {self.proc.log_tail()}")
-            return http_get(f"{self.url}/healthz")[0] == 200
-
-        wait_for(up, 120, f"the {self.model} model's gateway")
+        self.proc.wait_ready("/healthz", 120)
 
     def stop(self) -> None:
         self.proc.stop()

@@ -84,15 +84,35 @@ def test_two_workers_share_a_500_entry_backlog(
 
 def test_the_window_holds_seconds_of_work_at_the_measured_rate() -> None:
     window = ReadWindow(512, hold_s=5.0)
-    assert window.count() == FIRST_COUNT  # nothing measured yet: a small first read
+    assert window.count() == FIRST_COUNT  # nothing measured yet: a small first read,
+    assert window.count(held=FIRST_COUNT) == 0  # and no other until a forward pass measured
     window.measured(64, 4.0)  # 16 texts/s: a CPU on long texts
     assert window.count() == 80
     assert window.count(held=60) == 20  # what the worker already holds counts
-    assert window.count(held=500) == MIN_COUNT
+    assert window.count(held=80 - MIN_COUNT + 1) == 0  # its share held: it waits for acks
     window.measured(64, 0.01, replicas=2)  # a GPU: the read window is the limit again
     for _ in range(10):
         window.measured(64, 0.01, replicas=2)
     assert window.count() == 512
+
+
+def test_a_held_share_is_topped_up_by_windows_worth_batching() -> None:
+    """Reads of whatever the last acks freed (8 entries at a time) packed long texts into
+    small batches, 15-20 % fewer texts/s: a read waits for room for a batch per replica
+    (``min_count``), or half the hold where the rate is slow, and never lets the worker run
+    dry."""
+    window = ReadWindow(512, hold_s=5.0, min_count=128)  # 2 replicas x 64 rows
+    assert window.count() == 128  # the first read fills both replicas
+    assert window.count(held=1) == 0
+    window.measured(50, 1.0, replicas=2)  # 100 texts/s: 500 entries are 5 s of work
+    assert window.count(held=400) == 0  # 100 free: less than a batch per replica
+    assert window.count(held=372) == 128
+    assert window.count(held=0) == 500
+    slow = ReadWindow(512, hold_s=5.0, min_count=128)
+    slow.measured(16, 1.0)  # 16 texts/s: 80 entries are the whole hold
+    assert slow.count(held=50) == 0
+    assert slow.count(held=40) == 40  # half the hold, not a batch per replica it never has
+    assert slow.count(held=0) == 80
 
 
 def test_no_hold_reads_the_whole_window() -> None:

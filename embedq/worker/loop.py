@@ -48,7 +48,7 @@ from embedq.worker.lane import POLL_S, Inbox, OnlineLane, Takes
 from embedq.worker.metrics import WorkerMetrics
 from embedq.worker.model_stage import Encoding
 from embedq.worker.pipeline import END, Batch, Stage, Stats, merged
-from embedq.worker.reader import ReadWindow, join_collection_group, read_new_many
+from embedq.worker.reader import MIN_COUNT, ReadWindow, join_collection_group, read_new_many
 from embedq.worker.reclaimer import Reclaimer, ReclaimSummary, run_reclaim_all
 from embedq.worker.resequencer import Reorder, drain_now
 from embedq.worker.settler import Settler
@@ -113,7 +113,11 @@ class Worker:
         self._last_trim = time.monotonic()
         self._fault_point = parts.fault_point
         # Entries a read takes: bounded by bytes, and by seconds of work (embedq.worker.reader)
-        self.window = ReadWindow(self.settings.read_count, hold_s=self.settings.read_hold_s)
+        self.window = ReadWindow(
+            self.settings.read_count,
+            hold_s=self.settings.read_hold_s,
+            min_count=max(1, self.settings.max_batch_rows) * max(1, len(self.encoders)),
+        )
 
     @property
     def stats(self) -> Stats:
@@ -298,6 +302,10 @@ class Worker:
             for entries in self._own_pending(stream):
                 self._admit(stream, entries, out)
         while not self.stop_requested.is_set():
+            # While the worker holds its share of work its acks make room; the lane is
+            # read meanwhile, as while a bulk batch waits for room.
+            lane = partial(self._poll_lane, out) if self.lane else None
+            self.window.wait_for_room(lambda: len(self.in_flight), self.stop_requested, lane)
             with self.stats.cpu("read"):
                 windows = self._timed("read", lambda: self.retrying("read", self.read))
             for stream, entries in windows:
@@ -351,7 +359,9 @@ class Worker:
             found = self._reclaimed()
             if found:
                 return found
-        count = self.window.count(held=len(self.in_flight))
+        # 0 only when lane entries came in since _wait_for_room: a small read, never COUNT 0
+        # (XREADGROUP's "no limit").
+        count = self.window.count(held=len(self.in_flight)) or MIN_COUNT
         windows = read_new_many(self._readable(), count, self.settings.block_ms)
         for _stream, entries in windows:
             self.window.saw(entries)

@@ -10,13 +10,17 @@ Nor is a count a share: a CPU worker that reads 512 long texts holds 25-40 s of 
 worker joining a moment later cannot have (two workers on a 500-entry backlog: one took
 all 500, issue 28). So the window also holds at most ``hold_s`` seconds of work at the
 worker's measured rate (texts per second through the model, all replicas), less what the
-worker already holds; until a rate is measured, it reads ``FIRST_COUNT`` entries.
+worker already holds; until a rate is measured, it reads one window (a batch per replica).
+A worker holding its share waits for room for a window worth batching rather than reading
+the few entries each ack frees: windows of 8 packed long texts into small batches, 15-20 %
+fewer texts/s (docs/benchmarks.md#worker-throughput-cpu).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -29,31 +33,68 @@ log = structlog.get_logger("embedq.worker.reader")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 FIRST_COUNT = 32  # entries read before the worker has measured its rate
 MIN_COUNT = 8  # a window below this batches too little to be worth a read
+HOLD_WAIT_S = 0.01  # between looks at the work held while it is the worker's whole share
 LANE_BLOCK_MS = 100  # an idle worker's wait on the lane while its groups differ (a migration)
 
 
 class ReadWindow:
     def __init__(
-        self, count: int, max_bytes: int = DEFAULT_MAX_BYTES, *, hold_s: float = 0.0
+        self,
+        count: int,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        hold_s: float = 0.0,
+        min_count: int = MIN_COUNT,
     ) -> None:
         self.max_count = count
         self.max_bytes = max_bytes
         self.hold_s = hold_s  # 0: no time bound, ``count`` entries a read
+        # The smallest window worth a read while the worker holds work: a batch for each
+        # model replica (a sliver of a window packs into slivers of batches).
+        self.min_count = min_count
         self._mean_bytes = 0.0  # an exponential moving average of entry sizes
         self._rate = 0.0  # texts/s through the model, an exponential moving average
 
     def count(self, held: int = 0) -> int:
-        """Entries the next read may take, while the worker holds ``held`` unsettled."""
+        """Entries the next read may take, while the worker holds ``held`` unsettled; 0:
+        none yet, the worker holds its share (wait for its acks, then ask again)."""
         count = self.max_count
         if self._mean_bytes > 0:
             count = min(count, int(self.max_bytes // self._mean_bytes))
         if self.hold_s > 0:
             if self._rate <= 0:
-                budget = FIRST_COUNT
+                # One window until a forward pass measured the rate: reading FIRST_COUNT
+                # again and again until the pipeline was full packed a whole backlog of
+                # long texts into small batches.
+                if held > 0:
+                    return 0
+                budget = max(FIRST_COUNT, self.min_count)
             else:
-                budget = max(MIN_COUNT, int(self._rate * self.hold_s) - held)
+                total = int(self._rate * self.hold_s)
+                # Room for a window of ``min_count``, or of half the hold at a slow rate
+                # (so that the pipeline never runs dry waiting for it).
+                window = max(MIN_COUNT, min(self.min_count, total // 2))
+                budget = total - held
+                if budget < window:
+                    if held > 0:
+                        return 0
+                    budget = window
             count = min(count, budget)
         return max(1, count)
+
+    def wait_for_room(
+        self,
+        held: Callable[[], int],
+        stop: threading.Event,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
+        """Until ``count`` lets a read take a window, or ``stop``; ``meanwhile`` (a read of
+        the online lane) runs between looks, else a short sleep."""
+        while not stop.is_set() and not self.count(held()):
+            if meanwhile is not None:
+                meanwhile()
+            else:
+                stop.wait(HOLD_WAIT_S)
 
     def measured(self, texts: int, seconds: float, replicas: int = 1) -> None:
         """One forward pass took ``seconds`` for ``texts``; ``replicas`` run side by side."""

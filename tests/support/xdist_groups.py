@@ -7,12 +7,12 @@ node ids ignore). Here the workers say at collection which tests use such a serv
 the fixtures in their closure, as the ``slow`` marker is decided), the controller reads
 that list, and a ``LoadScopeScheduling`` whose scope is the server group (every other test
 is a scope of its own) sends the whole group to one worker, largest scope first, while the
-other worker takes the rest one test at a time.
+other workers take the rest one test at a time.
 
 After the groups, the ``slow`` tests (real servers and processes, up to minutes each) go
 before the fast ones: in collection order a minutes-long test that starts last (the README
-walk-through, ``test_readme.py``) runs on one worker while the other has nothing left to
-do, and the fast tests, seconds each, are what evens the two workers' ends out.
+walk-through, ``test_readme.py``) runs on one worker while the others have nothing left to
+do, and the fast tests, seconds each, are what evens the workers' ends out.
 
 Without xdist (``-n 0``) none of this runs: the session fixtures start each server once.
 """

@@ -424,6 +424,14 @@ def _rollout(fleet: Fleet, redis_client: redis.Redis, rows: int) -> None:
         traffic.resume()
         promoted = fleet.migrate("--promote", "--model", str(new_model))
         assert f"now points at {new_collection}" in promoted
+        # While old-model workers still run, the old gateway's searches meet the alias naming
+        # the new model's collection: waited for, so that the gateway check at the end has
+        # such an answer to check (at 20,000 rows on a fast machine, once, none landed).
+        wait_for(
+            lambda: clients.answered("old", "/v1/search", "503 model_mismatch"),
+            60,
+            "the old gateway's search refused for the new model's collection",
+        )
         wait_for(_holding(redis_client, stream_name, "old-1"), 60, "old-1 holding a batch")
         old1.signal(signal.SIGKILL)
         fleet.worker("new")

@@ -83,6 +83,14 @@ class Clients:
             if t.is_alive():
                 t.join(3 * REQUEST_TIMEOUT_S)
 
+    def answered(self, model: str, path: str, outcome: str) -> bool:
+        """Whether ``model``'s gateway has answered ``path`` with ``outcome`` (as ``tally``
+        writes it: "503 model_mismatch")."""
+        return any(
+            f"{c.model} {c.path} {c.status} {c.code}".rstrip() == f"{model} {path} {outcome}"
+            for c in list(self.calls)
+        )
+
     def _run(self, gateway: Gateway, rng: random.Random) -> None:
         with httpx.Client(base_url=gateway.url, timeout=6 * REQUEST_TIMEOUT_S) as http:
             while not self.stopped.is_set():

@@ -301,10 +301,10 @@ class Worker:
         for stream in self._readable():
             for entries in self._own_pending(stream):
                 self._admit(stream, entries, out)
+        # While the worker holds its share of work its acks make room; the lane is read
+        # meanwhile, as while a bulk batch waits for room.
+        lane = partial(self._poll_lane, out) if self.lane else None
         while not self.stop_requested.is_set():
-            # While the worker holds its share of work its acks make room; the lane is
-            # read meanwhile, as while a bulk batch waits for room.
-            lane = partial(self._poll_lane, out) if self.lane else None
             self.window.wait_for_room(lambda: len(self.in_flight), self.stop_requested, lane)
             with self.stats.cpu("read"):
                 windows = self._timed("read", lambda: self.retrying("read", self.read))
@@ -359,8 +359,8 @@ class Worker:
             found = self._reclaimed()
             if found:
                 return found
-        # 0 only when lane entries came in since _wait_for_room: a small read, never COUNT 0
-        # (XREADGROUP's "no limit").
+        # 0 only when lane entries came in since ReadWindow.wait_for_room: a small read,
+        # never COUNT 0 (XREADGROUP's "no limit").
         count = self.window.count(held=len(self.in_flight)) or MIN_COUNT
         windows = read_new_many(self._readable(), count, self.settings.block_ms)
         for _stream, entries in windows:

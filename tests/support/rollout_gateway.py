@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,12 @@ class Call:
     @property
     def code(self) -> str:
         return str((self.body.get("error") or {}).get("code", ""))
+
+    @property
+    def key(self) -> str:
+        """What ``tally`` counts it under: "old /v1/search 503 model_mismatch"."""
+        outcome = str(self.status) + (f" {self.code}" if self.code else "")
+        return f"{self.model} {self.path} {outcome}"
 
 
 class Gateway:
@@ -86,10 +93,7 @@ class Clients:
     def answered(self, model: str, path: str, outcome: str) -> bool:
         """Whether ``model``'s gateway has answered ``path`` with ``outcome`` (as ``tally``
         writes it: "503 model_mismatch")."""
-        return any(
-            f"{c.model} {c.path} {c.status} {c.code}".rstrip() == f"{model} {path} {outcome}"
-            for c in list(self.calls)
-        )
+        return any(c.key == f"{model} {path} {outcome}" for c in list(self.calls))
 
     def _run(self, gateway: Gateway, rng: random.Random) -> None:
         with httpx.Client(base_url=gateway.url, timeout=6 * REQUEST_TIMEOUT_S) as http:
@@ -164,9 +168,4 @@ def check_calls(calls: Sequence[Call], vectors: Vectors, models: Sequence[str]) 
 
 def tally(calls: Sequence[Call]) -> dict[str, int]:
     """Answers by gateway, path and outcome: what the run printed, what the checks count."""
-    counts: dict[str, int] = {}
-    for call in calls:
-        outcome = str(call.status) + (f" {call.code}" if call.code else "")
-        key = f"{call.model} {call.path} {outcome}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(call.key for call in calls).items()))
